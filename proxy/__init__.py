@@ -1,0 +1,3 @@
+"""batchgate: an async request-batching proxy for LLM inference."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,261 @@
+"""The HTTP edge: routes, the request path, and the one place errors become status codes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from proxy.config import Config
+from proxy.errors import (
+    BadRequest,
+    BodyTooLarge,
+    Draining,
+    NoHealthyReplica,
+    ProxyError,
+    UpstreamError,
+    error_body,
+)
+from proxy.health import HealthChecker
+from proxy.lifecycle import Lifecycle
+from proxy.metrics import Metrics, route_label
+from proxy.relay import Exchange, NotDelivered, Upstreams, pipe, upstream_request_headers
+from proxy.replicas import Replica
+from proxy.scheduler import Lease, Scheduler
+
+log = logging.getLogger("batchgate")
+
+CONFIG = web.AppKey("config", Config)
+SCHEDULER = web.AppKey("scheduler", Scheduler)
+METRICS = web.AppKey("metrics", Metrics)
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+UPSTREAMS = web.AppKey("upstreams", Upstreams)
+HEALTH = web.AppKey("health", HealthChecker)
+
+
+def json_error(err: ProxyError, request_id: str | None = None) -> web.Response:
+    headers = {}
+    if err.retry_after_s is not None:
+        headers["Retry-After"] = str(err.retry_after_s)
+    if request_id is not None:
+        headers["X-Request-Id"] = request_id
+    return web.Response(
+        status=err.status,
+        body=json.dumps(error_body(err)).encode(),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(
+            f"request body of {request.content_length} bytes exceeds server.max_body_bytes "
+            f"({limit})"
+        )
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge as err:
+        raise BodyTooLarge(f"request body exceeds server.max_body_bytes ({limit})") from err
+    except (aiohttp.ClientPayloadError, ValueError) as err:
+        raise BadRequest(f"could not read the request body: {err}") from err
+
+
+class Handlers:
+    """Request handlers over the app's typed state (no module-level singletons)."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+
+    @property
+    def config(self) -> Config:
+        return self.app[CONFIG]
+
+    async def healthz(self, _request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(self, _request: web.Request) -> web.Response:
+        if self.app[LIFECYCLE].draining:
+            return web.Response(status=503, text="draining\n")
+        if not self.app[SCHEDULER].any_healthy():
+            return web.Response(status=503, text="no healthy replica\n")
+        return web.Response(text="ready\n")
+
+    async def metrics(self, _request: web.Request) -> web.Response:
+        body = generate_latest(self.app[METRICS].registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def _reject(self, err: ProxyError, request_id: str) -> web.Response:
+        if err.reason is not None:
+            self.app[METRICS].rejected.labels(err.reason).inc()
+        return json_error(err, request_id)
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        """Answered by any healthy replica, without taking a slot: it costs the engine nothing."""
+        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        if self.app[LIFECYCLE].draining:
+            return self._reject(Draining("batchgate is shutting down", retry_after_s=1),
+                                request_id)
+        healthy = [r for r in self.app[SCHEDULER].replicas if r.healthy]
+        for replica in healthy:
+            try:
+                return await self.app[HEALTH].forward_get(replica, request, request_id)
+            except UpstreamError:
+                continue
+        return self._reject(NoHealthyReplica("no healthy replica"), request_id)
+
+    async def proxy(self, request: web.Request) -> web.StreamResponse:
+        lifecycle = self.app[LIFECYCLE]
+        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        if lifecycle.draining:
+            return self._reject(Draining("batchgate is shutting down", retry_after_s=1),
+                                request_id)
+        loop = asyncio.get_running_loop()
+        exchange = Exchange(
+            request_id=request_id,
+            method=request.method,
+            path=request.path,
+            route=route_label(request.path),
+            arrival=loop.time(),
+        )
+        with lifecycle.track():
+            try:
+                body = await _read_body(request, self.config.server.max_body_bytes)
+                return await self._forward(request, body, exchange)
+            except ProxyError as err:
+                return self._reject(err, request_id)
+            except asyncio.CancelledError:
+                if not lifecycle.cutting:
+                    # aiohttp cancels a handler when its caller disconnects.
+                    self.app[METRICS].client_disconnects.labels(exchange.stage).inc()
+                    raise
+                if exchange.prepared:
+                    raise  # the stream got its SSE error event; the connection just closes
+                return self._reject(
+                    Draining("batchgate is shutting down; request cut at the drain deadline",
+                             retry_after_s=1),
+                    request_id,
+                )
+
+    async def _forward(
+        self, request: web.Request, body: bytes, exchange: Exchange
+    ) -> web.StreamResponse:
+        scheduler = self.app[SCHEDULER]
+        upstreams = self.app[UPSTREAMS]
+        metrics = self.app[METRICS]
+        retries = self.config.upstream.retries
+        deadline = exchange.arrival + self.config.queue.timeout_s
+        headers = upstream_request_headers(request, exchange.request_id)
+        fresh = False
+        while True:
+            lease = await scheduler.acquire(deadline, front=exchange.attempts > 0)
+            try:
+                replica = lease.replica
+                exchange.replica = replica.name
+                exchange.stage = "waiting_first_byte"
+                exchange.attempts += 1
+                try:
+                    upstream = await upstreams.send(replica, request, body, headers, fresh=fresh)
+                except NotDelivered as err:
+                    metrics.upstream_errors.labels(replica.name, err.kind).inc()
+                    if err.replica_down:
+                        self._mark_down(scheduler, replica, str(err))
+                    if exchange.attempts > retries:
+                        raise UpstreamError(
+                            f"no replica could be reached after {exchange.attempts} attempts: "
+                            f"{err}",
+                            kind=err.kind,
+                            replica=replica.name,
+                        ) from err
+                    metrics.retries.labels(replica.name).inc()
+                    fresh = True
+                    continue
+                except UpstreamError as err:
+                    metrics.upstream_errors.labels(replica.name, err.kind).inc()
+                    raise
+                return await self._relay(request, upstream, exchange, lease)
+            finally:
+                lease.release()
+
+    async def _relay(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        exchange: Exchange,
+        lease: Lease,
+    ) -> web.StreamResponse:
+        metrics = self.app[METRICS]
+        replica = lease.replica.name
+        exchange.status = upstream.status
+        # Counted now, before the body: a caller that hangs up cannot make it go missing.
+        metrics.requests.labels(replica, exchange.route, str(upstream.status)).inc()
+        if upstream.status >= 500:
+            metrics.upstream_errors.labels(replica, "status_5xx").inc()
+        completed = False
+        lifecycle = self.app[LIFECYCLE]
+        try:
+            response = await pipe(
+                request, upstream, exchange,
+                clock=asyncio.get_running_loop().time, is_cut=lambda: lifecycle.cutting,
+            )
+            completed = exchange.stage == "done"
+            if exchange.upstream_error is not None:
+                metrics.upstream_errors.labels(replica, exchange.upstream_error).inc()
+            if exchange.client_gone:
+                metrics.client_disconnects.labels(exchange.stage).inc()
+            return response
+        finally:
+            if completed:
+                upstream.release()  # back to the pool for the next request
+            else:
+                # Caller gone or replica failed: drop the connection, so the engine sees its
+                # client leave and aborts the generation.
+                upstream.close()
+
+    @staticmethod
+    def _mark_down(scheduler: Scheduler, replica: Replica, why: str) -> None:
+        if replica.healthy:
+            log.warning("replica %s marked unhealthy: %s", replica.name, why)
+        scheduler.set_healthy(replica, False)
+
+
+def create_app(config: Config, *, metrics: Metrics | None = None) -> web.Application:
+    """The proxy application. Background work starts and stops with it (``cleanup_ctx``)."""
+    app = web.Application(client_max_size=config.server.max_body_bytes)
+    replicas = [
+        Replica(r.name, r.url or "", r.max_concurrency, index=i)
+        for i, r in enumerate(config.replicas)
+    ]
+    scheduler = Scheduler(replicas, config.queue.max_size)
+    app[CONFIG] = config
+    app[SCHEDULER] = scheduler
+    app[METRICS] = metrics if metrics is not None else Metrics()
+    app[METRICS].watch(scheduler)
+    app[LIFECYCLE] = Lifecycle()
+
+    async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+        app[UPSTREAMS] = Upstreams(scheduler.replicas, config.upstream)
+        app[HEALTH] = HealthChecker(scheduler, config.health, config.upstream)
+        app[HEALTH].start()
+        try:
+            yield
+        finally:
+            await app[HEALTH].close()
+            await app[UPSTREAMS].close()
+
+    app.cleanup_ctx.append(upstream_ctx)
+
+    handlers = Handlers(app)
+    app.router.add_get("/healthz", handlers.healthz)
+    app.router.add_get("/readyz", handlers.readyz)
+    app.router.add_get("/metrics", handlers.metrics)
+    app.router.add_get("/v1/models", handlers.models)
+    app.router.add_route("*", "/{tail:.*}", handlers.proxy)
+    return app
+

@@ -1,0 +1,377 @@
+"""Load batchgate's YAML config once, at the edge, into frozen dataclasses.
+
+Every failure is a `ConfigError` whose message is one line an operator can act on:
+
+    <source>: <dotted.path[index]>: <what is wrong>, got <the bad value>
+
+Each dataclass field carries its validator in its metadata, so YAML keys, defaults and
+rules cannot drift apart. Environment placeholders (see `_expand`) are replaced after YAML
+parsing, in string values only, so a variable's text cannot add keys or sections.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+
+class ConfigError(Exception):
+    """The config cannot be used; `str(err)` is the whole one-line message."""
+
+
+class _Problem(Exception):
+    """A validation failure at a dotted path; parse_config adds the source prefix."""
+
+    def __init__(self, path: str, text: str) -> None:
+        super().__init__(f"{path}: {text}" if path else text)
+
+
+def _bad(path: str, rule: str, value: object) -> _Problem:
+    text = repr(value)
+    # A whole mapping can be the bad value; keep the line readable in a terminal.
+    return _Problem(path, f"{rule}, got {text if len(text) <= 80 else text[:77] + '...'}")
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+# A validator takes (value, dotted path) and returns the clean value or raises _Problem.
+_Check = Callable[[object, str], Any]
+_CHECK = "batchgate.check"  # dataclass field metadata key holding the field's validator
+_T = TypeVar("_T", bound="DataclassInstance")
+
+
+def _field(default: object, check: _Check) -> Any:
+    return field(default=default, metadata={_CHECK: check})
+
+
+def _integer(low: int, high: float = math.inf) -> _Check:
+    rule = f"must be an integer >= {low}"
+    if high < math.inf:
+        rule = f"must be an integer between {low} and {high}"
+
+    def check(value: object, path: str) -> int:
+        # bool is an int subclass; `port: yes` must not quietly become port 1.
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise _bad(path, rule, value)
+        return value
+
+    return check
+
+
+def _number(low: float, *, inclusive: bool) -> _Check:
+    rule = f"must be a number {'>=' if inclusive else '>'} {low:g}"
+
+    def check(value: object, path: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _bad(path, rule, value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer literal too large for a float
+            number = math.inf
+        if not math.isfinite(number):
+            raise _bad(path, "must be a finite number", value)
+        if number < low or (number == low and not inclusive):
+            raise _bad(path, rule, value)
+        return number
+
+    return check
+
+
+def _text(pattern: str, rule: str, *, fold_case: bool = False) -> _Check:
+    regex = re.compile(pattern, re.IGNORECASE if fold_case else 0)
+
+    def check(value: object, path: str) -> str:
+        if isinstance(value, str) and regex.fullmatch(value):
+            return value.lower() if fold_case else value
+        raise _bad(path, rule, value)
+
+    return check
+
+
+def _choice(*allowed: str, fold_case: bool = False) -> _Check:
+    pattern = "|".join(map(re.escape, allowed))
+    return _text(pattern, f"must be one of {', '.join(allowed)}", fold_case=fold_case)
+
+
+def _url(value: object, path: str) -> str:
+    rule = "must be an http:// or https:// URL with a host, e.g. http://10.0.0.5:8000"
+    if not isinstance(value, str) or re.search(r"\s", value):
+        raise _bad(path, rule, value)
+    try:
+        parts = urlsplit(value)  # ValueError: a malformed [IPv6] host
+    except ValueError:
+        raise _bad(path, rule, value) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _bad(path, rule, value)
+    try:
+        port = parts.port  # ValueError: not a number in 0..65535
+    except ValueError:
+        port = 0
+    if port == 0 or parts.netloc.endswith(":"):
+        raise _bad(path, "must have a port between 1 and 65535 if it has one", value)
+    if parts.username is not None:
+        # Not echoed: the value holds a secret and this message goes to logs.
+        raise _Problem(path, "must not contain credentials (user:password@)")
+    if parts.query or parts.fragment:
+        raise _bad(path, "must not have a query or fragment, only a path prefix", value)
+    return value.rstrip("/")
+
+
+def _section(cls: type[_T]) -> Callable[[object, str], _T]:
+    """A validator for a mapping onto dataclass `cls`.
+
+    Each field is checked by the validator in its metadata or, when its default is itself a
+    config dataclass, as a nested section. Fields without a default are required.
+    """
+
+    specs = fields(cls)
+    required = [f.name for f in specs if f.default is MISSING]
+    runs = {f.name: f.metadata.get(_CHECK) or _section(type(f.default)) for f in specs}
+
+    def check(value: object, path: str) -> _T:
+        if value is None:  # `server:` with nothing under it means all defaults
+            value = {}
+        if not isinstance(value, dict):
+            raise _bad(path, "must be a mapping" if path else "top level must be a mapping", value)
+        # Unknown keys first: a typo in a required key should say "unknown", not "missing".
+        for key in value:
+            if key not in runs:
+                raise _Problem(_join(path, key), f"unknown key (allowed: {', '.join(runs)})")
+        for name in required:
+            if name not in value:
+                raise _Problem(_join(path, name), "required key is missing")
+        return cls(**{key: runs[key](item, _join(path, key)) for key, item in value.items()})
+
+    return check
+
+
+_POSITIVE = _number(0, inclusive=False)
+_NON_NEGATIVE = _number(0, inclusive=True)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = _field("0.0.0.0", _text(r"\S+", "must be a non-empty host or address"))
+    port: int = _field(8080, _integer(0, 65535))  # 0 asks the OS for a free port (tests)
+    max_body_bytes: int = _field(64 * 1024 * 1024, _integer(1))
+    drain_timeout_s: float = _field(30.0, _NON_NEGATIVE)
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatedConfig:
+    """An in-process fake engine, so the proxy can be exercised without a GPU."""
+
+    # Requests the engine runs at once; more wait inside the engine.
+    max_batch: int = _field(32, _integer(1))
+    profile: str = _field("seed", _choice("seed"))
+    # Multiplies every simulated delay; tests use 0.01.
+    time_scale: float = _field(1.0, _POSITIVE)
+    prompt_ms_per_token: float = _field(0.0, _NON_NEGATIVE)
+    default_max_tokens: int = _field(100, _integer(1))  # for requests without max_tokens
+
+
+_NAME_RULE = "must be 1 to 64 characters from A-Z a-z 0-9 _ . : -"
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaConfig:
+    """One upstream engine; exactly one of `url` and `simulated` is set."""
+
+    # Unique, and a Prometheus label value: hence the short, typeable alphabet.
+    name: str = field(metadata={_CHECK: _text(r"[A-Za-z0-9_.:-]{1,64}", _NAME_RULE)})
+    max_concurrency: int = field(metadata={_CHECK: _integer(1)})
+    # Never ends in "/", so callers can append "/v1/..." directly.
+    url: str | None = _field(None, _url)
+    # `simulated:` with nothing under it is a simulated engine with all defaults.
+    simulated: SimulatedConfig | None = field(
+        default=None, metadata={_CHECK: _section(SimulatedConfig)}
+    )
+
+
+_REPLICA = _section(ReplicaConfig)
+
+
+def _replicas(value: object, path: str) -> tuple[ReplicaConfig, ...]:
+    if not isinstance(value, list) or not value:
+        raise _bad(path, "must be a non-empty list of replicas", value)
+    replicas: list[ReplicaConfig] = []
+    for i, item in enumerate(value):
+        replica = _REPLICA(item, f"{path}[{i}]")
+        if (replica.url is None) == (replica.simulated is None):
+            which = "neither" if replica.url is None else "both"
+            raise _Problem(f"{path}[{i}]", f"must set exactly one of url or simulated, got {which}")
+        # Names become metric labels; two replicas sharing one would merge their series.
+        if any(other.name == replica.name for other in replicas):
+            raise _bad(f"{path}[{i}].name", "duplicate replica name", replica.name)
+        replicas.append(replica)
+    return tuple(replicas)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    max_size: int = _field(1000, _integer(0))  # 0: reject at once when every slot is taken
+    timeout_s: float = _field(30.0, _POSITIVE)
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    path: str = _field("/health", _text(r"/\S*", "must be a path starting with '/'"))
+    interval_s: float = _field(5.0, _POSITIVE)
+    timeout_s: float = _field(2.0, _POSITIVE)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    connect_timeout_s: float = _field(5.0, _POSITIVE)
+    # The longest silence between two bytes from a replica, not a whole-response deadline.
+    read_timeout_s: float = _field(600.0, _POSITIVE)
+    retries: int = _field(2, _integer(0))
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    format: str = _field("json", _choice("json", "text"))
+    # Stored lower-case whatever the file said, so callers compare without folding.
+    level: str = _field("info", _choice("debug", "info", "warning", "error", fold_case=True))
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole validated config. Build it with `load_config` or `parse_config`."""
+
+    replicas: tuple[ReplicaConfig, ...] = field(metadata={_CHECK: _replicas})
+    server: ServerConfig = ServerConfig()
+    queue: QueueConfig = QueueConfig()
+    health: HealthConfig = HealthConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+
+_CONFIG = _section(Config)
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read, parse and validate the file at `path`.
+
+    Raises ConfigError, prefixed with `path` as given, when the file is missing or
+    unreadable, is not UTF-8, is not valid YAML, or fails validation.
+    """
+    source = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except OSError as err:
+        raise _error(source, f"cannot read config file: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise _error(source, f"not valid UTF-8 at byte {err.start}: {err.reason}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        message = f"invalid YAML{where}: {err.problem or err.context}"
+        # For an unclosed quote or bracket the problem is at the end of the file; the
+        # context line is where the operator has to look.
+        if err.problem and err.context and err.context_mark:
+            message += f" ({err.context} at line {err.context_mark.line + 1})"
+        raise _error(source, message) from None
+    # ValueError: PyYAML's constructors let it through, e.g. for the date 2024-13-01.
+    except (yaml.YAMLError, ValueError) as err:
+        raise _error(source, f"invalid YAML: {err}") from None
+    return parse_config(data, source, env)
+
+
+def parse_config(
+    data: object, source: str = "config", env: Mapping[str, str] | None = None
+) -> Config:
+    """Validate an already-parsed YAML document; `source` prefixes every error message.
+
+    `env` defaults to `os.environ`, read now rather than at import so tests can pass a dict.
+    """
+    try:
+        return _CONFIG(_substitute(data, "", os.environ if env is None else env), "")
+    except _Problem as problem:
+        raise _error(source, str(problem)) from None
+    except RecursionError:  # an anchor that contains its own alias: `a: &x [*x]`
+        raise _error(source, "the document refers to itself or nests too deeply") from None
+
+
+def config_to_dict(config: Config) -> dict[str, object]:
+    """The effective config, defaults filled in, as plain data for `yaml.safe_dump`.
+
+    A replica's unset `url` or `simulated` is left out, so the output parses back to an
+    equal Config.
+    """
+    return {f.name: _plain(getattr(config, f.name)) for f in fields(config)}
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, tuple):  # safe_dump refuses tuples
+        return [_plain(item) for item in value]
+    if is_dataclass(value):
+        items = ((f.name, getattr(value, f.name)) for f in fields(value))
+        return {name: _plain(item) for name, item in items if item is not None}
+    return value
+
+
+def _error(source: str, text: str) -> ConfigError:
+    # Log pipelines split on newlines; YAML and OS messages may contain them.
+    return ConfigError(re.sub(r"\s*[\r\n]+\s*", " ", f"{source}: {text}").strip())
+
+
+_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _substitute(node: object, path: str, env: Mapping[str, str]) -> object:
+    """Return a copy of `node` with placeholders expanded in every string value (not keys)."""
+    if isinstance(node, dict):
+        return {key: _substitute(value, _join(path, key), env) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_substitute(item, f"{path}[{i}]", env) for i, item in enumerate(node)]
+    if isinstance(node, str):
+        return _expand(node, path, env)
+    return node
+
+
+def _expand(text: str, path: str, env: Mapping[str, str]) -> object:
+    """Replace `${VAR}` and `${VAR:-default}` in one string value.
+
+    - `${VAR:-default}` uses `default` when VAR is unset or empty, as POSIX shells do;
+      `${VAR}` with VAR unset is an error naming the field and the variable.
+    - `default` cannot contain "}"; placeholders do not nest; substituted text is not
+      scanned again. There is no escape: `$${X}` is a literal "$" then X's value, and
+      anything that is not a well-formed placeholder (`$X`, `${}`, `${1X}`) stays as written.
+    - A value that is exactly one placeholder is re-read as a YAML scalar, so
+      `port: ${PORT}` gives an int. The quotes in `name: "${N}"` are gone by then, so N=0
+      gives the int 0; write the quotes into the variable (N="'0'") to force a string.
+    """
+
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        value = env.get(name)
+        if default is not None and not value:
+            return default
+        if value is None:
+            raise _Problem(path, f"environment variable {name} is not set")
+        return value
+
+    result = _PLACEHOLDER.sub(replace, text)
+    if not _PLACEHOLDER.fullmatch(text):
+        return result
+    try:
+        scalar = yaml.safe_load(result)
+    except (yaml.YAMLError, ValueError):
+        return result
+    return scalar if scalar is None or isinstance(scalar, str | int | float) else result

@@ -1,0 +1,94 @@
+"""Named failures of the proxy core, and their one mapping to HTTP.
+
+The scheduler and the relay raise these; only the HTTP edge (``proxy.app``) turns them into
+status codes and OpenAI-style JSON bodies, so the core never needs to know about HTTP.
+"""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    """A request the proxy answers itself, without a replica's response."""
+
+    status: int = 500
+    type: str = "server_error"
+    #: The ``reason`` label of ``batchgate_rejected_requests_total`` (None: not a rejection).
+    reason: str | None = None
+
+    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+    @property
+    def code(self) -> str:
+        return self.reason or self.type
+
+
+class QueueFull(ProxyError):
+    """The bounded queue has no room: shed load now rather than queue without bound."""
+
+    status = 429
+    type = "rate_limit_error"
+    reason = "queue_full"
+
+
+class QueueTimeout(ProxyError):
+    """A request waited ``queue.timeout_s`` for a slot and got none."""
+
+    status = 503
+    type = "service_unavailable"
+    reason = "queue_timeout"
+
+
+class NoHealthyReplica(ProxyError):
+    """No replica could take the request (all failed their health checks)."""
+
+    status = 503
+    type = "service_unavailable"
+    reason = "no_healthy_replica"
+
+
+class Draining(ProxyError):
+    """The proxy is shutting down and takes no new work."""
+
+    status = 503
+    type = "service_unavailable"
+    reason = "draining"
+
+
+class BodyTooLarge(ProxyError):
+    status = 413
+    type = "invalid_request_error"
+    reason = "body_too_large"
+
+
+class BadRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+    reason = "bad_request"
+
+
+class UpstreamError(ProxyError):
+    """The replica could not be reached, or failed before it sent a response."""
+
+    status = 502
+    type = "upstream_error"
+
+    def __init__(self, message: str, *, kind: str, replica: str | None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.replica = replica
+
+    @property
+    def code(self) -> str:
+        return f"upstream_{self.kind}"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+
+
+def error_body(err: ProxyError) -> dict[str, dict[str, str | None]]:
+    """The OpenAI error envelope, so SDKs surface our message as they would the engine's."""
+    return {"error": {"message": err.message, "type": err.type, "param": None, "code": err.code}}

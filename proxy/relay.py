@@ -1,0 +1,289 @@
+"""The upstream call and the byte-for-byte passthrough of its answer.
+
+Bodies pass through untouched: the request body is sent as received, the response body is
+written to the caller chunk by chunk as it arrives (SSE events are never held back or merged
+by us), with ``auto_decompress=False`` so a ``Content-Encoding`` stays intact. When the caller
+goes away, the upstream connection is closed, not returned to the pool: vLLM and TGI abort a
+generation when their client disconnects, and a GPU must not generate for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from proxy.config import UpstreamConfig
+from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.replicas import Replica
+
+#: RFC 9110 7.6.1 hop-by-hop fields, plus the legacy ones proxies must not forward either.
+HOP_BY_HOP = frozenset(
+    {
+        "connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
+        "proxy-connection", "proxy-authenticate", "proxy-authorization",
+    }
+)
+#: Set by aiohttp's client when absent; the caller did not send them, so neither do we.
+SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+
+def _strip_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
+    # Fields named in Connection are hop-by-hop too (RFC 9110 7.6.1).
+    named = {
+        token.strip().lower()
+        for value in headers.getall("Connection", ())
+        for token in value.split(",")
+    }
+    out: CIMultiDict[str] = CIMultiDict()
+    for key, value in headers.items():
+        lower = key.lower()
+        if lower in HOP_BY_HOP or lower in named or lower.startswith("proxy-"):
+            continue
+        out.add(key, value)
+    return out
+
+
+def upstream_request_headers(request: web.BaseRequest, request_id: str) -> CIMultiDict[str]:
+    headers = _strip_hop_by_hop(request.headers)
+    # aiohttp sets Host for the replica's address and Content-Length for the body it sends.
+    headers.popall("Host", None)
+    headers.popall("Content-Length", None)
+    peer = request.remote or ""
+    prior = request.headers.get("X-Forwarded-For")
+    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    headers["X-Forwarded-Proto"] = request.scheme
+    if request.host:
+        headers["X-Forwarded-Host"] = request.host
+    headers["X-Request-Id"] = request_id
+    return headers
+
+
+def downstream_response_headers(
+    upstream: CIMultiDictProxy[str], request_id: str
+) -> CIMultiDict[str]:
+    headers = _strip_hop_by_hop(upstream)
+    headers["X-Request-Id"] = request_id
+    return headers
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What happened to one request: for metrics and the access log, filled as it goes."""
+
+    request_id: str
+    method: str
+    path: str
+    route: str
+    arrival: float
+    stage: str = "queued"  # queued -> waiting_first_byte -> streaming -> done
+    replica: str | None = None
+    status: int | None = None
+    attempts: int = 0
+    dispatched_at: float | None = None
+    first_byte_at: float | None = None
+    prepared: bool = False  # response headers sent to the caller
+    client_gone: bool = False
+    upstream_error: str | None = None  # kind, when the replica failed mid-body
+
+
+class NotDelivered(Exception):
+    """The request never reached the replica, so it may be sent again elsewhere."""
+
+    def __init__(self, kind: str, detail: str, *, replica_down: bool) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.replica_down = replica_down
+
+
+async def _on_reuse(
+    _session: aiohttp.ClientSession,
+    ctx: SimpleNamespace,
+    _params: aiohttp.TraceConnectionReuseconnParams,
+) -> None:
+    if ctx.trace_request_ctx is not None:
+        ctx.trace_request_ctx.reused = True
+
+
+def _trace_config() -> aiohttp.TraceConfig:
+    config = aiohttp.TraceConfig()
+    config.on_connection_reuseconn.append(_on_reuse)
+    return config
+
+
+class Upstreams:
+    """One pooled client session per replica, sized to its concurrency.
+
+    A second, connection-per-request session serves retries: a request whose pooled
+    keep-alive connection turned out to be closed goes out again on a fresh connection.
+    """
+
+    def __init__(self, replicas: tuple[Replica, ...], config: UpstreamConfig) -> None:
+        self._config = config
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=config.connect_timeout_s,
+            sock_connect=config.connect_timeout_s,
+            sock_read=config.read_timeout_s,
+        )
+        self._pooled: dict[str, aiohttp.ClientSession] = {}
+        self._fresh: dict[str, aiohttp.ClientSession] = {}
+        for replica in replicas:
+            self._pooled[replica.name] = self._session(replica.max_concurrency, force_close=False)
+            self._fresh[replica.name] = self._session(replica.max_concurrency, force_close=True)
+
+    def _session(self, limit: int, *, force_close: bool) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=limit, force_close=force_close),
+            timeout=self._timeout,
+            auto_decompress=False,
+            # Never keep one caller's cookies for another.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trace_configs=[_trace_config()],
+        )
+
+    async def close(self) -> None:
+        for session in (*self._pooled.values(), *self._fresh.values()):
+            await session.close()
+
+    async def send(
+        self,
+        replica: Replica,
+        request: web.BaseRequest,
+        body: bytes,
+        headers: CIMultiDict[str],
+        *,
+        fresh: bool,
+    ) -> aiohttp.ClientResponse:
+        """Send the request; return once the replica's status line and headers are in.
+
+        Raises :class:`NotDelivered` when the request certainly never reached the replica
+        (refused or timed-out connect; a pooled connection the replica had already closed),
+        and :class:`UpstreamError` for failures after it may have.
+        """
+        session = (self._fresh if fresh else self._pooled)[replica.name]
+        url = URL(replica.url + request.raw_path, encoded=True)
+        trace = SimpleNamespace(reused=False)
+        try:
+            return await session.request(
+                request.method,
+                url,
+                data=body if body else None,
+                headers=headers,
+                allow_redirects=False,
+                skip_auto_headers=SKIP_AUTO_HEADERS,
+                trace_request_ctx=trace,
+            )
+        except aiohttp.ClientConnectorError as err:
+            raise NotDelivered("connect", str(err), replica_down=True) from err
+        except aiohttp.ConnectionTimeoutError as err:
+            raise NotDelivered("connect", f"connect timeout: {err}", replica_down=True) from err
+        except aiohttp.ServerTimeoutError as err:
+            raise UpstreamTimeout(
+                f"replica {replica.name} sent no response within "
+                f"{self._config.read_timeout_s:g}s",
+                kind="timeout",
+                replica=replica.name,
+            ) from err
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as err:
+            if trace.reused:
+                # The replica had closed this idle keep-alive connection before our request
+                # got there (llama.cpp's server does so after every stream).
+                raise NotDelivered("reset", f"stale pooled connection: {err}",
+                                   replica_down=False) from err
+            raise UpstreamError(
+                f"replica {replica.name} closed the connection: {err}",
+                kind="reset", replica=replica.name,
+            ) from err
+        except aiohttp.ClientError as err:
+            raise UpstreamError(
+                f"replica {replica.name} failed: {err}", kind="reset", replica=replica.name
+            ) from err
+
+
+def sse_error_event(message: str, type_: str, code: str) -> bytes:
+    """A last SSE event that OpenAI SDKs raise as an APIError instead of ending silently."""
+    payload = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    return b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def is_event_stream(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> bool:
+    return headers.get("Content-Type", "").startswith("text/event-stream")
+
+
+async def pipe(
+    request: web.BaseRequest,
+    upstream: aiohttp.ClientResponse,
+    exchange: Exchange,
+    *,
+    clock: Callable[[], float],
+    is_cut: Callable[[], bool],
+) -> web.StreamResponse:
+    """Relay status, headers and body as they arrive; the caller closes ``upstream``.
+
+    Returns normally when the caller hung up mid-body (``exchange.client_gone``) or the
+    replica failed mid-body (``exchange.upstream_error``): headers are sent by then, so
+    there is no error status left to give, only a connection to close.
+    """
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    response.headers.extend(downstream_response_headers(upstream.headers, exchange.request_id))
+    sse = is_event_stream(upstream.headers)
+    try:
+        await response.prepare(request)
+        exchange.prepared = True
+        content = upstream.content
+        while True:
+            try:
+                chunk = await content.readany()
+            except (aiohttp.ClientPayloadError, aiohttp.ClientOSError) as err:
+                return await _upstream_failed(request, response, exchange, sse, "reset", err)
+            except (aiohttp.ServerTimeoutError, TimeoutError) as err:
+                return await _upstream_failed(request, response, exchange, sse, "timeout", err)
+            if not chunk:
+                break
+            if exchange.first_byte_at is None:
+                exchange.first_byte_at = clock()
+                exchange.stage = "streaming"
+            await response.write(chunk)
+        exchange.stage = "done"
+        await response.write_eof()
+    except ConnectionResetError:
+        exchange.client_gone = True
+    except asyncio.CancelledError:
+        if is_cut() and sse and exchange.prepared:
+            # Shutdown's deadline passed mid-stream: say so in the stream's own protocol.
+            with contextlib.suppress(ConnectionError):
+                await response.write(
+                    sse_error_event("batchgate is shutting down; stream cut at the drain "
+                                    "deadline", "service_unavailable", "draining")
+                )
+        raise
+    return response
+
+
+async def _upstream_failed(
+    request: web.BaseRequest,
+    response: web.StreamResponse,
+    exchange: Exchange,
+    sse: bool,
+    kind: str,
+    err: BaseException,
+) -> web.StreamResponse:
+    # Headers are gone already, so tell an SSE client in its own protocol, then cut the
+    # connection so no one mistakes a truncated body for a complete one.
+    exchange.upstream_error = kind
+    if sse:
+        message = f"replica {exchange.replica} failed mid-stream ({kind}): {err}"
+        with contextlib.suppress(ConnectionError):
+            await response.write(sse_error_event(message, "upstream_error", f"upstream_{kind}"))
+    if request.transport is not None:
+        request.transport.close()
+    return response
