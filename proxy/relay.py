@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -176,7 +177,7 @@ class Upstreams:
             return await session.request(
                 request.method,
                 url,
-                data=body if body else None,
+                data=_payload(body),
                 headers=headers,
                 allow_redirects=False,
                 skip_auto_headers=SKIP_AUTO_HEADERS,
@@ -207,6 +208,17 @@ class Upstreams:
             raise UpstreamError(
                 f"replica {replica.name} failed: {err}", kind="reset", replica=replica.name
             ) from err
+
+
+def _payload(body: bytes) -> bytes | io.BytesIO | None:
+    # aiohttp warns (and would block the loop in one write) for a bytes body over 1 MiB;
+    # a BytesIO is written in chunks. A new one per attempt, so a retry resends it whole.
+    if not body:
+        return None
+    return io.BytesIO(body) if len(body) > _LARGE_BODY else body
+
+
+_LARGE_BODY = 1024 * 1024
 
 
 def sse_error_event(message: str, type_: str, code: str) -> bytes:

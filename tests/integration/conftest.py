@@ -1,0 +1,210 @@
+"""Real sockets on 127.0.0.1: a controllable fake replica, and the proxy in front of it.
+
+The fake replica blocks on events the test controls, so saturation and cancellation are
+deterministic: a test waits for a *state* (``until``), never for time to pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy.app import LIFECYCLE, METRICS, SCHEDULER, create_app
+from proxy.config import (
+    Config,
+    HealthConfig,
+    QueueConfig,
+    ReplicaConfig,
+    ServerConfig,
+    UpstreamConfig,
+)
+from proxy.scheduler import Scheduler
+
+BOUND_S = 10.0  # deadlock guard for every wait: a failing test fails, it does not hang
+
+
+async def until(predicate: Callable[[], bool], what: str, bound: float = BOUND_S) -> None:
+    """Wait for a state change driven by the event loop (bounded; yields, does not sleep)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + bound
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for: {what}")
+        await asyncio.sleep(0.005)
+
+
+@dataclass
+class FakeReplica:
+    """An OpenAI-ish engine that counts concurrency and blocks on ``gate`` when asked.
+
+    Request JSON fields drive it: ``stream`` (SSE), ``events`` (how many), ``hold`` (wait
+    for ``gate`` before answering / after the first event).
+    """
+
+    name: str
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    health_status: int = 200
+    health_hits: int = 0
+    in_flight: int = 0
+    peak: int = 0
+    arrivals: int = 0
+    completed: int = 0
+    aborted: int = 0
+    seen_headers: list[dict[str, str]] = field(default_factory=list)
+    url: str = ""
+    runner: web.AppRunner | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=128 * 1024 * 1024)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_route("*", "/{tail:.*}", self.generate)
+        return app
+
+    async def health(self, _request: web.Request) -> web.Response:
+        self.health_hits += 1
+        return web.Response(status=self.health_status)
+
+    async def models(self, _request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": self.name}]})
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        self.arrivals += 1
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        self.seen_headers.append(dict(request.headers))
+        try:
+            raw = await request.read()
+            spec: dict[str, Any] = {}
+            if raw[:1] == b"{":
+                spec = json.loads(raw)
+            if spec.get("stream"):
+                return await self._stream(request, spec)
+            if spec.get("hold"):
+                await self.gate.wait()
+            self.completed += 1
+            return web.json_response(
+                {
+                    "replica": self.name,
+                    "path": request.path_qs,
+                    "bytes": len(raw),
+                    "sha256": hashlib.sha256(raw).hexdigest(),
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8},
+                },
+                status=int(spec.get("status", 200)),
+            )
+        except asyncio.CancelledError:
+            self.aborted += 1
+            raise
+        finally:
+            self.in_flight -= 1
+
+    async def _stream(self, request: web.Request, spec: dict[str, Any]) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        for i in range(int(spec.get("events", 3))):
+            if i == 1 and spec.get("hold"):
+                await self.gate.wait()
+            await response.write(sse_event(i))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        self.completed += 1
+        return response
+
+
+def sse_event(i: int) -> bytes:
+    return b'data: {"choices":[{"index":0,"text":" t%d"}]}\n\n' % i
+
+
+async def start_app(app: web.Application) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def replicas() -> AsyncIterator[Callable[[str], Any]]:
+    """Factory of started fake replicas; all are stopped at the end of the test."""
+    started: list[FakeReplica] = []
+
+    async def make(name: str) -> FakeReplica:
+        replica = FakeReplica(name)
+        replica.runner, replica.url = await start_app(replica.app())
+        started.append(replica)
+        return replica
+
+    yield make
+    for replica in started:
+        replica.gate.set()
+        assert replica.runner is not None
+        await replica.runner.cleanup()
+
+
+@dataclass
+class Proxy:
+    url: str
+    app: web.Application
+    runner: web.AppRunner
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.app[SCHEDULER]
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.app[METRICS].registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+
+def make_config(
+    *replicas: tuple[str, str, int],
+    max_queue: int = 1000,
+    queue_timeout_s: float = 30.0,
+    retries: int = 2,
+    health_interval_s: float = 60.0,
+    **server: Any,
+) -> Config:
+    return Config(
+        replicas=tuple(ReplicaConfig(name=n, url=u, max_concurrency=c) for n, u, c in replicas),
+        server=dataclasses.replace(ServerConfig(host="127.0.0.1", port=0), **server),
+        queue=QueueConfig(max_size=max_queue, timeout_s=queue_timeout_s),
+        health=HealthConfig(interval_s=health_interval_s, timeout_s=2.0),
+        upstream=UpstreamConfig(connect_timeout_s=2.0, read_timeout_s=30.0, retries=retries),
+    )
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[Callable[[Config], Any]]:
+    """Factory: the proxy app on a real socket. At the end: no slot, waiter or handler left."""
+    started: list[Proxy] = []
+
+    async def make(config: Config) -> Proxy:
+        app = create_app(config)
+        runner, url = await start_app(app)
+        handle = Proxy(url, app, runner)
+        started.append(handle)
+        return handle
+
+    yield make
+    for handle in started:
+        assert await handle.app[LIFECYCLE].wait_idle(BOUND_S), "a handler never finished"
+        assert handle.scheduler.idle(), f"leak: {handle.scheduler!r}"
+        await handle.runner.cleanup()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=BOUND_S * 3)) as s:
+        yield s

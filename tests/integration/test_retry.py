@@ -1,0 +1,146 @@
+"""A request that never reached a replica goes out again; one that did is never sent twice."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.integration.conftest import FakeReplica, Proxy, make_config, until
+
+Factory = Callable[..., Any]
+
+
+@dataclass
+class RawReplica:
+    """A minimal HTTP/1.1 server that misbehaves on purpose.
+
+    It answers the first request on each connection with ``Connection: keep-alive``, then
+    closes the connection when the next request arrives, unanswered: to the client this is
+    exactly a pooled connection the server had already closed (llama.cpp's server does this
+    after every stream). A body containing ``"drop"`` is dropped even as a first request.
+    """
+
+    answered: int = 0
+    dropped: int = 0
+    url: str = ""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served_here = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                body = await reader.readexactly(length)
+                if served_here or b"drop" in body:
+                    self.dropped += 1
+                    return
+                served_here += 1
+                if not head.startswith(b"GET /health"):
+                    self.answered += 1
+                payload = json.dumps({"answered": self.answered}).encode()
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Connection: keep-alive\r\nContent-Length: %d\r\n\r\n%s"
+                    % (len(payload), payload)
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def raw_replica() -> AsyncIterator[RawReplica]:
+    replica = RawReplica()
+    server = await asyncio.start_server(replica.handle, "127.0.0.1", 0)
+    replica.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    yield replica
+    server.close()
+    await server.wait_closed()
+
+
+async def test_stale_pooled_connection_is_resent_on_a_fresh_one(
+    raw_replica: RawReplica, proxy: Factory, client: aiohttp.ClientSession
+) -> None:
+    p: Proxy = await proxy(make_config(("raw", raw_replica.url, 1), health_interval_s=60))
+    for expected in (1, 2, 3, 4):
+        async with client.post(p.url + "/v1/completions", json={"n": expected}) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["answered"] == expected
+    # 1 opens a pooled connection; 2 finds it stale and goes out again on a fresh one (closed
+    # after use); 3 opens a new pooled connection; 4 finds that one stale in turn.
+    assert raw_replica.dropped == 2
+    assert p.scheduler.replicas[0].healthy  # a stale connection is not a sick replica
+    assert p.metric("batchgate_upstream_retries_total", replica="raw") == 2
+
+
+async def test_request_dropped_on_a_fresh_connection_is_not_resent(
+    raw_replica: RawReplica, proxy: Factory, client: aiohttp.ClientSession
+) -> None:
+    p: Proxy = await proxy(make_config(("raw", raw_replica.url, 1), health_interval_s=60))
+    async with client.post(p.url + "/v1/completions", json={"drop": True}) as resp:
+        assert resp.status == 502
+        body = await resp.json()
+    assert body["error"]["type"] == "upstream_error"
+    assert body["error"]["code"] == "upstream_reset"
+    assert raw_replica.dropped == 1  # it may have reached the engine: never sent twice
+    assert raw_replica.answered == 0
+    assert p.metric("batchgate_upstream_errors_total", replica="raw", kind="reset") == 1
+
+
+async def test_retries_exhausted_is_502_openai_body(
+    replicas: Factory, proxy: Factory, client: aiohttp.ClientSession
+) -> None:
+    dead = [await replicas(f"d{i}") for i in range(3)]
+    p: Proxy = await proxy(
+        make_config(*((d.name, d.url, 1) for d in dead), retries=2, health_interval_s=60)
+    )
+    await until(lambda: all(d.health_hits >= 1 for d in dead), "startup probes passed")
+    for d in dead:
+        assert d.runner is not None
+        await d.runner.cleanup()
+    async with client.post(p.url + "/v1/completions", json={}) as resp:
+        assert resp.status == 502
+        body = await resp.json()
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["code"] == "upstream_connect"
+    assert "3 attempts" in body["error"]["message"]
+    assert not p.scheduler.any_healthy()
+    for d in dead:
+        assert p.metric("batchgate_upstream_errors_total", replica=d.name, kind="connect") == 1
+
+
+async def test_retry_waits_at_head_of_queue_for_a_healthy_replica(
+    replicas: Factory, proxy: Factory, client: aiohttp.ClientSession
+) -> None:
+    """One replica refuses, the other is busy: the retry waits first in line, then is served."""
+    busy: FakeReplica = await replicas("busy")
+    dead: FakeReplica = await replicas("dead")
+    p: Proxy = await proxy(make_config(("dead", dead.url, 1), ("busy", busy.url, 1),
+                                       health_interval_s=60))
+    await until(lambda: dead.health_hits >= 1, "startup probe passed")
+    assert dead.runner is not None
+    await dead.runner.cleanup()
+    hold = asyncio.create_task(client.post(p.url + "/v1/completions", json={"hold": True}))
+    # Ties go round-robin from the first replica: "dead" takes the held request? No: it is
+    # refused there, retried, and lands on "busy".
+    await until(lambda: busy.in_flight == 1, "held request on busy")
+    second = asyncio.create_task(client.post(p.url + "/v1/completions", json={"i": 2}))
+    await until(lambda: p.scheduler.queue_depth == 1, "second waits")
+    busy.gate.set()
+    first, after = await asyncio.gather(hold, second)
+    assert (first.status, after.status) == (200, 200)
+    first.release()
+    after.release()
+    assert busy.arrivals == 2
