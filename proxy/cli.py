@@ -56,7 +56,8 @@ def _load(path: str) -> Config:
     try:
         return load_config(path)
     except ConfigError as err:
-        print(f"batchgate: {err}", file=sys.stderr)
+        # Exactly one line, naming the file, the key and the bad value; no traceback.
+        print(err, file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
 
 
@@ -66,7 +67,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from proxy.server import serve  # heavy imports only for the commands that need them
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(config))
+        try:
+            runner.run(serve(config))
+        except OSError as err:  # the listener could not bind: say so in one line
+            host, port = config.server.host, config.server.port
+            reason = err.strerror or err
+            print(f"cannot listen on {host}:{port} (server.host, server.port): {reason}",
+                  file=sys.stderr)
+            return 1
     return 0
 
 

@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import io
 import json
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import SimpleNamespace
+from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.client_reqrep import ClientRequest
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -96,6 +101,17 @@ class Exchange:
     upstream_error: str | None = None  # kind, when the replica failed mid-body
 
 
+class _CoalescingResponse(web.StreamResponse):
+    """Sends its headers together with the first body chunk: one write instead of two.
+
+    Only for answers that are not event streams: a stream's headers go out at once, so its
+    caller knows it was accepted before the first token.
+    """
+
+    # aiohttp's own web.Response does the same; StreamResponse flushes headers in prepare().
+    _send_headers_immediately = False
+
+
 class NotDelivered(Exception):
     """The request never reached the replica, so it may be sent again elsewhere."""
 
@@ -105,19 +121,34 @@ class NotDelivered(Exception):
         self.replica_down = replica_down
 
 
-async def _on_reuse(
-    _session: aiohttp.ClientSession,
-    ctx: SimpleNamespace,
-    _params: aiohttp.TraceConnectionReuseconnParams,
-) -> None:
-    if ctx.trace_request_ctx is not None:
-        ctx.trace_request_ctx.reused = True
+#: Set by :class:`_ReuseAwareConnector` for the request being connected in this task.
+_connection_reused: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "batchgate_connection_reused", default=False
+)
 
 
-def _trace_config() -> aiohttp.TraceConfig:
-    config = aiohttp.TraceConfig()
-    config.on_connection_reuseconn.append(_on_reuse)
-    return config
+class _ReuseAwareConnector(aiohttp.TCPConnector):
+    """Tells whether a request got a pooled (reused) connection or a fresh one.
+
+    Only a reused keep-alive connection may have been closed by the replica before our request
+    got there, which is the one failure after connect that is safe to resend. aiohttp's
+    tracing could tell us too, but costs a Trace object and a dozen awaited signals per
+    request; this costs one weak-set lookup.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._seen: weakref.WeakSet[object] = weakref.WeakSet()
+
+    async def connect(
+        self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout  # noqa: ASYNC109
+    ) -> Connection:
+        connection = await super().connect(req, traces, timeout)
+        protocol = connection.protocol
+        if protocol is not None:
+            _connection_reused.set(protocol in self._seen)
+            self._seen.add(protocol)
+        return connection
 
 
 class Upstreams:
@@ -143,12 +174,11 @@ class Upstreams:
 
     def _session(self, limit: int, *, force_close: bool) -> aiohttp.ClientSession:
         return aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=limit, force_close=force_close),
+            connector=_ReuseAwareConnector(limit=limit, force_close=force_close),
             timeout=self._timeout,
             auto_decompress=False,
             # Never keep one caller's cookies for another.
             cookie_jar=aiohttp.DummyCookieJar(),
-            trace_configs=[_trace_config()],
         )
 
     async def close(self) -> None:
@@ -172,7 +202,7 @@ class Upstreams:
         """
         session = (self._fresh if fresh else self._pooled)[replica.name]
         url = URL(replica.url + request.raw_path, encoded=True)
-        trace = SimpleNamespace(reused=False)
+        _connection_reused.set(False)
         try:
             return await session.request(
                 request.method,
@@ -181,7 +211,6 @@ class Upstreams:
                 headers=headers,
                 allow_redirects=False,
                 skip_auto_headers=SKIP_AUTO_HEADERS,
-                trace_request_ctx=trace,
             )
         except aiohttp.ClientConnectorError as err:
             raise NotDelivered("connect", str(err), replica_down=True) from err
@@ -195,7 +224,7 @@ class Upstreams:
                 replica=replica.name,
             ) from err
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as err:
-            if trace.reused:
+            if _connection_reused.get():
                 # The replica had closed this idle keep-alive connection before our request
                 # got there (llama.cpp's server does so after every stream).
                 raise NotDelivered("reset", f"stale pooled connection: {err}",
@@ -245,9 +274,10 @@ async def pipe(
     replica failed mid-body (``exchange.upstream_error``): headers are sent by then, so
     there is no error status left to give, only a connection to close.
     """
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    response.headers.extend(downstream_response_headers(upstream.headers, exchange.request_id))
     sse = is_event_stream(upstream.headers)
+    response_class = web.StreamResponse if sse else _CoalescingResponse
+    response = response_class(status=upstream.status, reason=upstream.reason)
+    response.headers.extend(downstream_response_headers(upstream.headers, exchange.request_id))
     try:
         await response.prepare(request)
         exchange.prepared = True
@@ -272,11 +302,11 @@ async def pipe(
     except asyncio.CancelledError:
         if is_cut() and sse and exchange.prepared:
             # Shutdown's deadline passed mid-stream: say so in the stream's own protocol.
-            with contextlib.suppress(ConnectionError):
-                await response.write(
-                    sse_error_event("batchgate is shutting down; stream cut at the drain "
-                                    "deadline", "service_unavailable", "draining")
-                )
+            await _end_stream_with_error(
+                response,
+                sse_error_event("batchgate is shutting down; stream cut at the drain deadline",
+                                "service_unavailable", "draining"),
+            )
         raise
     return response
 
@@ -289,13 +319,22 @@ async def _upstream_failed(
     kind: str,
     err: BaseException,
 ) -> web.StreamResponse:
-    # Headers are gone already, so tell an SSE client in its own protocol, then cut the
-    # connection so no one mistakes a truncated body for a complete one.
     exchange.upstream_error = kind
     if sse:
+        # An event stream can say what happened in its own protocol, then end cleanly: the
+        # error event is explicit, so nobody mistakes the stream for complete.
         message = f"replica {exchange.replica} failed mid-stream ({kind}): {err}"
-        with contextlib.suppress(ConnectionError):
-            await response.write(sse_error_event(message, "upstream_error", f"upstream_{kind}"))
-    if request.transport is not None:
+        await _end_stream_with_error(
+            response, sse_error_event(message, "upstream_error", f"upstream_{kind}")
+        )
+    elif request.transport is not None:
+        # Any other body: headers are gone, so cutting the connection is the only way to
+        # make the truncation visible (an incomplete Content-Length or chunked body).
         request.transport.close()
     return response
+
+
+async def _end_stream_with_error(response: web.StreamResponse, event: bytes) -> None:
+    with contextlib.suppress(ConnectionError):
+        await response.write(event)
+        await response.write_eof()

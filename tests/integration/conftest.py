@@ -116,6 +116,10 @@ class FakeReplica:
         for i in range(int(spec.get("events", 3))):
             if i == 1 and spec.get("hold"):
                 await self.gate.wait()
+            if i == 1 and spec.get("die"):
+                assert request.transport is not None
+                request.transport.abort()  # the engine crashes mid-stream
+                return response
             await response.write(sse_event(i))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()

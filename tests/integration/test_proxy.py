@@ -63,6 +63,24 @@ async def test_sse_reaches_caller_incrementally_and_byte_for_byte(
     assert rest == b"".join(sse_event(i) for i in range(1, 5)) + b"data: [DONE]\n\n"
 
 
+async def test_replica_dying_mid_stream_ends_it_with_an_error_event(
+    replicas: Factory, proxy: Factory, client: aiohttp.ClientSession
+) -> None:
+    r: FakeReplica = await replicas("r")
+    p: Proxy = await proxy(make_config(("r", r.url, 1)))
+    async with client.post(
+        p.url + "/v1/completions", json={"stream": True, "die": True, "events": 5}
+    ) as resp:
+        body = await resp.content.read()  # ends cleanly: the error is said in the stream
+    first, error, rest = body.split(b"\n\n", 2)
+    assert first + b"\n\n" == sse_event(0)
+    event, data = error.split(b"\n")
+    assert event == b"event: error"
+    assert json.loads(data.removeprefix(b"data: "))["error"]["code"] == "upstream_reset"
+    assert rest == b""
+    assert p.metric("batchgate_upstream_errors_total", replica="r", kind="reset") == 1
+
+
 async def test_caller_leaving_while_queued_never_reaches_replica(
     replicas: Factory, proxy: Factory, client: aiohttp.ClientSession
 ) -> None:
