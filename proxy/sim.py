@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
@@ -342,21 +343,30 @@ def create_sim_app(config: SimulatedConfig, *, model: str = "batchgate-sim") -> 
     return app
 
 
-async def serve_sim(config: SimulatedConfig, host: str, port: int) -> None:
-    """Serve :func:`create_sim_app` on ``host:port`` until cancelled, then shut down.
+async def serve_sim(
+    config: SimulatedConfig, host: str, port: int, *, model: str = "batchgate-sim"
+) -> None:
+    """Serve :func:`create_sim_app` on ``host:port`` until cancelled or SIGTERM, then stop.
 
     Handlers of lost connections are cancelled, so disconnecting clients free their batch
     slot. On cancellation the listener closes first, in-flight requests get
     :data:`SHUTDOWN_GRACE_S` to finish, then the engine stops.
     """
     runner = web.AppRunner(
-        create_sim_app(config), handler_cancellation=True, shutdown_timeout=SHUTDOWN_GRACE_S
+        create_sim_app(config, model=model),
+        handler_cancellation=True,
+        shutdown_timeout=SHUTDOWN_GRACE_S,
+        access_log=None,
     )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    with suppress(NotImplementedError, RuntimeError):  # not on the main thread: no signals
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
         await site.start()
         logger.info("sim engine serving on %s (%s)", site.name, config)
-        await asyncio.Event().wait()
+        await stop.wait()
     finally:
         await runner.cleanup()
