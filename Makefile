@@ -4,7 +4,16 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test test-fast lint clean
+.PHONY: run test test-fast lint clean system-deps
+
+# Debian packages the tests need: prometheus (promtool and a real Prometheus server).
+# CI runs as root on a clean machine; elsewhere sudo is used when present.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-deps:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@command -v promtool >/dev/null || { echo "promtool missing after install" >&2; exit 1; }
 
 # A venv with the package and its test extras, rebuilt when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -21,7 +30,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check proxy tests
 	$(BIN)/mypy proxy
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) system-deps
 	$(BIN)/pytest -q tests
 
 test: lint test-fast

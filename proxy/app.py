@@ -6,12 +6,14 @@ import asyncio
 import json
 import logging
 import random
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from proxy.accesslog import access_log
 from proxy.config import Config
 from proxy.errors import (
     BadRequest,
@@ -73,6 +75,12 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         raise BadRequest(f"could not read the request body: {err}") from err
 
 
+def _outcome_of(err: ProxyError) -> str:
+    if isinstance(err, UpstreamError):
+        return f"upstream_error:{err.kind}"
+    return f"rejected:{err.reason or err.type}"
+
+
 class Handlers:
     """Request handlers over the app's typed state (no module-level singletons)."""
 
@@ -119,35 +127,45 @@ class Handlers:
     async def proxy(self, request: web.Request) -> web.StreamResponse:
         lifecycle = self.app[LIFECYCLE]
         request_id = request.headers.get("X-Request-Id") or new_request_id()
-        if lifecycle.draining:
-            return self._reject(Draining("batchgate is shutting down", retry_after_s=1),
-                                request_id)
-        loop = asyncio.get_running_loop()
         exchange = Exchange(
             request_id=request_id,
             method=request.method,
             path=request.path,
             route=route_label(request.path),
-            arrival=loop.time(),
+            arrival=asyncio.get_running_loop().time(),
+            started=time.monotonic(),
         )
         with lifecycle.track():
             try:
+                if lifecycle.draining:
+                    raise Draining("batchgate is shutting down", retry_after_s=1)
                 body = await _read_body(request, self.config.server.max_body_bytes)
                 return await self._forward(request, body, exchange)
             except ProxyError as err:
-                return self._reject(err, request_id)
+                exchange.status = err.status
+                exchange.outcome = _outcome_of(err)
+                return json_error(err, request_id)
             except asyncio.CancelledError:
                 if not lifecycle.cutting:
                     # aiohttp cancels a handler when its caller disconnects.
-                    self.app[METRICS].client_disconnects.labels(exchange.stage).inc()
+                    exchange.outcome = "client_disconnect"
                     raise
                 if exchange.prepared:
-                    raise  # the stream got its SSE error event; the connection just closes
-                return self._reject(
+                    # The stream got its SSE error event; the connection just closes.
+                    exchange.outcome = "drain_cut"
+                    raise
+                exchange.outcome = "rejected:draining"
+                exchange.status = Draining.status
+                return json_error(
                     Draining("batchgate is shutting down; request cut at the drain deadline",
                              retry_after_s=1),
                     request_id,
                 )
+            finally:
+                # Synchronous, so no cancellation can skip it: a caller that closes its
+                # connection the instant its answer is complete still gets counted.
+                self.app[METRICS].record(exchange)
+                access_log(exchange)
 
     async def _forward(
         self, request: web.Request, body: bytes, exchange: Exchange
@@ -159,10 +177,17 @@ class Handlers:
         deadline = exchange.arrival + self.config.queue.timeout_s
         headers = upstream_request_headers(request, exchange.request_id)
         fresh = False
+        exchange.enqueued_at = time.monotonic()
         while True:
-            lease = await scheduler.acquire(deadline, front=exchange.attempts > 0)
+            try:
+                lease = await scheduler.acquire(deadline, front=exchange.attempts > 0)
+            except ProxyError as err:
+                if not err.waited:
+                    exchange.enqueued_at = None  # refused at the door: it never waited
+                raise
             try:
                 replica = lease.replica
+                exchange.dispatched_at = time.monotonic()
                 exchange.replica = replica.name
                 exchange.stage = "waiting_first_byte"
                 exchange.attempts += 1
@@ -181,6 +206,7 @@ class Handlers:
                         ) from err
                     metrics.retries.labels(replica.name).inc()
                     fresh = True
+                    exchange.stage = "queued"
                     continue
                 except UpstreamError as err:
                     metrics.upstream_errors.labels(replica.name, err.kind).inc()
@@ -208,13 +234,15 @@ class Handlers:
         try:
             response = await pipe(
                 request, upstream, exchange,
-                clock=asyncio.get_running_loop().time, is_cut=lambda: lifecycle.cutting,
+                is_cut=lambda: lifecycle.cutting,
+                on_gap=metrics.inter_chunk_observer(exchange.route),
             )
             completed = exchange.stage == "done"
             if exchange.upstream_error is not None:
                 metrics.upstream_errors.labels(replica, exchange.upstream_error).inc()
+                exchange.outcome = f"upstream_error:{exchange.upstream_error}"
             if exchange.client_gone:
-                metrics.client_disconnects.labels(exchange.stage).inc()
+                exchange.outcome = "client_disconnect"
             return response
         finally:
             if completed:

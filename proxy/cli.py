@@ -6,9 +6,11 @@ import argparse
 import asyncio
 import json
 import logging
+import queue
 import sys
 import time
 from collections.abc import Sequence
+from logging.handlers import QueueHandler, QueueListener
 
 import uvloop
 import yaml
@@ -38,7 +40,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def setup_logging(config: LoggingConfig) -> None:
+def setup_logging(config: LoggingConfig) -> QueueListener:
+    """Logs go through a queue to a writer thread: a slow stdout never stalls the event loop.
+
+    Returns the listener; stop it before exiting so every line is flushed.
+    """
     handler = logging.StreamHandler(sys.stdout)
     if config.format == "json":
         formatter: logging.Formatter = JsonFormatter()
@@ -46,11 +52,15 @@ def setup_logging(config: LoggingConfig) -> None:
     else:
         formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler.setFormatter(formatter)
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [QueueHandler(records)]
     root.setLevel(config.level.upper())
     # aiohttp logs every disconnect at error level with a traceback; we count them instead.
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
+    listener = QueueListener(records, handler)
+    listener.start()
+    return listener
 
 
 def _load(path: str) -> Config:
@@ -64,18 +74,20 @@ def _load(path: str) -> Config:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    setup_logging(config.logging)
+    listener = setup_logging(config.logging)
     from proxy.server import serve  # heavy imports only for the commands that need them
 
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        try:
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(serve(config))
-        except OSError as err:  # the listener could not bind: say so in one line
-            host, port = config.server.host, config.server.port
-            reason = err.strerror or err
-            print(f"cannot listen on {host}:{port} (server.host, server.port): {reason}",
-                  file=sys.stderr)
-            return 1
+    except OSError as err:  # the listener could not bind: say so in one line
+        host, port = config.server.host, config.server.port
+        reason = err.strerror or err
+        print(f"cannot listen on {host}:{port} (server.host, server.port): {reason}",
+              file=sys.stderr)
+        return 1
+    finally:
+        listener.stop()
     return 0
 
 
@@ -96,7 +108,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         prompt_ms_per_token=args.prompt_ms_per_token,
         default_max_tokens=args.default_max_tokens,
     )
-    setup_logging(LoggingConfig(format="text", level="info"))
+    listener = setup_logging(LoggingConfig(format="text", level="info"))
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         try:
             runner.run(serve_sim(config, args.host, args.port, model=args.model))
@@ -109,6 +121,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
             print(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}",
                   file=sys.stderr)
             return 1
+        finally:
+            listener.stop()
     return 0
 
 

@@ -15,10 +15,14 @@ class ProxyError(Exception):
     #: The ``reason`` label of ``batchgate_rejected_requests_total`` (None: not a rejection).
     reason: str | None = None
 
-    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after_s: int | None = None, waited: bool = False
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after_s = retry_after_s
+        #: The request waited in the queue before this (it belongs in the queue-wait series).
+        self.waited = waited
 
     @property
     def code(self) -> str:

@@ -8,19 +8,32 @@ can never disagree with the scheduler, and a request pays nothing for it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from proxy import __version__
+from proxy.relay import Exchange
 from proxy.scheduler import Scheduler
 
 #: The `route` label: the OpenAI routes by name, everything else as "other" (bounded labels).
 KNOWN_ROUTES = frozenset(
     {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models"}
 )
+
+
+#: Buckets sized for LLM work, where one request can take minutes (base unit: seconds).
+QUEUE_WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                      10.0, 30.0, 60.0, 120.0, 300.0)
+TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0,
+                60.0, 120.0)
+INTER_CHUNK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25,
+                       0.5, 1.0, 2.5, 5.0, 10.0)
+DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+                    120.0, 300.0, 600.0, 1200.0, 1800.0)
 
 
 def route_label(path: str) -> str:
@@ -94,8 +107,68 @@ class Metrics:
             "Requests sent again because they never reached a replica.",
             ["replica"], registry=r,
         )
+        self.tokens = Counter(
+            "batchgate_tokens",
+            "Tokens reported by replicas in `usage` (prompt, completion); the last usage of a "
+            "stream counts, never the sum.",
+            ["replica", "kind"], registry=r,
+        )
+        self.queue_wait = Histogram(
+            "batchgate_queue_wait_seconds",
+            "Time from joining the queue to getting a slot (or giving up waiting).",
+            buckets=QUEUE_WAIT_BUCKETS, registry=r,
+        )
+        self.ttfb = Histogram(
+            "batchgate_time_to_first_byte_seconds",
+            "Time from dispatch to a replica to the first body byte (TTFT for streams).",
+            ["route"], buckets=TTFB_BUCKETS, registry=r,
+        )
+        self.inter_chunk = Histogram(
+            "batchgate_inter_chunk_seconds",
+            "Gap between successive chunks of an event stream (inter-token latency).",
+            ["route"], buckets=INTER_CHUNK_BUCKETS, registry=r,
+        )
+        self.duration = Histogram(
+            "batchgate_request_duration_seconds",
+            "Time from arrival to the last byte of an answer a replica completed.",
+            ["route"], buckets=DURATION_BUCKETS, registry=r,
+        )
         build = Gauge("batchgate_build_info", "batchgate version.", ["version"], registry=r)
         build.labels(__version__).set(1)
 
     def watch(self, scheduler: Scheduler) -> None:
         self.registry.register(SchedulerCollector(scheduler))
+
+    def inter_chunk_observer(self, route: str) -> Callable[[float], None]:
+        """The bound ``observe`` of one route's child: a label lookup per request, not per chunk."""
+        return self.inter_chunk.labels(route).observe
+
+    def record(self, exchange: Exchange) -> None:
+        """Everything known once a request is over. Synchronous: no cancellation can skip it.
+
+        ``requests_total`` and upstream errors are counted as they happen (in the relay);
+        rejections, client disconnects, waits, latencies and tokens here.
+        """
+        outcome = exchange.outcome
+        if outcome.startswith("rejected:"):
+            self.rejected.labels(outcome.removeprefix("rejected:")).inc()
+        elif outcome == "client_disconnect":
+            self.client_disconnects.labels(exchange.stage).inc()
+        if exchange.enqueued_at is not None:
+            granted = exchange.dispatched_at
+            waited_until = granted if granted is not None else time.monotonic()
+            self.queue_wait.observe(waited_until - exchange.enqueued_at)
+        if exchange.first_byte_at is not None and exchange.dispatched_at is not None:
+            self.ttfb.labels(exchange.route).observe(
+                exchange.first_byte_at - exchange.dispatched_at
+            )
+        if exchange.stage == "done" and outcome == "ok":
+            end = exchange.last_byte_at if exchange.last_byte_at is not None else time.monotonic()
+            self.duration.labels(exchange.route).observe(end - exchange.started)
+        if exchange.usage is not None and exchange.replica is not None:
+            usage = exchange.usage.usage()
+            if usage is not None:
+                self.tokens.labels(exchange.replica, "prompt").inc(usage.prompt_tokens)
+                self.tokens.labels(exchange.replica, "completion").inc(usage.completion_tokens)
+                exchange.prompt_tokens = usage.prompt_tokens
+                exchange.completion_tokens = usage.completion_tokens

@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import io
 import json
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from yarl import URL
 from proxy.config import UpstreamConfig
 from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.replicas import Replica
+from proxy.usage import UsageTail
 
 #: RFC 9110 7.6.1 hop-by-hop fields, plus the legacy ones proxies must not forward either.
 HOP_BY_HOP = frozenset(
@@ -83,22 +85,33 @@ def downstream_response_headers(
 
 @dataclass(slots=True)
 class Exchange:
-    """What happened to one request: for metrics and the access log, filled as it goes."""
+    """What happened to one request, filled in as it goes: for metrics and the access log.
+
+    Times are ``time.monotonic()`` seconds (uvloop's ``loop.time()`` has 1 ms resolution,
+    too coarse for inter-token gaps); ``arrival`` alone is on the loop's clock, for deadlines.
+    """
 
     request_id: str
     method: str
     path: str
     route: str
-    arrival: float
+    arrival: float  # loop clock
+    started: float
     stage: str = "queued"  # queued -> waiting_first_byte -> streaming -> done
+    outcome: str = "ok"  # ok | rejected:<reason> | client_disconnect | upstream_error:<kind>
     replica: str | None = None
     status: int | None = None
     attempts: int = 0
+    enqueued_at: float | None = None
     dispatched_at: float | None = None
     first_byte_at: float | None = None
+    last_byte_at: float | None = None
     prepared: bool = False  # response headers sent to the caller
     client_gone: bool = False
     upstream_error: str | None = None  # kind, when the replica failed mid-body
+    usage: UsageTail | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
 
 
 class _CoalescingResponse(web.StreamResponse):
@@ -265,11 +278,13 @@ async def pipe(
     upstream: aiohttp.ClientResponse,
     exchange: Exchange,
     *,
-    clock: Callable[[], float],
     is_cut: Callable[[], bool],
+    on_gap: Callable[[float], None],
 ) -> web.StreamResponse:
     """Relay status, headers and body as they arrive; the caller closes ``upstream``.
 
+    Each chunk is written to the caller first; only then is it looked at (the usage tail,
+    the gap since the previous chunk of an event stream), so observation never delays bytes.
     Returns normally when the caller hung up mid-body (``exchange.client_gone``) or the
     replica failed mid-body (``exchange.upstream_error``): headers are sent by then, so
     there is no error status left to give, only a connection to close.
@@ -278,6 +293,8 @@ async def pipe(
     response_class = web.StreamResponse if sse else _CoalescingResponse
     response = response_class(status=upstream.status, reason=upstream.reason)
     response.headers.extend(downstream_response_headers(upstream.headers, exchange.request_id))
+    tail = exchange.usage = UsageTail()
+    clock = time.monotonic
     try:
         await response.prepare(request)
         exchange.prepared = True
@@ -291,10 +308,15 @@ async def pipe(
                 return await _upstream_failed(request, response, exchange, sse, "timeout", err)
             if not chunk:
                 break
-            if exchange.first_byte_at is None:
-                exchange.first_byte_at = clock()
-                exchange.stage = "streaming"
+            now = clock()  # when it arrived, not when the caller took it
             await response.write(chunk)
+            if exchange.last_byte_at is None:
+                exchange.first_byte_at = now
+                exchange.stage = "streaming"
+            elif sse:
+                on_gap(now - exchange.last_byte_at)
+            exchange.last_byte_at = now
+            tail.feed(chunk)
         exchange.stage = "done"
         await response.write_eof()
     except ConnectionResetError:

@@ -171,9 +171,12 @@ class Scheduler:
         retry_after = self.retry_after_s(waiter_position)
         if not self.any_healthy():
             return NoHealthyReplica(
-                "no healthy replica became available in time", retry_after_s=retry_after
+                "no healthy replica became available in time",
+                retry_after_s=retry_after, waited=True,
             )
-        return QueueTimeout("timed out waiting for a free slot", retry_after_s=retry_after)
+        return QueueTimeout(
+            "timed out waiting for a free slot", retry_after_s=retry_after, waited=True
+        )
 
     def retry_after_s(self, position: int) -> int:
         """Seconds until a caller at ``position`` in the queue would likely be served.

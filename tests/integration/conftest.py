@@ -120,7 +120,17 @@ class FakeReplica:
                 assert request.transport is not None
                 request.transport.abort()  # the engine crashes mid-stream
                 return response
-            await response.write(sse_event(i))
+            if spec.get("continuous_usage"):  # vLLM's cumulative usage in every chunk
+                await response.write(sse_usage_event(i, usage={"prompt_tokens": 7,
+                                                               "completion_tokens": i + 1}))
+            else:
+                await response.write(sse_event(i))
+        if spec.get("include_usage"):
+            events = int(spec.get("events", 3))
+            await response.write(
+                b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":%d,'
+                b'"total_tokens":%d}}\n\n' % (events, events + 7)
+            )
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         self.completed += 1
@@ -129,6 +139,11 @@ class FakeReplica:
 
 def sse_event(i: int) -> bytes:
     return b'data: {"choices":[{"index":0,"text":" t%d"}]}\n\n' % i
+
+
+def sse_usage_event(i: int, usage: dict[str, int]) -> bytes:
+    body = {"choices": [{"index": 0, "text": f" t{i}"}], "usage": usage}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
 async def start_app(app: web.Application) -> tuple[web.AppRunner, str]:
