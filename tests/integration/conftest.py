@@ -91,6 +91,8 @@ class FakeReplica:
                 return await self._stream(request, spec)
             if spec.get("hold"):
                 await self.gate.wait()
+            if spec.get("delay_ms"):  # the engine's own latency, not a test synchronisation
+                await asyncio.sleep(float(spec["delay_ms"]) / 1000)
             self.completed += 1
             return web.json_response(
                 {
