@@ -7,7 +7,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -105,26 +105,19 @@ class Handlers:
         body = generate_latest(self.app[METRICS].registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    def _reject(self, err: ProxyError, request_id: str) -> web.Response:
-        if err.reason is not None:
-            self.app[METRICS].rejected.labels(err.reason).inc()
-        return json_error(err, request_id)
-
     async def models(self, request: web.Request) -> web.StreamResponse:
         """Answered by any healthy replica, without taking a slot: it costs the engine nothing."""
-        request_id = request.headers.get("X-Request-Id") or new_request_id()
-        if self.app[LIFECYCLE].draining:
-            return self._reject(Draining("batchgate is shutting down", retry_after_s=1),
-                                request_id)
-        healthy = [r for r in self.app[SCHEDULER].replicas if r.healthy]
-        for replica in healthy:
-            try:
-                return await self.app[HEALTH].forward_get(replica, request, request_id)
-            except UpstreamError:
-                continue
-        return self._reject(NoHealthyReplica("no healthy replica"), request_id)
+        return await self._serve(request, self._models)
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, self._proxied)
+
+    async def _serve(
+        self,
+        request: web.Request,
+        work: Callable[[web.Request, Exchange], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """The frame around every relayed request: draining, error mapping, bookkeeping."""
         lifecycle = self.app[LIFECYCLE]
         request_id = request.headers.get("X-Request-Id") or new_request_id()
         exchange = Exchange(
@@ -139,8 +132,7 @@ class Handlers:
             try:
                 if lifecycle.draining:
                     raise Draining("batchgate is shutting down", retry_after_s=1)
-                body = await _read_body(request, self.config.server.max_body_bytes)
-                return await self._forward(request, body, exchange)
+                return await work(request, exchange)
             except ProxyError as err:
                 exchange.status = err.status
                 exchange.outcome = _outcome_of(err)
@@ -166,6 +158,31 @@ class Handlers:
                 # connection the instant its answer is complete still gets counted.
                 self.app[METRICS].record(exchange)
                 access_log(exchange)
+
+    async def _models(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        metrics = self.app[METRICS]
+        for replica in [r for r in self.app[SCHEDULER].replicas if r.healthy]:
+            exchange.replica = replica.name
+            exchange.dispatched_at = time.monotonic()
+            exchange.stage = "waiting_first_byte"
+            try:
+                response = await self.app[HEALTH].forward_get(
+                    replica, request, exchange.request_id
+                )
+            except UpstreamError as err:
+                metrics.upstream_errors.labels(replica.name, err.kind).inc()
+                continue
+            exchange.first_byte_at = exchange.last_byte_at = time.monotonic()
+            exchange.status = response.status
+            exchange.stage = "done"
+            metrics.requests.labels(replica.name, exchange.route, str(response.status)).inc()
+            return response
+        exchange.replica = None
+        raise NoHealthyReplica("no healthy replica answered", retry_after_s=1)
+
+    async def _proxied(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        body = await _read_body(request, self.config.server.max_body_bytes)
+        return await self._forward(request, body, exchange)
 
     async def _forward(
         self, request: web.Request, body: bytes, exchange: Exchange

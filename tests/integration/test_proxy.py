@@ -239,6 +239,7 @@ async def test_models_answered_without_a_slot(
     async with client.get(p.url + "/v1/models") as resp:
         assert resp.status == 200
         assert (await resp.json())["data"][0]["id"] == "r"
+    assert p.metric("batchgate_requests_total", replica="r", route="/v1/models", code="200") == 1
     r.gate.set()
     (await busy).release()
 
