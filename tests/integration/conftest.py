@@ -195,6 +195,7 @@ def make_config(
     queue_timeout_s: float = 30.0,
     retries: int = 2,
     health_interval_s: float = 60.0,
+    read_timeout_s: float = 30.0,
     **server: Any,
 ) -> Config:
     return Config(
@@ -202,7 +203,9 @@ def make_config(
         server=dataclasses.replace(ServerConfig(host="127.0.0.1", port=0), **server),
         queue=QueueConfig(max_size=max_queue, timeout_s=queue_timeout_s),
         health=HealthConfig(interval_s=health_interval_s, timeout_s=2.0),
-        upstream=UpstreamConfig(connect_timeout_s=2.0, read_timeout_s=30.0, retries=retries),
+        upstream=UpstreamConfig(
+            connect_timeout_s=2.0, read_timeout_s=read_timeout_s, retries=retries
+        ),
     )
 
 

@@ -306,6 +306,20 @@ async def test_only_replica_refusing_ends_in_503_no_healthy_replica(
     assert p.metric("batchgate_rejected_requests_total", reason="no_healthy_replica") == 1
 
 
+async def test_silent_replica_is_504_and_never_resent(
+    replicas: Factory, proxy: Factory, client: aiohttp.ClientSession
+) -> None:
+    r: FakeReplica = await replicas("r")
+    p: Proxy = await proxy(make_config(("r", r.url, 1), read_timeout_s=0.2))
+    async with client.post(p.url + "/v1/completions", json={"hold": True}) as resp:
+        assert resp.status == 504
+        body = await resp.json()
+    assert body["error"]["code"] == "upstream_timeout"
+    await until(lambda: r.aborted == 1, "the replica saw the request abandoned")
+    assert r.arrivals == 1
+    assert p.metric("batchgate_upstream_errors_total", replica="r", kind="timeout") == 1
+
+
 async def test_upstream_error_status_passes_through(
     replicas: Factory, proxy: Factory, client: aiohttp.ClientSession
 ) -> None:
@@ -333,3 +347,4 @@ async def test_draining_flag_refuses_new_work(
     async with client.get(p.url + "/readyz") as resp:
         assert resp.status == 503
     assert r.arrivals == 0
+    assert p.metric("batchgate_rejected_requests_total", reason="draining") == 1
