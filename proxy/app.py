@@ -13,7 +13,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from proxy.accesslog import access_log
+from proxy.accesslog import AccessLog
 from proxy.config import Config
 from proxy.errors import (
     BadRequest,
@@ -84,8 +84,9 @@ def _outcome_of(err: ProxyError) -> str:
 class Handlers:
     """Request handlers over the app's typed state (no module-level singletons)."""
 
-    def __init__(self, app: web.Application) -> None:
+    def __init__(self, app: web.Application, access_log: AccessLog | None) -> None:
         self.app = app
+        self.access_log = access_log
 
     @property
     def config(self) -> Config:
@@ -157,7 +158,8 @@ class Handlers:
                 # Synchronous, so no cancellation can skip it: a caller that closes its
                 # connection the instant its answer is complete still gets counted.
                 self.app[METRICS].record(exchange)
-                access_log(exchange)
+                if self.access_log is not None:
+                    self.access_log.record(exchange)
 
     async def _models(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         metrics = self.app[METRICS]
@@ -276,8 +278,13 @@ class Handlers:
         scheduler.set_healthy(replica, False)
 
 
-def create_app(config: Config, *, metrics: Metrics | None = None) -> web.Application:
-    """The proxy application. Background work starts and stops with it (``cleanup_ctx``)."""
+def create_app(
+    config: Config, *, metrics: Metrics | None = None, access_log: AccessLog | None = None
+) -> web.Application:
+    """The proxy application. Background work starts and stops with it (``cleanup_ctx``).
+
+    ``access_log`` is owned by the caller (it outlives the app's connections).
+    """
     app = web.Application(client_max_size=config.server.max_body_bytes)
     replicas = [
         Replica(r.name, r.url or "", r.max_concurrency, index=i)
@@ -302,7 +309,7 @@ def create_app(config: Config, *, metrics: Metrics | None = None) -> web.Applica
 
     app.cleanup_ctx.append(upstream_ctx)
 
-    handlers = Handlers(app)
+    handlers = Handlers(app, access_log)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.metrics)

@@ -11,11 +11,13 @@ import asyncio
 import dataclasses
 import logging
 import signal
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from aiohttp import web
 
+from proxy.accesslog import AccessLog
 from proxy.app import LIFECYCLE, SCHEDULER, create_app
 from proxy.config import Config
 from proxy.sim import create_sim_app
@@ -70,8 +72,15 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    async with embedded_replicas(config) as config:
-        app = create_app(config)
+    access_log = (
+        AccessLog(sys.stdout.buffer, config.logging.format)
+        if config.logging.level in ("debug", "info") else None
+    )
+    async with AsyncExitStack() as stack:
+        if access_log is not None:
+            stack.callback(access_log.close)
+        config = await stack.enter_async_context(embedded_replicas(config))
+        app = create_app(config, access_log=access_log)
         # handler_cancellation: a caller that hangs up cancels its handler, which closes the
         # upstream connection, which makes the engine abort the generation.
         runner = web.AppRunner(

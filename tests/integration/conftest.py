@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy.accesslog import AccessLog
 from proxy.app import LIFECYCLE, METRICS, SCHEDULER, create_app
 from proxy.config import (
     Config,
@@ -214,8 +215,8 @@ async def proxy() -> AsyncIterator[Callable[[Config], Any]]:
     """Factory: the proxy app on a real socket. At the end: no slot, waiter or handler left."""
     started: list[Proxy] = []
 
-    async def make(config: Config) -> Proxy:
-        app = create_app(config)
+    async def make(config: Config, access_log: AccessLog | None = None) -> Proxy:
+        app = create_app(config, access_log=access_log)
         runner, url = await start_app(app)
         handle = Proxy(url, app, runner)
         started.append(handle)

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
-import logging
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import pytest
 
-from proxy.cli import JsonFormatter
+from proxy.accesslog import AccessLog
+from proxy.app import LIFECYCLE
+from proxy.relay import Exchange
 from tests.integration.conftest import FakeReplica, Proxy, make_config, until
 
 Factory = Callable[..., Any]
@@ -146,12 +149,12 @@ async def test_queue_timeout_observes_its_wait_but_no_replica_series(
 
 
 async def test_access_log_line_per_request(
-    replicas: Factory, proxy: Factory, client: aiohttp.ClientSession,
-    caplog: pytest.LogCaptureFixture,
+    replicas: Factory, proxy: Factory, client: aiohttp.ClientSession
 ) -> None:
     r: FakeReplica = await replicas("r")
-    p: Proxy = await proxy(make_config(("r", r.url, 1), max_queue=0))
-    caplog.set_level(logging.INFO, logger="batchgate.access")
+    out = io.BytesIO()
+    access = AccessLog(out, "json")
+    p: Proxy = await proxy(make_config(("r", r.url, 1), max_queue=0), access)
     secret = {"Authorization": "Bearer sk-secret", "X-Request-Id": "rid-1"}
     async with client.post(p.url + CHAT, json={"prompt": "private words"}, headers=secret) as r1:
         assert r1.status == 200
@@ -161,20 +164,37 @@ async def test_access_log_line_per_request(
         pass
     r.gate.set()
     (await held).release()
-    await until(lambda: len(caplog.records) == 3, "three access lines")
+    await until(lambda: p.scheduler.idle(), "all done")
+    assert await p.app[LIFECYCLE].wait_idle(10)
+    access.close()  # flushes
 
-    formatter = JsonFormatter()
-    lines = {json.loads(formatter.format(rec))["request_id"]: json.loads(formatter.format(rec))
-             for rec in caplog.records}
+    text = out.getvalue().decode()
+    lines = {entry["request_id"]: entry
+             for entry in (json.loads(line) for line in text.splitlines())}
+    assert len(lines) == 3
     ok = lines["rid-1"]
+    assert set(ok) == {"time", "request_id", "method", "path", "replica", "status", "outcome",
+                       "queue_ms", "ttfb_ms", "duration_ms", "prompt_tokens",
+                       "completion_tokens"}
     assert ok["method"] == "POST" and ok["path"] == CHAT and ok["replica"] == "r"
     assert ok["status"] == 200 and ok["outcome"] == "ok"
     assert ok["prompt_tokens"] == 3 and ok["completion_tokens"] == 5
+    assert ok["time"].endswith("Z")
     for key in ("queue_ms", "ttfb_ms", "duration_ms"):
         assert isinstance(ok[key], float) and ok[key] >= 0
-    assert {"time", "level", "message"} <= set(ok)
     rejected = lines["rid-2"]
     assert rejected["status"] == 429 and rejected["outcome"] == "rejected:queue_full"
     assert rejected["replica"] is None and rejected["ttfb_ms"] is None
-    text = "\n".join(formatter.format(rec) for rec in caplog.records)
     assert "sk-secret" not in text and "private words" not in text
+
+
+def test_access_log_text_format() -> None:
+    out = io.BytesIO()
+    access = AccessLog(out, "text")
+    exchange = Exchange(request_id="rid", method="GET", path="/v1/models", route="/v1/models",
+                        arrival=0.0, started=time.monotonic(), replica="r", status=200)
+    access.record(exchange)
+    access.close()
+    line = out.getvalue().decode()
+    assert line.count("\n") == 1
+    assert " GET /v1/models 200 ok request_id=rid replica=r " in line
