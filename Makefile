@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test test-fast lint clean system-deps
+.PHONY: run test test-fast e2e lint clean system-deps
 
 # Debian packages the tests need: prometheus (promtool and a real Prometheus server).
 # CI runs as root on a clean machine; elsewhere sudo is used when present.
@@ -27,13 +27,30 @@ run: $(STAMP)
 	$(BIN)/batchgate serve --config config.yaml
 
 lint: $(STAMP)
-	$(BIN)/ruff check proxy tests
+	$(BIN)/ruff check proxy tests e2e bench
 	$(BIN)/mypy proxy
 
 test-fast: $(STAMP) system-deps
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q tests --ignore=tests/e2e
 
+# A real engine behind batchgate: two llama.cpp llama-server replicas (tests/e2e). The first
+# run on a machine builds llama-server (~4 min on 2 cores) into ~/.cache/batchgate; later
+# runs find it there at once. pytest expects both ready: a build cannot fit a test's timeout.
+e2e: $(STAMP)
+	bash e2e/build_llama_server.sh
+	$(BIN)/python e2e/make_tiny_model.py
+	$(BIN)/pytest -q tests/e2e
+
+# The real-engine suite runs after the fast one has passed, never alongside it (make -j).
 test: lint test-fast
+	$(MAKE) --no-print-directory e2e
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+
+# batchgate side by side with direct, HAProxy 2.6 and an aiohttp passthrough (bench/run.py):
+# about 9 minutes on 2 cores; installs wrk and haproxy (Debian) when missing; writes
+# bench/results/<date>.json and docs/benchmarks.md. BENCH_ARGS=--quick: a one-minute smoke run.
+.PHONY: bench
+bench: $(STAMP)
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
