@@ -1,0 +1,183 @@
+"""docs/benchmarks.md from one run's results: the figures, the machine, the method, and the
+command that reproduces them. Written by every full ``make bench``; never edited by hand.
+Usage: python bench/docgen.py bench/results/DATE.json   (rewrites docs/benchmarks.md)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import report
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _f(value: Any, spec: str = ".0f") -> str:
+    return "-" if value is None else f"{value:{spec}}"
+
+
+def _table(summary: dict[str, Any]) -> str:
+    grid = report.rows(summary)
+    lines = ["| " + " | ".join(grid[0]) + " |", "|" + "---|" * len(grid[0])]
+    lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in grid[1:]]
+    return "\n".join(lines)
+
+
+def _targets(summary: dict[str, Any]) -> str:
+    out = []
+    for t in summary.get("targets", []):
+        value = t["value"]
+        shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+        out.append(f"- **{'met' if t['met'] else 'MISSED'}**: {t['target']}: {shown} {t['unit']}")
+    return "\n".join(out) or "- (no targets evaluated)"
+
+
+def _streams(results: dict[str, Any]) -> str:
+    streams = results.get("streams") or {}
+    if not streams:
+        return "(not run)"
+    lines = ["| contestant | streams | attempt | added gap p99 (ms) | delay p99 (ms) | "
+             "proxy CPU (cores) | upstream CPU (cores) | generator CPU (cores) | RSS (MiB) | ok |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, result in streams.items():
+        for s in result["steps"]:
+            lines.append(
+                f"| {name} | {s['streams']} | {s.get('attempt', 1)}"
+                f" | {_f(s['added_p99_ms'], '.1f')} | {_f(s['delay_ms']['p99'], '.1f')}"
+                f" | {_f(s['proxy_cpu'], '.2f')} | {_f(s['upstream_cpu'], '.2f')}"
+                f" | {_f(s['client_cpu'], '.2f')} | {_f(s['rss_kib'] / 1024, '.1f')}"
+                f" | {'yes' if s['ok'] else 'no'} |"
+            )
+    return "\n".join(lines)
+
+
+def _profile(results: dict[str, Any]) -> str:
+    prof = results.get("profile") or {}
+    if not prof:
+        return "(not run)"
+    lines = []
+    for name, p in prof.items():
+        lines.append(f"**{name}**: {_f(p['cpu_us_per_request'])} us of CPU per request "
+                     f"({_f(p['kernel_us_per_request'])} us in the kernel), "
+                     f"{_f(p['rps_alone_on_core'])} req/s alone on the core.")
+        calls = (p.get("syscalls") or {}).get("per_request")
+        if calls:
+            lines.append("System calls per request: " + ", ".join(
+                f"{k} {v:.2f}" for k, v in calls.items() if k != "total") + ".")
+        spy = p.get("py_spy") or {}
+        own = {k: v for k, v in (spy.get("own_functions_inclusive_us") or {}).items()
+               if not k.startswith(("main ", "cmd_serve ", "<module> "))}
+        if own:
+            lines.append("py-spy, inclusive us per request in its own code: " + ", ".join(
+                f"`{k}` {v:.0f}" for k, v in list(own.items())[:9]) + ".")
+        elif spy.get("skipped"):
+            lines.append(f"py-spy: {spy['skipped']}.")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def markdown(results: dict[str, Any], json_path: Path) -> str:
+    summary = results["summary"]
+    m = results["machine"]
+    wrk_version = " ".join(m["wrk"].split()[:2])
+    haproxy_version = m["haproxy"].split()[2] if len(m["haproxy"].split()) > 2 else ""
+    s = results["settings"]
+    raw, queued = s["raw"], s["queued"]
+    minutes = results["wall_time_s"] / 60
+    kind = "quick" if results["quick"] else "full"
+    return f"""# Benchmarks
+
+batchgate side by side with the upstream alone (**direct**), **HAProxy** {haproxy_version}
+and a 27-line aiohttp **passthrough** proxy
+(`bench/passthrough.py`, the floor: what any aiohttp proxy costs before features), all
+measured in one run, interleaved. This page is written by the run; reproduce it with
+
+```sh
+make bench        # about {minutes:.0f} minutes; bench/results/<date>.json keeps every number
+make bench BENCH_ARGS=--quick   # a one-minute smoke run of the harness (writes no docs)
+```
+
+Run of {results['date']} ({kind}, {results['wall_time_s']:.0f} s),
+commit `{m['commit']}`, raw figures in `{json_path}`.
+Machine: {m['nproc']} cores ({m['cpu_model']}), Linux {m['kernel']}, Python {m['python']},
+aiohttp {m['aiohttp']}, uvloop {m['uvloop']}, {wrk_version}; load average {m['loadavg_start']:.2f}
+at the start and {m.get('loadavg_end', float('nan')):.2f} at the end (other work on the machine
+adds noise; the contestants are interleaved so it falls on all of them alike).
+
+## Results
+
+{_table(summary)}
+
+Targets:
+
+{_targets(summary)}
+
+Rates are medians over {s['rounds']} interleaved rounds ({s['wrk_s']:g} s each); "proxy CPU per
+request" is the proxy's CPU time (/proc) over the requests it served in the same run, which
+the machine's noise moves far less than a rate.
+
+## How it is measured
+
+- **Pinning.** The upstream and the proxy under test share core 0; the load generator (wrk,
+  and this harness's Python clients) has core 1 (`sched_setaffinity`, as `taskset` does).
+  All four contestants stay up during a phase and take turns; the turn order rotates each round.
+- **Upstream** (`bench/upstream.py`): raw asyncio on uvloop, about 10 us of CPU per small
+  request, so the proxies' costs dominate. It answers small JSON completions, `/sse` streams
+  (N events, M ms apart, each stamped with its write time) and `/health`.
+- **batchgate**: `batchgate serve`, one replica at the upstream, `max_concurrency:
+  {raw['max_concurrency']}` for P1-P3 (no request ever queues, so the request path is measured),
+  `queue: {{max_size: {raw['queue_max']}, timeout_s: {raw['queue_timeout_s']:g}}}`, health probes
+  every 5 s, `logging: {{level: warning}}`.
+- **HAProxy** (`bench/haproxy.cfg`): `nbthread 1`, the server's `maxconn` = batchgate's
+  `max_concurrency`, `maxqueue` = `queue.max_size`, `timeout queue` = `queue.timeout_s`, the
+  same `/health` check, `http-reuse always`, `option http-no-delay` (SSE events are not held).
+- **P1**: latency of a small JSON POST at concurrency 1 on one keep-alive connection (a
+  raw-socket client times each request; wrk's own percentiles are corrected for coordinated
+  omission, which at concurrency 1 turns one scheduler hiccup into dozens of samples), and
+  at 1,000 req/s open loop (Poisson arrivals) with `batchgate bench`'s generator.
+- **P2**: wrk, one thread, 32 and 64 connections (the better median counts) for the small
+  JSON POST; 32 connections for 16-event SSE streams (`/sse?events=16&interval_ms=0`).
+- **P3**: N streams of 20 events/s (50 ms apart), opened evenly over max(1 s, N/1000 s),
+  held {'1' if results['quick'] else '2.5'} s more; N steps up until the added inter-event p99
+  passes 5 ms or a stream fails (two failed attempts in a row end the search). The *added
+  gap* of an event is its gap since the stream's previous event at the client less the gap
+  between the upstream's two writes, so the upstream's own lateness cancels out. CPU per 100
+  streams is the proxy's CPU (/proc) at the largest N sustained, scaled to 100 streams.
+- **P5**: RSS from `/proc/<pid>/statm` of a fresh proxy after a short warm-up, then with N
+  unanswered requests: batchgate and HAProxy with one slot (`max_concurrency: 1`,
+  `queue: {{max_size: {queued['queue_max']}, timeout_s: {queued['queue_timeout_s']:g}}}`) held
+  by the first, the rest queued; the passthrough has no queue and holds them all upstream.
+  Per request = (loaded - idle) / N. Per open stream: the same at P3's 1,000-stream step.
+  A process may hold at most as many sockets as the hard `RLIMIT_NOFILE` (HAProxy needs two
+  per connection), so HAProxy may hold somewhat fewer than 10,000; the passthrough, which
+  needs two sockets per request and accepts slowly, is loaded with half as many.
+- **P4**: `batchgate sim --max-batch 32` on core 0; `batchgate bench` streams
+  {_f((results.get('p4') or {}).get('max_tokens'))}-token completions, 32 callers straight
+  at the engine vs 200 callers through batchgate (`max_concurrency: 32`), the same number of
+  requests; tokens/s through batchgate over direct.
+- **Seed table**: the same engine; for N = 1..32 a batchgate with `max_concurrency: N` and N
+  callers sending one 100-token request each; total time from the first send to the last
+  answer, against the seed's 1776, 1981, 2067, 3767, 4431, 4942 ms.
+
+## P3 steps
+
+{_streams(results)}
+
+## Where the proxies' CPU goes (small JSON POST, the proxy alone on core 0)
+
+{_profile(results)}
+"""
+
+
+def main() -> int:
+    path = Path(sys.argv[1])
+    results = json.loads(path.read_text())
+    (ROOT / "docs" / "benchmarks.md").write_text(markdown(results, path))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
