@@ -129,37 +129,38 @@ class Handlers:
             arrival=asyncio.get_running_loop().time(),
             started=time.monotonic(),
         )
-        with lifecycle.track():
-            try:
-                if lifecycle.draining:
-                    raise Draining("batchgate is shutting down", retry_after_s=1)
-                return await work(request, exchange)
-            except ProxyError as err:
-                exchange.status = err.status
-                exchange.outcome = _outcome_of(err)
-                return json_error(err, request_id)
-            except asyncio.CancelledError:
-                if not lifecycle.cutting:
-                    # aiohttp cancels a handler when its caller disconnects.
-                    exchange.outcome = "client_disconnect"
-                    raise
-                if exchange.prepared:
-                    # The stream got its SSE error event; the connection just closes.
-                    exchange.outcome = "drain_cut"
-                    raise
-                exchange.outcome = "rejected:draining"
-                exchange.status = Draining.status
-                return json_error(
-                    Draining("batchgate is shutting down; request cut at the drain deadline",
-                             retry_after_s=1),
-                    request_id,
-                )
-            finally:
-                # Synchronous, so no cancellation can skip it: a caller that closes its
-                # connection the instant its answer is complete still gets counted.
-                self.app[METRICS].record(exchange)
-                if self.access_log is not None:
-                    self.access_log.record(exchange)
+        task = lifecycle.enter()
+        try:
+            if lifecycle.draining:
+                raise Draining("batchgate is shutting down", retry_after_s=1)
+            return await work(request, exchange)
+        except ProxyError as err:
+            exchange.status = err.status
+            exchange.outcome = _outcome_of(err)
+            return json_error(err, request_id)
+        except asyncio.CancelledError:
+            if not lifecycle.cutting:
+                # aiohttp cancels a handler when its caller disconnects.
+                exchange.outcome = "client_disconnect"
+                raise
+            if exchange.prepared:
+                # The stream got its SSE error event; the connection just closes.
+                exchange.outcome = "drain_cut"
+                raise
+            exchange.outcome = "rejected:draining"
+            exchange.status = Draining.status
+            return json_error(
+                Draining("batchgate is shutting down; request cut at the drain deadline",
+                         retry_after_s=1),
+                request_id,
+            )
+        finally:
+            # Synchronous, so no cancellation can skip it: a caller that closes its
+            # connection the instant its answer is complete still gets counted.
+            self.app[METRICS].record(exchange)
+            if self.access_log is not None:
+                self.access_log.record(exchange)
+            lifecycle.leave(task)
 
     async def _models(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         metrics = self.app[METRICS]
@@ -172,12 +173,12 @@ class Handlers:
                     replica, request, exchange.request_id
                 )
             except UpstreamError as err:
-                metrics.upstream_errors.labels(replica.name, err.kind).inc()
+                metrics.upstream_error(replica.name, err.kind)
                 continue
             exchange.first_byte_at = exchange.last_byte_at = time.monotonic()
             exchange.status = response.status
             exchange.stage = "done"
-            metrics.requests.labels(replica.name, exchange.route, str(response.status)).inc()
+            metrics.answered(replica.name, exchange.route, response.status)
             return response
         exchange.replica = None
         raise NoHealthyReplica("no healthy replica answered", retry_after_s=1)
@@ -213,7 +214,7 @@ class Handlers:
                 try:
                     upstream = await upstreams.send(replica, request, body, headers, fresh=fresh)
                 except NotDelivered as err:
-                    metrics.upstream_errors.labels(replica.name, err.kind).inc()
+                    metrics.upstream_error(replica.name, err.kind)
                     if err.replica_down:
                         self._mark_down(scheduler, replica, str(err))
                     if exchange.attempts > retries:
@@ -228,7 +229,7 @@ class Handlers:
                     exchange.stage = "queued"
                     continue
                 except UpstreamError as err:
-                    metrics.upstream_errors.labels(replica.name, err.kind).inc()
+                    metrics.upstream_error(replica.name, err.kind)
                     raise
                 return await self._relay(request, upstream, exchange, lease)
             finally:
@@ -245,9 +246,7 @@ class Handlers:
         replica = lease.replica.name
         exchange.status = upstream.status
         # Counted now, before the body: a caller that hangs up cannot make it go missing.
-        metrics.requests.labels(replica, exchange.route, str(upstream.status)).inc()
-        if upstream.status >= 500:
-            metrics.upstream_errors.labels(replica, "status_5xx").inc()
+        metrics.answered(replica, exchange.route, upstream.status)
         completed = False
         lifecycle = self.app[LIFECYCLE]
         try:
@@ -258,7 +257,7 @@ class Handlers:
             )
             completed = exchange.stage == "done"
             if exchange.upstream_error is not None:
-                metrics.upstream_errors.labels(replica, exchange.upstream_error).inc()
+                metrics.upstream_error(replica, exchange.upstream_error)
                 exchange.outcome = f"upstream_error:{exchange.upstream_error}"
             if exchange.client_gone:
                 exchange.outcome = "client_disconnect"

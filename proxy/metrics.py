@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -18,6 +19,8 @@ from prometheus_client.registry import Collector
 from proxy import __version__
 from proxy.relay import Exchange
 from proxy.scheduler import Scheduler
+
+_M = TypeVar("_M", Counter, Histogram)
 
 #: The `route` label: the OpenAI routes by name, everything else as "other" (bounded labels).
 KNOWN_ROUTES = frozenset(
@@ -75,6 +78,26 @@ class SchedulerCollector(Collector):
         yield in_flight
         yield capacity
         yield healthy
+
+
+class _Children(Generic[_M]):
+    """Label children kept in a plain dict.
+
+    ``labels()`` validates, takes a lock and builds a key on every call; the request path
+    asks for half a dozen children per request, always from the same bounded label sets.
+    """
+
+    __slots__ = ("_cache", "_metric")
+
+    def __init__(self, metric: _M) -> None:
+        self._metric: _M = metric
+        self._cache: dict[tuple[str, ...], _M] = {}
+
+    def __call__(self, *values: str) -> _M:
+        child = self._cache.get(values)
+        if child is None:
+            child = self._cache[values] = self._metric.labels(*values)
+        return child
 
 
 class Metrics:
@@ -135,13 +158,28 @@ class Metrics:
         )
         build = Gauge("batchgate_build_info", "batchgate version.", ["version"], registry=r)
         build.labels(__version__).set(1)
+        self._requests = _Children(self.requests)
+        self._upstream_errors = _Children(self.upstream_errors)
+        self._tokens = _Children(self.tokens)
+        self._ttfb = _Children(self.ttfb)
+        self._inter_chunk = _Children(self.inter_chunk)
+        self._duration = _Children(self.duration)
 
     def watch(self, scheduler: Scheduler) -> None:
         self.registry.register(SchedulerCollector(scheduler))
 
     def inter_chunk_observer(self, route: str) -> Callable[[float], None]:
         """The bound ``observe`` of one route's child: a label lookup per request, not per chunk."""
-        return self.inter_chunk.labels(route).observe
+        return self._inter_chunk(route).observe
+
+    def answered(self, replica: str, route: str, status: int) -> None:
+        """A replica's status line arrived: counted now, before any body byte."""
+        self._requests(replica, route, str(status)).inc()
+        if status >= 500:
+            self._upstream_errors(replica, "status_5xx").inc()
+
+    def upstream_error(self, replica: str, kind: str) -> None:
+        self._upstream_errors(replica, kind).inc()
 
     def record(self, exchange: Exchange) -> None:
         """Everything known once a request is over. Synchronous: no cancellation can skip it.
@@ -159,16 +197,16 @@ class Metrics:
             waited_until = granted if granted is not None else time.monotonic()
             self.queue_wait.observe(waited_until - exchange.enqueued_at)
         if exchange.first_byte_at is not None and exchange.dispatched_at is not None:
-            self.ttfb.labels(exchange.route).observe(
+            self._ttfb(exchange.route).observe(
                 exchange.first_byte_at - exchange.dispatched_at
             )
         if exchange.stage == "done" and outcome == "ok":
             end = exchange.last_byte_at if exchange.last_byte_at is not None else time.monotonic()
-            self.duration.labels(exchange.route).observe(end - exchange.started)
+            self._duration(exchange.route).observe(end - exchange.started)
         if exchange.usage is not None and exchange.replica is not None:
             usage = exchange.usage.usage()
             if usage is not None:
-                self.tokens.labels(exchange.replica, "prompt").inc(usage.prompt_tokens)
-                self.tokens.labels(exchange.replica, "completion").inc(usage.completion_tokens)
+                self._tokens(exchange.replica, "prompt").inc(usage.prompt_tokens)
+                self._tokens(exchange.replica, "completion").inc(usage.completion_tokens)
                 exchange.prompt_tokens = usage.prompt_tokens
                 exchange.completion_tokens = usage.completion_tokens
