@@ -19,6 +19,7 @@ from proxy.errors import (
     BadRequest,
     BodyTooLarge,
     Draining,
+    InternalError,
     NoHealthyReplica,
     ProxyError,
     UpstreamError,
@@ -30,6 +31,7 @@ from proxy.metrics import Metrics, route_label
 from proxy.relay import Exchange, NotDelivered, Upstreams, pipe, upstream_request_headers
 from proxy.replicas import Replica
 from proxy.scheduler import Lease, Scheduler
+from proxy.upstream_http import Response
 
 log = logging.getLogger("batchgate")
 
@@ -138,6 +140,18 @@ class Handlers:
             exchange.status = err.status
             exchange.outcome = _outcome_of(err)
             return json_error(err, request_id)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            # The caller's transport closed under a write outside the relay loop.
+            exchange.outcome = "client_disconnect"
+            raise
+        except Exception as err:  # a bug of ours: answer like an API, and say it in the log
+            log.exception("request %s failed inside batchgate", request_id)
+            exchange.status = 500
+            exchange.outcome = "error:internal"
+            if exchange.prepared:
+                raise
+            return json_error(InternalError(f"batchgate failed: {type(err).__name__}"),
+                              request_id)
         except asyncio.CancelledError:
             if not lifecycle.cutting:
                 # aiohttp cancels a handler when its caller disconnects.
@@ -238,7 +252,7 @@ class Handlers:
     async def _relay(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        upstream: Response,
         exchange: Exchange,
         lease: Lease,
     ) -> web.StreamResponse:

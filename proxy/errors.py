@@ -67,6 +67,17 @@ class BodyTooLarge(ProxyError):
     reason = "body_too_large"
 
 
+class InternalError(ProxyError):
+    """A failure inside batchgate itself (a bug): still an OpenAI-style answer."""
+
+    status = 500
+    type = "server_error"
+
+    @property
+    def code(self) -> str:
+        return "internal_error"
+
+
 class BadRequest(ProxyError):
     status = 400
     type = "invalid_request_error"

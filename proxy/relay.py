@@ -11,26 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
-import io
 import json
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-import aiohttp
 from aiohttp import web
-from aiohttp.client_reqrep import ClientRequest
-from aiohttp.connector import Connection
-from aiohttp.tracing import Trace
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from proxy.config import UpstreamConfig
 from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.replicas import Replica
+from proxy.upstream_http import (
+    ConnectionPool,
+    NotDeliveredError,
+    Response,
+    UpstreamClosedError,
+    UpstreamConnectError,
+    UpstreamTimeoutError,
+)
 from proxy.usage import UsageTail
 
 #: RFC 9110 7.6.1 hop-by-hop fields, plus the legacy ones proxies must not forward either.
@@ -60,11 +59,12 @@ def _strip_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMu
     return out
 
 
-def upstream_request_headers(request: web.BaseRequest, request_id: str) -> CIMultiDict[str]:
+def upstream_request_headers(request: web.BaseRequest, request_id: str) -> list[tuple[str, str]]:
     headers = _strip_hop_by_hop(request.headers)
-    # aiohttp sets Host for the replica's address and Content-Length for the body it sends.
-    headers.popall("Host", None)
-    headers.popall("Content-Length", None)
+    # The pool sets Host for the replica's address and Content-Length for the body it sends;
+    # the body is complete before it is sent, so a caller's Expect is answered already.
+    for name in ("Host", "Content-Length", "Expect"):
+        headers.popall(name, None)
     peer = request.remote or ""
     prior = request.headers.get("X-Forwarded-For")
     headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
@@ -72,11 +72,11 @@ def upstream_request_headers(request: web.BaseRequest, request_id: str) -> CIMul
     if request.host:
         headers["X-Forwarded-Host"] = request.host
     headers["X-Request-Id"] = request_id
-    return headers
+    return list(headers.items())
 
 
 def downstream_response_headers(
-    upstream: CIMultiDictProxy[str], request_id: str
+    upstream: CIMultiDictProxy[str] | CIMultiDict[str], request_id: str
 ) -> CIMultiDict[str]:
     headers = _strip_hop_by_hop(upstream)
     headers["X-Request-Id"] = request_id
@@ -134,133 +134,72 @@ class NotDelivered(Exception):
         self.replica_down = replica_down
 
 
-#: Set by :class:`_ReuseAwareConnector` for the request being connected in this task.
-_connection_reused: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "batchgate_connection_reused", default=False
-)
-
-
-class _ReuseAwareConnector(aiohttp.TCPConnector):
-    """Tells whether a request got a pooled (reused) connection or a fresh one.
-
-    Only a reused keep-alive connection may have been closed by the replica before our request
-    got there, which is the one failure after connect that is safe to resend. aiohttp's
-    tracing could tell us too, but costs a Trace object and a dozen awaited signals per
-    request; this costs one weak-set lookup.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._seen: weakref.WeakSet[object] = weakref.WeakSet()
-
-    async def connect(
-        self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout  # noqa: ASYNC109
-    ) -> Connection:
-        connection = await super().connect(req, traces, timeout)
-        protocol = connection.protocol
-        if protocol is not None:
-            _connection_reused.set(protocol in self._seen)
-            self._seen.add(protocol)
-        return connection
-
-
 class Upstreams:
-    """One pooled client session per replica, sized to its concurrency.
+    """One keep-alive connection pool per replica, sized to its concurrency.
 
-    A second, connection-per-request session serves retries: a request whose pooled
-    keep-alive connection turned out to be closed goes out again on a fresh connection.
+    The pool is batchgate's own lean HTTP/1.1 client (:mod:`proxy.upstream_http`): the
+    proxy's upstream hop needs exactly one behaviour (send these bytes, stream those back)
+    and aiohttp's general-purpose client cost more CPU per request than all of batchgate's
+    own logic. A request whose pooled connection turned out to be closed by the replica goes
+    out again with ``fresh=True``, on a connection of its own.
     """
 
     def __init__(self, replicas: tuple[Replica, ...], config: UpstreamConfig) -> None:
         self._config = config
-        self._timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=config.connect_timeout_s,
-            sock_connect=config.connect_timeout_s,
-            sock_read=config.read_timeout_s,
-        )
-        self._pooled: dict[str, aiohttp.ClientSession] = {}
-        self._fresh: dict[str, aiohttp.ClientSession] = {}
-        for replica in replicas:
-            self._pooled[replica.name] = self._session(replica.max_concurrency, force_close=False)
-            self._fresh[replica.name] = self._session(replica.max_concurrency, force_close=True)
-
-    def _session(self, limit: int, *, force_close: bool) -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(
-            connector=_ReuseAwareConnector(limit=limit, force_close=force_close),
-            timeout=self._timeout,
-            auto_decompress=False,
-            # Never keep one caller's cookies for another.
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+        self._pools = {
+            replica.name: ConnectionPool(
+                replica.url,
+                # A slot per request, and a fresh connection may briefly overlap a pooled one
+                # the replica is closing: twice the slots is the hard ceiling, never reached.
+                limit=2 * replica.max_concurrency,
+                connect_timeout_s=config.connect_timeout_s,
+                read_timeout_s=config.read_timeout_s,
+            )
+            for replica in replicas
+        }
 
     async def close(self) -> None:
-        for session in (*self._pooled.values(), *self._fresh.values()):
-            await session.close()
+        for pool in self._pools.values():
+            await pool.close()
 
     async def send(
         self,
         replica: Replica,
         request: web.BaseRequest,
         body: bytes,
-        headers: CIMultiDict[str],
+        headers: list[tuple[str, str]],
         *,
         fresh: bool,
-    ) -> aiohttp.ClientResponse:
+    ) -> Response:
         """Send the request; return once the replica's status line and headers are in.
 
         Raises :class:`NotDelivered` when the request certainly never reached the replica
         (refused or timed-out connect; a pooled connection the replica had already closed),
         and :class:`UpstreamError` for failures after it may have.
         """
-        session = (self._fresh if fresh else self._pooled)[replica.name]
-        url = URL(replica.url + request.raw_path, encoded=True)
-        _connection_reused.set(False)
+        pool = self._pools[replica.name]
         try:
-            return await session.request(
-                request.method,
-                url,
-                data=_payload(body),
-                headers=headers,
-                allow_redirects=False,
-                skip_auto_headers=SKIP_AUTO_HEADERS,
-            )
-        except aiohttp.ClientConnectorError as err:
-            raise NotDelivered("connect", str(err), replica_down=True) from err
-        except aiohttp.ConnectionTimeoutError as err:
-            raise NotDelivered("connect", f"connect timeout: {err}", replica_down=True) from err
-        except aiohttp.ServerTimeoutError as err:
+            return await pool.request(request.method, request.raw_path, headers, body,
+                                      fresh=fresh)
+        except NotDeliveredError as err:
+            if err.kind == "connect":
+                raise NotDelivered("connect", str(err), replica_down=True) from err
+            # The replica had closed this idle keep-alive connection before our request got
+            # there (llama.cpp's server does so after every stream): not the replica's fault.
+            raise NotDelivered("reset", f"stale pooled connection: {err}",
+                               replica_down=False) from err
+        except UpstreamTimeoutError as err:
             raise UpstreamTimeout(
                 f"replica {replica.name} sent no response within "
                 f"{self._config.read_timeout_s:g}s",
                 kind="timeout",
                 replica=replica.name,
             ) from err
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as err:
-            if _connection_reused.get():
-                # The replica had closed this idle keep-alive connection before our request
-                # got there (llama.cpp's server does so after every stream).
-                raise NotDelivered("reset", f"stale pooled connection: {err}",
-                                   replica_down=False) from err
+        except (UpstreamClosedError, UpstreamConnectError, OSError) as err:
             raise UpstreamError(
                 f"replica {replica.name} closed the connection: {err}",
                 kind="reset", replica=replica.name,
             ) from err
-        except aiohttp.ClientError as err:
-            raise UpstreamError(
-                f"replica {replica.name} failed: {err}", kind="reset", replica=replica.name
-            ) from err
-
-
-def _payload(body: bytes) -> bytes | io.BytesIO | None:
-    # aiohttp warns (and would block the loop in one write) for a bytes body over 1 MiB;
-    # a BytesIO is written in chunks. A new one per attempt, so a retry resends it whole.
-    if not body:
-        return None
-    return io.BytesIO(body) if len(body) > _LARGE_BODY else body
-
-
-_LARGE_BODY = 1024 * 1024
 
 
 def sse_error_event(message: str, type_: str, code: str) -> bytes:
@@ -275,7 +214,7 @@ def is_event_stream(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> bool:
 
 async def pipe(
     request: web.BaseRequest,
-    upstream: aiohttp.ClientResponse,
+    upstream: Response,
     exchange: Exchange,
     *,
     is_cut: Callable[[], bool],
@@ -298,14 +237,13 @@ async def pipe(
     try:
         await response.prepare(request)
         exchange.prepared = True
-        content = upstream.content
         while True:
             try:
-                chunk = await content.readany()
-            except (aiohttp.ClientPayloadError, aiohttp.ClientOSError) as err:
-                return await _upstream_failed(request, response, exchange, sse, "reset", err)
-            except (aiohttp.ServerTimeoutError, TimeoutError) as err:
+                chunk = await upstream.readany()
+            except UpstreamTimeoutError as err:
                 return await _upstream_failed(request, response, exchange, sse, "timeout", err)
+            except (UpstreamClosedError, OSError) as err:
+                return await _upstream_failed(request, response, exchange, sse, "reset", err)
             if not chunk:
                 break
             now = clock()  # when it arrived, not when the caller took it

@@ -6,11 +6,13 @@ import asyncio
 import hashlib
 import io
 import json
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.integration.conftest import FakeReplica, Proxy, make_config, sse_event, until
 
@@ -348,3 +350,26 @@ async def test_draining_flag_refuses_new_work(
         assert resp.status == 503
     assert r.arrivals == 0
     assert p.metric("batchgate_rejected_requests_total", reason="draining") == 1
+
+
+async def test_a_bug_inside_batchgate_is_a_500_json_and_frees_the_slot(
+    replicas: Factory, proxy: Factory, client: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    from proxy.app import UPSTREAMS
+
+    r: FakeReplica = await replicas("r")
+    p: Proxy = await proxy(make_config(("r", r.url, 1)))
+
+    async def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(p.app[UPSTREAMS], "send", broken)
+    with caplog.at_level(logging.ERROR, logger="batchgate"):
+        async with client.post(p.url + "/v1/completions", json={}) as resp:
+            assert resp.status == 500
+            body = await resp.json()
+    assert body["error"]["code"] == "internal_error"
+    assert "RuntimeError" in body["error"]["message"] and "boom" not in body["error"]["message"]
+    assert any("failed inside batchgate" in rec.message for rec in caplog.records)
+    await until(lambda: p.scheduler.idle(), "slot released")

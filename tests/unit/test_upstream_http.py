@@ -1,0 +1,331 @@
+"""The upstream HTTP/1.1 client's parser, fed by hand: no sockets.
+
+Every response is fed whole, byte by byte and in random splits (hypothesis): the parse must not
+depend on where TCP happened to cut the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.upstream_http import (
+    _HIGH_WATER,
+    ConnectionPool,
+    NotDeliveredError,
+    Response,
+    UpstreamClosedError,
+    UpstreamConnectError,
+    _Connection,
+)
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+        self.closed = False
+        self.reading_paused = False
+
+    def write(self, data: Any) -> None:
+        self.written.append(bytes(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        self.reading_paused = True
+
+    def resume_reading(self) -> None:
+        self.reading_paused = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+@dataclass
+class Parsed:
+    response: Response
+    body: bytes
+    conn: _Connection
+    transport: FakeTransport
+    pool: ConnectionPool
+
+
+def pieces(data: bytes, cuts: list[int]) -> list[bytes]:
+    out, at = [], 0
+    for step in cuts:
+        if at >= len(data):
+            break
+        out.append(data[at : at + step])
+        at += step
+    if at < len(data):
+        out.append(data[at:])
+    return out
+
+
+def new_conn(loop: asyncio.AbstractEventLoop) -> tuple[ConnectionPool, _Connection, FakeTransport]:
+    pool = ConnectionPool("http://replica:8000", limit=2, connect_timeout_s=1, read_timeout_s=30)
+    conn = _Connection(pool, loop)
+    transport = FakeTransport()
+    conn.connection_made(transport)
+    pool._active += 1  # as ConnectionPool.request does for a connection it hands out
+    return pool, conn, transport
+
+
+async def feed(
+    raw: bytes, cuts: list[int] | None = None, *, method: str = "GET", eof: bool = False,
+    reused: bool = False,
+) -> Parsed:
+    """Send a request on a fake connection, feed ``raw`` in pieces, read the body to its end."""
+    pool, conn, transport = new_conn(asyncio.get_running_loop())
+    task = conn.start(b"GET / HTTP/1.1\r\n\r\n", b"", method == "HEAD", reused)
+    await asyncio.sleep(0)
+    for piece in pieces(raw, cuts if cuts is not None else [len(raw)]):
+        conn.data_received(piece)
+    if eof:
+        conn.eof_received()
+        conn.connection_lost(None)
+    response = await task
+    body = b""
+    while chunk := await response.readany():
+        body += chunk
+    return Parsed(response, body, conn, transport, pool)
+
+
+def byte_by_byte(raw: bytes) -> list[int]:
+    return [1] * len(raw)
+
+
+CL = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello"
+CHUNKED = (
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5;name=value\r\nhello\r\n6 ; q=\"x;y\"\r\n world\r\nA\r\n0123456789\r\n"
+    b"0\r\nX-Trailer: t\r\nX-Other: u\r\n\r\n"
+)
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + CL
+DUPES = (
+    b"HTTP/1.1 201 Created\r\nSet-Cookie: a=1\r\nset-cookie: b=2\r\nContent-Length: 2\r\n"
+    b"X-Empty:\r\nX-Spaces: \t padded \t\r\n\r\nok"
+)
+# (raw response, expected status, expected body, keep-alive afterwards)
+VALID = [
+    (CL, 200, b"hello", True),
+    (CHUNKED, 200, b"hello world0123456789", True),
+    (CONTINUE, 200, b"hello", True),
+    (DUPES, 201, b"ok", True),
+    (b"HTTP/1.1 204 No Content\r\nContent-Length: 9\r\n\r\n", 204, b"", True),
+    (b"HTTP/1.1 304 Not Modified\r\nETag: x\r\n\r\n", 304, b"", True),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 200, b"", True),
+    (b"HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\nContent-Length: 1\r\n\r\nx", 200,
+     b"x", False),
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nabc", 200, b"abc", False),
+]
+
+
+@pytest.mark.parametrize(("raw", "status", "body", "keep_alive"), VALID)
+@pytest.mark.parametrize("split", ["whole", "bytes"])
+async def test_valid_responses(
+    raw: bytes, status: int, body: bytes, keep_alive: bool, split: str
+) -> None:
+    parsed = await feed(raw, byte_by_byte(raw) if split == "bytes" else None)
+    assert (parsed.response.status, parsed.body, parsed.conn.keep_alive) == (
+        status, body, keep_alive)
+    assert parsed.response.complete
+
+
+@settings(max_examples=150, deadline=None)
+@given(case=st.sampled_from(VALID), cuts=st.lists(st.integers(1, 40), max_size=60))
+def test_random_splits(case: tuple[bytes, int, bytes, bool], cuts: list[int]) -> None:
+    raw, status, body, keep_alive = case
+    parsed = asyncio.run(feed(raw, cuts))
+    assert (parsed.response.status, parsed.body, parsed.conn.keep_alive) == (
+        status, body, keep_alive)
+
+
+@settings(max_examples=60, deadline=None)
+@given(cuts=st.lists(st.integers(1, 40), max_size=60))
+def test_close_delimited_body_ends_at_eof(cuts: list[int]) -> None:
+    raw = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: 1\n\ndata: 2\n\n"
+    parsed = asyncio.run(feed(raw, cuts, eof=True))
+    assert parsed.body == b"data: 1\n\ndata: 2\n\n"
+    assert parsed.response.complete and not parsed.conn.keep_alive
+
+
+async def test_head_response_has_no_body_despite_content_length() -> None:
+    parsed = await feed(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", method="HEAD")
+    assert parsed.body == b"" and parsed.response.complete and parsed.conn.keep_alive
+
+
+async def test_headers_keep_duplicates_names_and_reason() -> None:
+    parsed = await feed(DUPES)
+    headers = parsed.response.headers
+    assert headers.getall("SET-COOKIE") == ["a=1", "b=2"]
+    assert [k for k, _ in headers.items()][:2] == ["Set-Cookie", "set-cookie"]
+    assert headers["X-Empty"] == "" and headers["X-Spaces"] == "padded"
+    assert parsed.response.reason == "Created" and parsed.response.version == (1, 1)
+
+
+async def test_http10_version() -> None:
+    parsed = await feed(b"HTTP/1.0 200 OK\r\n\r\nuntil eof", eof=True)
+    assert parsed.response.version == (1, 0) and parsed.body == b"until eof"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"HTTP/2 200 OK\r\n\r\n",
+        b"HTTP/1.1 20 OK\r\n\r\n",
+        b"HTTP/1.1 2000 OK\r\n\r\n",
+        b"HTTP/1.1 abc OK\r\n\r\n",
+        b"HTTP/1.1\r\n\r\n",
+        b"ICY 200 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-A: 1\r\n folded\r\n\r\n",  # obs-fold
+        b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nab\r\n",
+    ],
+)
+async def test_malformed_responses_close_the_connection(raw: bytes) -> None:
+    with pytest.raises(UpstreamClosedError):
+        await feed(raw, byte_by_byte(raw))
+
+
+async def test_truncated_bodies_raise_after_the_bytes_that_did_arrive() -> None:
+    for raw in (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+    ):
+        pool, conn, _transport = new_conn(asyncio.get_running_loop())
+        task = conn.start(b"GET / HTTP/1.1\r\n\r\n", b"", False, False)
+        await asyncio.sleep(0)
+        conn.data_received(raw)
+        response = await task
+        assert await response.readany() == b"abc"
+        conn.connection_lost(None)
+        with pytest.raises(UpstreamClosedError):
+            await response.readany()
+        assert not response.complete
+        response.release()  # incomplete: closed, not pooled
+        assert (pool.active, pool.idle) == (0, 0)
+
+
+@pytest.mark.parametrize(("reused", "expected"), [(True, NotDeliveredError),
+                                                   (False, UpstreamClosedError)])
+async def test_eof_before_any_byte(reused: bool, expected: type[Exception]) -> None:
+    with pytest.raises(expected) as info:
+        await feed(b"", eof=True, reused=reused)
+    if reused:
+        assert isinstance(info.value, NotDeliveredError)
+        assert (info.value.kind, info.value.reused) == ("reset", True)
+
+
+async def test_eof_after_a_partial_head_on_a_reused_connection_may_have_been_delivered() -> None:
+    with pytest.raises(UpstreamClosedError):
+        await feed(b"HTTP/1.1 200", eof=True, reused=True)
+
+
+async def test_release_pools_only_complete_keep_alive_responses() -> None:
+    parsed = await feed(CL)
+    parsed.response.release()
+    parsed.response.release()  # idempotent
+    parsed.response.close()  # after release: must not touch the now-pooled connection
+    assert (parsed.pool.active, parsed.pool.idle, parsed.transport.closed) == (0, 1, False)
+
+    parsed = await feed(VALID[7][0])  # Connection: close
+    parsed.response.release()
+    assert (parsed.pool.active, parsed.pool.idle, parsed.transport.closed) == (0, 0, True)
+
+
+async def test_bytes_after_the_response_make_the_connection_unusable() -> None:
+    parsed = await feed(CL + b"HTTP/1.1 200 OK\r\n")
+    parsed.response.release()
+    assert (parsed.pool.idle, parsed.transport.closed) == (0, True)
+
+
+async def test_flow_control_pauses_reading_until_drained() -> None:
+    pool, conn, transport = new_conn(asyncio.get_running_loop())
+    size = 3 * _HIGH_WATER
+    task = conn.start(b"GET / HTTP/1.1\r\n\r\n", b"", False, False)
+    await asyncio.sleep(0)
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+    response = await task
+    chunk = b"x" * 65536
+    for _ in range(_HIGH_WATER // len(chunk) + 1):
+        conn.data_received(chunk)
+    assert transport.reading_paused
+    got = await response.readany()
+    assert len(got) == _HIGH_WATER + len(chunk) and not transport.reading_paused
+    response.close()
+    assert (pool.active, transport.closed) == (0, True)
+
+
+async def test_request_head_is_one_write_with_host_and_content_length() -> None:
+    loop = asyncio.get_running_loop()
+    pool = ConnectionPool("http://replica:8000/prefix/", limit=1, connect_timeout_s=1,
+                          read_timeout_s=30)
+    conn = _Connection(pool, loop)
+    transport = FakeTransport()
+    conn.connection_made(transport)
+
+    async def connect() -> _Connection:
+        return conn
+
+    pool._connect = connect  # type: ignore[method-assign]
+    task = asyncio.ensure_future(
+        pool.request("POST", "/v1/x?a=%20", [("X-A", "1"), ("x-a", "2")], b"{}"))
+    await asyncio.sleep(0)
+    assert transport.written == [
+        b"POST /prefix/v1/x?a=%20 HTTP/1.1\r\nHost: replica:8000\r\nX-A: 1\r\nx-a: 2\r\n"
+        b"Content-Length: 2\r\n\r\n{}"
+    ]
+    assert pool.active == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (pool.active, pool.idle, transport.closed) == (0, 0, True)  # cancelled: not pooled
+
+
+async def test_get_without_body_sends_no_content_length_and_header_injection_is_refused() -> None:
+    pool, conn, transport = new_conn(asyncio.get_running_loop())
+    pool._active -= 1
+
+    async def connect() -> _Connection:
+        return conn
+
+    pool._connect = connect  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match="CR, LF"):
+        await pool.request("GET", "/", [("X-A", "1\r\nX-Evil: 1")], b"")
+    task = asyncio.ensure_future(pool.request("GET", "/", [], b""))
+    await asyncio.sleep(0)
+    assert transport.written == [b"GET / HTTP/1.1\r\nHost: replica:8000\r\n\r\n"]
+    conn.data_received(CL)
+    response = await task
+    assert await response.readany() == b"hello"
+    response.release()
+    assert (pool.active, pool.idle) == (0, 1)
+    await pool.close()
+    with pytest.raises(UpstreamConnectError):
+        await pool.request("GET", "/", [], b"")
+
+
+def test_base_url_is_validated() -> None:
+    for bad in ("https://x", "ftp://x", "http://", "http://u:p@x/", "http://x/?q=1"):
+        with pytest.raises(ValueError, match="base_url"):
+            ConnectionPool(bad, limit=1, connect_timeout_s=1, read_timeout_s=1)
+    with pytest.raises(ValueError, match="limit"):
+        ConnectionPool("http://x", limit=0, connect_timeout_s=1, read_timeout_s=1)
+    assert repr(ConnectionPool("http://x", limit=1, connect_timeout_s=1, read_timeout_s=1)) == (
+        "<ConnectionPool http://x active=0 idle=0>")
