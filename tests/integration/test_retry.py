@@ -16,6 +16,13 @@ from tests.integration.conftest import FakeReplica, Proxy, make_config, until
 Factory = Callable[..., Any]
 
 
+#: Response headers a replica might send that must not cross the proxy (and two that must).
+HOP_HEADERS = (
+    b"Connection: X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nProxy-Thing: 1\r\n"
+    b"Trailer: X-Sum\r\nUpgrade: h2c\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nX-Keep: yes\r\n"
+)
+
+
 @dataclass
 class RawReplica:
     """A minimal HTTP/1.1 server that misbehaves on purpose.
@@ -48,10 +55,11 @@ class RawReplica:
                 if not head.startswith(b"GET /health"):
                     self.answered += 1
                 payload = json.dumps({"answered": self.answered}).encode()
+                extra = HOP_HEADERS if b"hop" in body else b""
                 writer.write(
                     b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                    b"Connection: keep-alive\r\nContent-Length: %d\r\n\r\n%s"
-                    % (len(payload), payload)
+                    b"Connection: keep-alive\r\nContent-Length: %d\r\n%s\r\n%s"
+                    % (len(payload), extra, payload)
                 )
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -144,3 +152,24 @@ async def test_retry_waits_at_head_of_queue_for_a_healthy_replica(
     first.release()
     after.release()
     assert busy.arrivals == 2
+
+
+async def test_hop_by_hop_response_headers_are_stripped(
+    raw_replica: RawReplica, proxy: Factory
+) -> None:
+    p: Proxy = await proxy(make_config(("raw", raw_replica.url, 1), health_interval_s=60))
+    host, port = p.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        body = b'{"hop": true}'
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                     b"Connection: close\r\n\r\n%s" % (len(body), body))
+        head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode()
+        await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    names = [line.split(":", 1)[0].lower() for line in head.split("\r\n")[1:] if line]
+    for hop in ("x-hop", "keep-alive", "proxy-thing", "trailer", "upgrade"):
+        assert hop not in names, head
+    assert names.count("set-cookie") == 2
+    assert "x-keep" in names
