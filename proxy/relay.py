@@ -79,6 +79,10 @@ def downstream_response_headers(
     upstream: CIMultiDictProxy[str] | CIMultiDict[str], request_id: str
 ) -> CIMultiDict[str]:
     headers = _strip_hop_by_hop(upstream)
+    if "Transfer-Encoding" in upstream:
+        # The body was framed by chunking and is re-framed for the caller: a Content-Length
+        # sent alongside is not its length (RFC 9112 6.3).
+        headers.popall("Content-Length", None)
     headers["X-Request-Id"] = request_id
     return headers
 
@@ -202,6 +206,11 @@ class Upstreams:
             ) from err
 
 
+#: A write that may fill the caller's socket buffer (the transport pauses at 64 KiB and the
+#: write then waits for the caller) is bounded by the stall limit; smaller ones never wait.
+_STALL_CHECK_BYTES = 16 * 1024
+
+
 def sse_error_event(message: str, type_: str, code: str) -> bytes:
     """A last SSE event that OpenAI SDKs raise as an APIError instead of ending silently."""
     payload = {"error": {"message": message, "type": type_, "param": None, "code": code}}
@@ -219,6 +228,7 @@ async def pipe(
     *,
     is_cut: Callable[[], bool],
     on_gap: Callable[[float], None],
+    stall_limit_s: float,
 ) -> web.StreamResponse:
     """Relay status, headers and body as they arrive; the caller closes ``upstream``.
 
@@ -247,7 +257,21 @@ async def pipe(
             if not chunk:
                 break
             now = clock()  # when it arrived, not when the caller took it
-            await response.write(chunk)
+            transport = request.transport
+            if transport is not None and (
+                transport.get_write_buffer_size() + len(chunk) > _STALL_CHECK_BYTES
+            ):
+                # The caller's socket is full. A caller that stays connected but stops
+                # reading would hold its slot (and the engine) forever: bound the wait.
+                try:
+                    async with asyncio.timeout(stall_limit_s):
+                        await response.write(chunk)
+                except TimeoutError:
+                    exchange.client_gone = True
+                    transport.close()
+                    return response
+            else:
+                await response.write(chunk)
             if exchange.last_byte_at is None:
                 exchange.first_byte_at = now
                 exchange.stage = "streaming"

@@ -156,7 +156,12 @@ class Scheduler:
             return
         lease.released = True
         lease.replica.in_flight -= 1
-        self._completions.append(self._clock())
+        now = self._clock()
+        completions = self._completions
+        completions.append(now)
+        # Keep only the window Retry-After looks at: bounded memory however long we run.
+        while now - completions[0] > DRAIN_WINDOW_S:
+            completions.popleft()
         self._dispatch()
 
     def set_healthy(self, replica: Replica, healthy: bool) -> None:

@@ -25,6 +25,12 @@ from urllib.parse import urlsplit
 from multidict import CIMultiDict
 
 _HIGH_WATER = 256 * 1024  # unread body bytes above which we stop reading the socket
+#: A pooled connection lost this soon after our request was written, before any response
+#: byte, was closed by the replica while idle (the close crossed our write): safe to resend.
+STALE_WINDOW_S = 0.25
+#: Idle pooled connections are not reused past this age: uvicorn (vLLM) and llama.cpp close
+#: idle keep-alive connections after 5 s, and reusing one just then races their close.
+IDLE_EXPIRY_S = 4.0
 _LARGE_BODY = 1024 * 1024  # above this, head and body go out as two writes (no big copy)
 _MAX_HEAD = 64 * 1024
 _MAX_LINE = 8 * 1024  # chunk-size and trailer lines
@@ -166,6 +172,8 @@ class _Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._last = 0.0  # loop time of the last byte received (or of the request)
         self._armed_from = 0.0  # value of _last when the timer was armed
+        self._sent_at = 0.0  # loop time the current request was written
+        self.idle_since = 0.0  # loop time it went back to the pool
 
     # -- asyncio callbacks ---------------------------------------------------------------
 
@@ -185,8 +193,11 @@ class _Connection(asyncio.Protocol):
         if state == _UNTIL_EOF and exc is None:
             self._finish()
         elif state not in (_IDLE, _DONE):
-            if state == _HEAD and self._reused and not self._got_bytes:
-                # A pooled connection the replica closed before reading our request.
+            if (state == _HEAD and self._reused and not self._got_bytes
+                    and self.loop.time() - self._sent_at <= STALE_WINDOW_S):
+                # A pooled connection the replica closed before reading our request: the
+                # close crossed our write on the wire. Lost any later, the replica may have
+                # been working on it, and a request is never sent twice.
                 self._fail(NotDeliveredError("reset", True, f"pooled connection lost: {exc}"))
             else:
                 self._fail(UpstreamClosedError(f"connection lost mid-response: {exc}"))
@@ -201,6 +212,7 @@ class _Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._last = self.loop.time()  # the replica is taking the upload: not silent
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
 
@@ -389,7 +401,12 @@ class _Connection(asyncio.Protocol):
         self._timer = None
         if self._state in (_IDLE, _DONE):
             return
-        if self._last > self._armed_from or self.paused:
+        if self.paused:
+            # The caller is not reading, not the replica silent: look again one period on
+            # (from now: re-arming from the last byte would fire at once, again and again).
+            self._timer = self.loop.call_later(self.pool.read_timeout_s, self._on_timer)
+            return
+        if self._last > self._armed_from:
             self._armed_from = self._last
             self._timer = self.loop.call_at(self._last + self.pool.read_timeout_s, self._on_timer)
             return
@@ -412,6 +429,7 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None and self._state in (_IDLE, _DONE)
         self._state, self._is_head, self._reused, self._got_bytes = _HEAD, is_head, reused, False
+        self._sent_at = self.loop.time()
         self._resp, self.error, self.keep_alive = None, None, False
         waiter: asyncio.Future[Response] = self.loop.create_future()
         self._head_waiter = waiter
@@ -421,6 +439,7 @@ class _Connection(asyncio.Protocol):
         else:
             transport.write(head)
             transport.write(body)
+            self.arm_timer()  # a replica that stops reading the upload is silent too
         return waiter
 
     async def drain(self) -> None:
@@ -535,7 +554,8 @@ class ConnectionPool:
     def _take_idle(self) -> _Connection | None:
         while self._idle:
             conn = self._idle.pop()  # LIFO: the warmest connection, least likely timed out
-            if conn.usable and conn.transport is not None and not conn.transport.is_closing():
+            if (conn.usable and conn.transport is not None and not conn.transport.is_closing()
+                    and conn.loop.time() - conn.idle_since < IDLE_EXPIRY_S):
                 return conn
             if conn.transport is not None:
                 conn.transport.close()
@@ -564,6 +584,7 @@ class ConnectionPool:
     def checkin(self, conn: _Connection, reuse: bool) -> None:
         self._active -= 1
         if reuse and not self._closed:
+            conn.idle_since = conn.loop.time()
             self._idle.append(conn)
         elif conn.transport is not None:
             conn.transport.close()

@@ -105,7 +105,8 @@ class FakeReplica:
                 },
                 status=int(spec.get("status", 200)),
             )
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ConnectionError):
+            # Cancelled when its client leaves, or a write found the connection closed.
             self.aborted += 1
             raise
         finally:
@@ -126,6 +127,8 @@ class FakeReplica:
             if spec.get("continuous_usage"):  # vLLM's cumulative usage in every chunk
                 await response.write(sse_usage_event(i, usage={"prompt_tokens": 7,
                                                                "completion_tokens": i + 1}))
+            elif spec.get("pad"):
+                await response.write(b"data: " + b"x" * int(spec["pad"]) + b"\n\n")
             else:
                 await response.write(sse_event(i))
         if spec.get("include_usage"):

@@ -373,3 +373,24 @@ async def test_a_bug_inside_batchgate_is_a_500_json_and_frees_the_slot(
     assert "RuntimeError" in body["error"]["message"] and "boom" not in body["error"]["message"]
     assert any("failed inside batchgate" in rec.message for rec in caplog.records)
     await until(lambda: p.scheduler.idle(), "slot released")
+
+
+async def test_caller_that_stops_reading_loses_its_slot_after_the_stall_limit(
+    replicas: Factory, proxy: Factory
+) -> None:
+    r: FakeReplica = await replicas("r")
+    p: Proxy = await proxy(make_config(("r", r.url, 1), read_timeout_s=0.3))
+    host, port = p.url.removeprefix("http://").split(":")
+    _reader, writer = await asyncio.open_connection(host, int(port))
+    body = json.dumps({"stream": True, "events": 400, "pad": 65536}).encode()  # ~26 MB
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                 % (len(body), body))
+    try:
+        # The caller never reads: sockets fill, the proxy waits stall_limit, then cuts it.
+        await until(lambda: r.arrivals == 1, "the stream started")
+        await until(lambda: p.scheduler.idle(), "slot released from a stalled caller")
+        await until(lambda: r.aborted == 1, "the engine saw its request abandoned")
+    finally:
+        writer.close()
+    assert r.completed == 0
+    assert p.metric("batchgate_client_disconnects_total", stage="streaming") == 1

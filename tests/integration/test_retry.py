@@ -35,6 +35,7 @@ class RawReplica:
 
     answered: int = 0
     dropped: int = 0
+    crashed: int = 0
     url: str = ""
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -48,6 +49,12 @@ class RawReplica:
                     if name.strip().lower() == b"content-length":
                         length = int(value)
                 body = await reader.readexactly(length)
+                if served_here and b"crash" in body:
+                    # The engine works on it (longer than any close race), then dies.
+                    self.crashed += 1
+                    await asyncio.sleep(0.5)
+                    writer.transport.abort()
+                    return
                 if served_here or b"drop" in body:
                     self.dropped += 1
                     return
@@ -173,3 +180,16 @@ async def test_hop_by_hop_response_headers_are_stripped(
         assert hop not in names, head
     assert names.count("set-cookie") == 2
     assert "x-keep" in names
+
+
+async def test_replica_dying_after_it_took_a_pooled_request_is_not_resent(
+    raw_replica: RawReplica, proxy: Factory, client: aiohttp.ClientSession
+) -> None:
+    p: Proxy = await proxy(make_config(("raw", raw_replica.url, 1), health_interval_s=60))
+    async with client.post(p.url + "/v1/completions", json={"n": 1}) as resp:
+        assert resp.status == 200  # opens the pooled connection
+    async with client.post(p.url + "/v1/completions", json={"crash": True}) as resp:
+        assert resp.status == 502  # it reached the engine: never sent twice
+        assert (await resp.json())["error"]["code"] == "upstream_reset"
+    assert raw_replica.crashed == 1 and raw_replica.answered == 1
+    assert p.metric("batchgate_upstream_retries_total", replica="raw") == 0

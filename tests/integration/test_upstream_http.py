@@ -408,3 +408,47 @@ def test_on_uvloop(case: Callable[..., Awaitable[None]]) -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(run())
+
+
+async def test_paused_reader_does_not_spin_the_read_timer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A caller reading slower than the replica sends pauses the socket; the read timer must
+    then look again one period later, not fire on every loop pass."""
+    import proxy.upstream_http as uh
+
+    calls = 0
+    original = uh._Connection._on_timer
+
+    def counting(self: uh._Connection) -> None:
+        nonlocal calls
+        calls += 1
+        original(self)
+
+    monkeypatch.setattr(uh._Connection, "_on_timer", counting)
+    release = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        body = b"x" * (4 << 20)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        await release.wait()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = uh.ConnectionPool(f"http://127.0.0.1:{port}", limit=2, connect_timeout_s=1,
+                             read_timeout_s=0.1)
+    try:
+        resp = await pool.request("GET", "/", [], b"")
+        await resp.readany()
+        await until(lambda: resp._conn.paused, "the reader paused the socket")
+        calls = 0
+        await asyncio.sleep(0.5)  # five read-timeout periods with the reader stalled
+        assert calls <= 10, f"{calls} timer callbacks in 0.5 s"
+        resp.close()
+    finally:
+        release.set()
+        await pool.close()
+        server.close()
+        await server.wait_closed()

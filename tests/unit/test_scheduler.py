@@ -370,3 +370,14 @@ def test_property_cap_conservation_fifo(
             if c.lease is not None and not c.lease.released:
                 c.lease.release()
     assert s.idle(), repr(s)
+
+
+def test_drain_rate_window_is_bounded_however_long_it_runs() -> None:
+    now = [0.0]
+    s = make(1, clock=now)
+    for _ in range(10_000):
+        now[0] += 1.0
+        lease = s.submit(lambda _: True)
+        assert isinstance(lease, Lease)
+        lease.release()
+    assert len(s._completions) <= 61  # one minute of completions, not all of them
