@@ -159,6 +159,8 @@ class Metrics:
         build = Gauge("batchgate_build_info", "batchgate version.", ["version"], registry=r)
         build.labels(__version__).set(1)
         self._requests = _Children(self.requests)
+        self._rejected = _Children(self.rejected)
+        self._client_disconnects = _Children(self.client_disconnects)
         self._upstream_errors = _Children(self.upstream_errors)
         self._tokens = _Children(self.tokens)
         self._ttfb = _Children(self.ttfb)
@@ -189,9 +191,10 @@ class Metrics:
         """
         outcome = exchange.outcome
         if outcome.startswith("rejected:"):
-            self.rejected.labels(outcome.removeprefix("rejected:")).inc()
+            # Cached children: under overload this path runs for most requests.
+            self._rejected(outcome.removeprefix("rejected:")).inc()
         elif outcome == "client_disconnect":
-            self.client_disconnects.labels(exchange.stage).inc()
+            self._client_disconnects(exchange.stage).inc()
         if exchange.enqueued_at is not None:
             granted = exchange.dispatched_at
             waited_until = granted if granted is not None else time.monotonic()

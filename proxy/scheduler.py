@@ -244,6 +244,11 @@ class Scheduler:
         Cancel-safe: a caller cancelled while queued leaves the queue; one cancelled just as
         its slot was granted gives that slot to the next waiter before the error propagates.
         """
+        if not self._waiters:
+            # The common case under capacity: a free slot now, no Future or closure needed.
+            replica = self._pick()
+            if replica is not None:
+                return self._lease(replica)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Lease] = loop.create_future()
 

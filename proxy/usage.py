@@ -36,7 +36,8 @@ class UsageTail:
 
     def feed(self, chunk: bytes) -> None:
         tail = self._tail
-        tail += chunk
+        # Only a chunk's last TAIL_BYTES can matter: a large body is never copied whole.
+        tail += chunk if len(chunk) <= TAIL_BYTES else chunk[-TAIL_BYTES:]
         # Trim in batches, not on every chunk: amortised O(1) per byte.
         if len(tail) > 2 * TAIL_BYTES:
             del tail[:-TAIL_BYTES]
