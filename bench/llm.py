@@ -10,7 +10,7 @@ from typing import Any
 import contestants as cs
 from phases import Run, aio, rotate
 
-from proxy.bench import BenchOptions, LevelResult, run_level
+from proxy.bench.cli import BenchOptions, LevelResult, run_level
 
 #: The seed table: one replica, N callers at once, 100 tokens each, total time in ms.
 SEED_MS = {1: 1776, 2: 1981, 4: 2067, 8: 3767, 16: 4431, 32: 4942}

@@ -20,7 +20,7 @@ import uvloop
 import wrk
 from procs import Procs, fd_count, fd_hard_limit
 
-from proxy.bench import BenchOptions, percentiles, run_level
+from proxy.bench.cli import BenchOptions, percentiles, run_level
 
 T = TypeVar("T")
 STREAM_INTERVAL_S = 0.05  # 20 events/s

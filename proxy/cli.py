@@ -16,7 +16,7 @@ import uvloop
 import yaml
 
 from proxy import __version__
-from proxy.bench import add_parser as add_bench_parser
+from proxy.bench.cli import add_parser as add_bench_parser
 from proxy.config import Config, ConfigError, LoggingConfig, config_to_dict, load_config
 
 EXIT_CONFIG = 2
@@ -99,7 +99,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_sim(args: argparse.Namespace) -> int:
     from proxy.config import SimulatedConfig
-    from proxy.sim import serve_sim
+    from proxy.sim.server import serve_sim
 
     config = SimulatedConfig(
         max_batch=args.max_batch,

@@ -17,10 +17,9 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 from aiohttp import web
 
-from proxy.accesslog import AccessLog
-from proxy.app import LIFECYCLE, SCHEDULER, create_app
 from proxy.config import Config
-from proxy.sim import create_sim_app
+from proxy.edge.app import LIFECYCLE, SCHEDULER, create_app
+from proxy.observe.accesslog import AccessLog
 
 log = logging.getLogger("batchgate")
 
@@ -46,6 +45,9 @@ async def embedded_replicas(config: Config) -> AsyncIterator[Config]:
             if replica.simulated is None:
                 replicas.append(replica)
                 continue
+            # Imported only here: a proxy of real engines never loads the simulator.
+            from proxy.sim.server import create_sim_app
+
             runner = web.AppRunner(
                 create_sim_app(replica.simulated, model=replica.name),
                 handler_cancellation=True,

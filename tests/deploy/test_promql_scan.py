@@ -60,7 +60,7 @@ def test_recorded_names_are_allowed_when_declared() -> None:
 
 def test_catalogue_is_what_the_exporter_defines() -> None:
     """The catalogue the dashboard and rules are checked against is batchgate's own."""
-    from proxy.metrics import Metrics, SchedulerCollector
+    from proxy.observe.metrics import Metrics, SchedulerCollector
 
     metrics = Metrics()
     scheduler = SimpleNamespace(queue_depth=0, max_queue=1, replicas=[])

@@ -18,8 +18,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.accesslog import AccessLog
-from proxy.app import LIFECYCLE, METRICS, SCHEDULER, create_app
 from proxy.config import (
     Config,
     HealthConfig,
@@ -28,7 +26,9 @@ from proxy.config import (
     ServerConfig,
     UpstreamConfig,
 )
-from proxy.scheduler import Scheduler
+from proxy.core.scheduler import Scheduler
+from proxy.edge.app import LIFECYCLE, METRICS, SCHEDULER, create_app
+from proxy.observe.accesslog import AccessLog
 
 BOUND_S = 10.0  # deadlock guard for every wait: a failing test fails, it does not hang
 

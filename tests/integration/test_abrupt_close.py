@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from proxy.app import METRICS
+from proxy.edge.app import METRICS
 from tests.integration.conftest import BOUND_S, FakeReplica, Proxy, make_config, until
 
 Factory = Callable[..., Any]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from proxy.bench import (
+from proxy.bench.cli import (
     BenchOptions,
     LevelResult,
     RequestResult,
@@ -26,8 +26,8 @@ from proxy.bench import (
     run_level,
 )
 from proxy.config import SimulatedConfig
-from proxy.sim import SIM_ENGINE_KEY, create_sim_app
-from proxy.sim_engine import SimEngine
+from proxy.sim.engine import SimEngine
+from proxy.sim.server import SIM_ENGINE_KEY, create_sim_app
 from tests.integration.conftest import BOUND_S, start_app, until
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -288,7 +288,7 @@ def test_cmd_bench_prints_the_table_and_writes_json(
 
 MAIN = """
 import argparse, sys
-from proxy.bench import add_parser
+from proxy.bench.cli import add_parser
 parser = argparse.ArgumentParser(prog="batchgate")
 add_parser(parser.add_subparsers(dest="command", required=True))
 args = parser.parse_args(sys.argv[1:])

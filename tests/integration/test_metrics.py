@@ -14,9 +14,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.accesslog import AccessLog
-from proxy.app import LIFECYCLE
-from proxy.relay import Exchange
+from proxy.edge.app import LIFECYCLE
+from proxy.observe.accesslog import AccessLog
+from proxy.observe.exchange import Exchange
 from tests.integration.conftest import FakeReplica, Proxy, make_config, until
 
 Factory = Callable[..., Any]

@@ -337,7 +337,7 @@ async def test_upstream_error_status_passes_through(
 async def test_draining_flag_refuses_new_work(
     replicas: Factory, proxy: Factory, client: aiohttp.ClientSession
 ) -> None:
-    from proxy.app import LIFECYCLE
+    from proxy.edge.app import LIFECYCLE
 
     r: FakeReplica = await replicas("r")
     p: Proxy = await proxy(make_config(("r", r.url, 1)))
@@ -356,7 +356,7 @@ async def test_a_bug_inside_batchgate_is_a_500_json_and_frees_the_slot(
     replicas: Factory, proxy: Factory, client: aiohttp.ClientSession,
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from proxy.app import UPSTREAMS
+    from proxy.edge.app import UPSTREAMS
 
     r: FakeReplica = await replicas("r")
     p: Proxy = await proxy(make_config(("r", r.url, 1)))

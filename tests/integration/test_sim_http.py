@@ -14,8 +14,8 @@ import pytest
 from aiohttp import web
 
 from proxy.config import SimulatedConfig
-from proxy.sim import SIM_ENGINE_KEY, create_sim_app
-from proxy.sim_engine import SimEngine
+from proxy.sim.engine import SimEngine
+from proxy.sim.server import SIM_ENGINE_KEY, create_sim_app
 
 MODEL = "test-model"
 FAST = SimulatedConfig(time_scale=0.01)
@@ -290,7 +290,7 @@ async def test_client_leaving_mid_stream_aborts_its_generation(
     handler_cancellation: bool,
 ) -> None:
     """Without handler cancellation the next SSE write fails and that ends the generation."""
-    caplog.set_level(logging.DEBUG, logger="proxy.sim")
+    caplog.set_level(logging.DEBUG, logger="proxy.sim.server")
     sim = await start_sim(
         SimulatedConfig(time_scale=0.1), handler_cancellation=handler_cancellation
     )

@@ -18,7 +18,7 @@ import pytest
 import uvloop
 from aiohttp import web
 
-from proxy.upstream_http import (
+from proxy.upstream.connection import (
     _HIGH_WATER,
     ConnectionPool,
     NotDeliveredError,
@@ -415,7 +415,7 @@ async def test_paused_reader_does_not_spin_the_read_timer(
 ) -> None:
     """A caller reading slower than the replica sends pauses the socket; the read timer must
     then look again one period later, not fire on every loop pass."""
-    import proxy.upstream_http as uh
+    import proxy.upstream.connection as uh
 
     calls = 0
     original = uh._Connection._on_timer

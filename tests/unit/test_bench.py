@@ -20,8 +20,8 @@ from aiohttp.base_protocol import BaseProtocol
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.bench import add_parser, cmd_bench
-from proxy.bench_core import (
+from proxy.bench.cli import add_parser, cmd_bench
+from proxy.bench.core import (
     BODY_ERROR,
     BenchOptions,
     LevelResult,
@@ -32,11 +32,11 @@ from proxy.bench_core import (
     percentiles,
     summarise,
 )
-from proxy.bench_report import document, format_table, speedups, write_plot
+from proxy.bench.report import document, format_table, speedups, write_plot
 
 
 def test_core_imports_no_aiohttp() -> None:
-    code = "import sys, proxy.bench_core; print('aiohttp' in sys.modules)"
+    code = "import sys, proxy.bench.core; print('aiohttp' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.errors import NoHealthyReplica, QueueFull, QueueTimeout
-from proxy.replicas import Replica
-from proxy.scheduler import Lease, Scheduler, Waiter
+from proxy.core.errors import NoHealthyReplica, QueueFull, QueueTimeout
+from proxy.core.replicas import Replica
+from proxy.core.scheduler import Lease, Scheduler, Waiter
 
 
 def make(*caps: int, max_queue: int = 100, clock: list[float] | None = None) -> Scheduler:
@@ -33,7 +33,7 @@ def leak_checked() -> Iterator[list[Scheduler]]:
 
 
 def test_core_imports_no_aiohttp() -> None:
-    code = "import sys, proxy.scheduler, proxy.replicas; print('aiohttp' in sys.modules)"
+    code = "import sys, proxy.core.scheduler, proxy.core.replicas; print('aiohttp' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

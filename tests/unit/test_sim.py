@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from proxy.config import SimulatedConfig
-from proxy.sim_engine import (
+from proxy.sim.engine import (
     SEED_STEP_MS,
     Clock,
     EngineClosed,
@@ -166,7 +166,7 @@ def test_bad_config_names_field_and_value(field: str, value: object, message: st
 
 
 def test_engine_core_does_not_import_aiohttp() -> None:
-    code = "import sys, proxy.sim_engine; assert 'aiohttp' not in sys.modules"
+    code = "import sys, proxy.sim.engine; assert 'aiohttp' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

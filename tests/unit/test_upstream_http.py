@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.upstream_http import (
+from proxy.upstream.connection import (
     _HIGH_WATER,
     ConnectionPool,
     NotDeliveredError,

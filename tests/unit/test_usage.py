@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from proxy.usage import TAIL_BYTES, Usage, UsageTail, find_usage
+from proxy.observe.usage import TAIL_BYTES, Usage, UsageTail, find_usage
 
 
 def chunk(usage: object, text: str = "x") -> bytes:

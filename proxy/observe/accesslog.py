@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import BinaryIO
 
-from proxy.relay import Exchange
+from proxy.observe.exchange import Exchange
 
 FIELDS = (
     "time", "request_id", "method", "path", "replica", "status", "outcome",

@@ -17,8 +17,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from proxy import __version__
-from proxy.relay import Exchange
-from proxy.scheduler import Scheduler
+from proxy.core.scheduler import Scheduler
+from proxy.observe.exchange import Exchange
 
 _M = TypeVar("_M", Counter, Histogram)
 

@@ -1,4 +1,4 @@
-"""An OpenAI-compatible HTTP server on :class:`~proxy.sim_engine.SimEngine`: a fake vLLM.
+"""An OpenAI-compatible HTTP server on :class:`~proxy.sim.engine.SimEngine`: a fake vLLM.
 
 It answers ``/v1/completions`` and ``/v1/chat/completions`` (streamed or not), ``/v1/models``,
 ``/health`` and ``/metrics`` (vLLM's metric names), with vLLM-like batching latency, so the
@@ -34,7 +34,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
 from proxy.config import SimulatedConfig
-from proxy.sim_engine import EngineClosed, SimEngine
+from proxy.sim.engine import EngineClosed, SimEngine
 
 logger = logging.getLogger(__name__)
 

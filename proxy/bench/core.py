@@ -1,6 +1,6 @@
 """The benchmark's pure core: options, per-request metering, arrivals, percentiles, summaries.
 
-No I/O and no aiohttp here (a test asserts it); :mod:`proxy.bench_client` does the HTTP and
+No I/O and no aiohttp here (a test asserts it); :mod:`proxy.bench.client` does the HTTP and
 feeds what it reads to a :class:`ResponseMeter`, one line at a time, with the clock injected.
 
 What is measured, per request (times from ``time.perf_counter()``, in seconds):

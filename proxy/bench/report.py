@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy import __version__
-from proxy.bench_core import BenchOptions, LevelResult
+from proxy.bench.core import BenchOptions, LevelResult
 
 SCHEMA = 1
 _INSTALL_HINT = "pip install 'batchgate[bench]'"

@@ -1,6 +1,6 @@
 """Named failures of the proxy core, and their one mapping to HTTP.
 
-The scheduler and the relay raise these; only the HTTP edge (``proxy.app``) turns them into
+The scheduler and the relay raise these; only the HTTP edge (``proxy.edge.app``) turns them into
 status codes and OpenAI-style JSON bodies, so the core never needs to know about HTTP.
 """
 

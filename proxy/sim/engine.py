@@ -1,6 +1,6 @@
 """A simulated LLM engine that batches like vLLM: the timing model behind ``batchgate sim``.
 
-No I/O and no aiohttp here; :mod:`proxy.sim` puts the OpenAI-compatible HTTP surface on top.
+No I/O and no aiohttp here; :mod:`proxy.sim.server` puts the OpenAI-compatible HTTP surface on top.
 
 The model: one batching loop runs *steps*. In each step every running request gets exactly one
 token, and the step lasts ``step_ms(n_running) * time_scale`` milliseconds, where ``step_ms``

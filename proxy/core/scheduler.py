@@ -23,8 +23,8 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 
-from proxy.errors import NoHealthyReplica, ProxyError, QueueFull, QueueTimeout
-from proxy.replicas import Replica
+from proxy.core.errors import NoHealthyReplica, ProxyError, QueueFull, QueueTimeout
+from proxy.core.replicas import Replica
 
 #: How far back completions count towards the drain rate behind ``Retry-After``.
 DRAIN_WINDOW_S = 60.0

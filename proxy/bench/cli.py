@@ -8,7 +8,7 @@ finished. Open loop (``--rate``) sends Poisson arrivals at a fixed rate, unbound
 
 The public API, for scripts: :func:`run_level`, :func:`percentiles`, :class:`BenchOptions`,
 :class:`LevelResult`, :class:`RequestResult`; the JSON written by ``--json`` is described in
-:mod:`proxy.bench_report`. :func:`add_parser` registers the subcommand with the CLI.
+:mod:`proxy.bench.report`. :func:`add_parser` registers the subcommand with the CLI.
 
 Exit codes: 0 when the benchmark ran (HTTP errors are in the table, not in the exit code);
 1 when it could not run (no model found, missing matplotlib for ``--plot``, unwritable
@@ -31,8 +31,8 @@ from typing import Any
 
 import uvloop
 
-from proxy.bench_client import ModelNotFound, discover_model, new_session, run_level
-from proxy.bench_core import (
+from proxy.bench.client import ModelNotFound, discover_model, new_session, run_level
+from proxy.bench.core import (
     DEFAULT_PROMPT,
     BenchOptions,
     LevelResult,
@@ -41,7 +41,7 @@ from proxy.bench_core import (
     endpoint_url,
     percentiles,
 )
-from proxy.bench_report import (
+from proxy.bench.report import (
     PlotUnavailable,
     check_plot_available,
     document,

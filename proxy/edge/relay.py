@@ -14,15 +14,16 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config import UpstreamConfig
-from proxy.errors import UpstreamError, UpstreamTimeout
-from proxy.replicas import Replica
-from proxy.upstream_http import (
+from proxy.core.errors import UpstreamError, UpstreamTimeout
+from proxy.core.replicas import Replica
+from proxy.observe.exchange import Exchange
+from proxy.observe.usage import UsageTail
+from proxy.upstream.connection import (
     ConnectionPool,
     NotDeliveredError,
     Response,
@@ -30,7 +31,6 @@ from proxy.upstream_http import (
     UpstreamConnectError,
     UpstreamTimeoutError,
 )
-from proxy.usage import UsageTail
 
 #: RFC 9110 7.6.1 hop-by-hop fields, plus the legacy ones proxies must not forward either.
 HOP_BY_HOP = frozenset(
@@ -87,37 +87,6 @@ def downstream_response_headers(
     return headers
 
 
-@dataclass(slots=True)
-class Exchange:
-    """What happened to one request, filled in as it goes: for metrics and the access log.
-
-    Times are ``time.monotonic()`` seconds (uvloop's ``loop.time()`` has 1 ms resolution,
-    too coarse for inter-token gaps); ``arrival`` alone is on the loop's clock, for deadlines.
-    """
-
-    request_id: str
-    method: str
-    path: str
-    route: str
-    arrival: float  # loop clock
-    started: float
-    stage: str = "queued"  # queued -> waiting_first_byte -> streaming -> done
-    outcome: str = "ok"  # ok | rejected:<reason> | client_disconnect | upstream_error:<kind>
-    replica: str | None = None
-    status: int | None = None
-    attempts: int = 0
-    enqueued_at: float | None = None
-    dispatched_at: float | None = None
-    first_byte_at: float | None = None
-    last_byte_at: float | None = None
-    prepared: bool = False  # response headers sent to the caller
-    client_gone: bool = False
-    upstream_error: str | None = None  # kind, when the replica failed mid-body
-    usage: UsageTail | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-
-
 class _CoalescingResponse(web.StreamResponse):
     """Sends its headers together with the first body chunk: one write instead of two.
 
@@ -141,7 +110,7 @@ class NotDelivered(Exception):
 class Upstreams:
     """One keep-alive connection pool per replica, sized to its concurrency.
 
-    The pool is batchgate's own lean HTTP/1.1 client (:mod:`proxy.upstream_http`): the
+    The pool is batchgate's own lean HTTP/1.1 client (:mod:`proxy.upstream.connection`): the
     proxy's upstream hop needs exactly one behaviour (send these bytes, stream those back)
     and aiohttp's general-purpose client cost more CPU per request than all of batchgate's
     own logic. A request whose pooled connection turned out to be closed by the replica goes

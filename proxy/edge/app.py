@@ -13,9 +13,10 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from proxy.accesslog import AccessLog
 from proxy.config import Config
-from proxy.errors import (
+from proxy.control.drain import Lifecycle
+from proxy.control.health import HealthChecker
+from proxy.core.errors import (
     BadRequest,
     BodyTooLarge,
     Draining,
@@ -25,13 +26,13 @@ from proxy.errors import (
     UpstreamError,
     error_body,
 )
-from proxy.health import HealthChecker
-from proxy.lifecycle import Lifecycle
-from proxy.metrics import Metrics, route_label
-from proxy.relay import Exchange, NotDelivered, Upstreams, pipe, upstream_request_headers
-from proxy.replicas import Replica
-from proxy.scheduler import Lease, Scheduler
-from proxy.upstream_http import Response
+from proxy.core.replicas import Replica
+from proxy.core.scheduler import Lease, Scheduler
+from proxy.edge.relay import NotDelivered, Upstreams, pipe, upstream_request_headers
+from proxy.observe.accesslog import AccessLog
+from proxy.observe.exchange import Exchange
+from proxy.observe.metrics import Metrics, route_label
+from proxy.upstream.connection import Response
 
 log = logging.getLogger("batchgate")
 

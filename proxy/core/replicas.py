@@ -1,6 +1,6 @@
 """The state of one replica as the scheduler sees it: how many slots, how many in use, healthy.
 
-Mutated only by :class:`proxy.scheduler.Scheduler`, so that every change of capacity (a slot
+Mutated only by :class:`proxy.core.scheduler.Scheduler`, so that every change of capacity (a slot
 freed, a replica back to health) is also the moment waiters are served.
 """
 

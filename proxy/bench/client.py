@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
 
-from proxy.bench_core import (
+from proxy.bench.core import (
     CONN_ERROR,
     TIMEOUT,
     BenchOptions,

@@ -14,14 +14,14 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.config import HealthConfig, UpstreamConfig
-from proxy.errors import UpstreamError
-from proxy.relay import (
+from proxy.core.errors import UpstreamError
+from proxy.core.replicas import Replica
+from proxy.core.scheduler import Scheduler
+from proxy.edge.relay import (
     SKIP_AUTO_HEADERS,
     downstream_response_headers,
     upstream_request_headers,
 )
-from proxy.replicas import Replica
-from proxy.scheduler import Scheduler
 
 log = logging.getLogger("batchgate.health")
 
