@@ -17,7 +17,7 @@ from proxy.config import HealthConfig, UpstreamConfig
 from proxy.core.errors import UpstreamError
 from proxy.core.replicas import Replica
 from proxy.core.scheduler import Scheduler
-from proxy.edge.relay import (
+from proxy.edge.headers import (
     SKIP_AUTO_HEADERS,
     downstream_response_headers,
     upstream_request_headers,

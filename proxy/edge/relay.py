@@ -1,4 +1,4 @@
-"""The upstream call and the byte-for-byte passthrough of its answer.
+"""The byte-for-byte passthrough of a replica's answer to the caller.
 
 Bodies pass through untouched: the request body is sent as received, the response body is
 written to the caller chunk by chunk as it arrives (SSE events are never held back or merged
@@ -18,73 +18,10 @@ from collections.abc import Callable
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.config import UpstreamConfig
-from proxy.core.errors import UpstreamError, UpstreamTimeout
-from proxy.core.replicas import Replica
+from proxy.edge.headers import downstream_response_headers
 from proxy.observe.exchange import Exchange
 from proxy.observe.usage import UsageTail
-from proxy.upstream.connection import (
-    ConnectionPool,
-    NotDeliveredError,
-    Response,
-    UpstreamClosedError,
-    UpstreamConnectError,
-    UpstreamTimeoutError,
-)
-
-#: RFC 9110 7.6.1 hop-by-hop fields, plus the legacy ones proxies must not forward either.
-HOP_BY_HOP = frozenset(
-    {
-        "connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
-        "proxy-connection", "proxy-authenticate", "proxy-authorization",
-    }
-)
-#: Set by aiohttp's client when absent; the caller did not send them, so neither do we.
-SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
-
-
-def _strip_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
-    # Fields named in Connection are hop-by-hop too (RFC 9110 7.6.1).
-    named = {
-        token.strip().lower()
-        for value in headers.getall("Connection", ())
-        for token in value.split(",")
-    }
-    out: CIMultiDict[str] = CIMultiDict()
-    for key, value in headers.items():
-        lower = key.lower()
-        if lower in HOP_BY_HOP or lower in named or lower.startswith("proxy-"):
-            continue
-        out.add(key, value)
-    return out
-
-
-def upstream_request_headers(request: web.BaseRequest, request_id: str) -> list[tuple[str, str]]:
-    headers = _strip_hop_by_hop(request.headers)
-    # The pool sets Host for the replica's address and Content-Length for the body it sends;
-    # the body is complete before it is sent, so a caller's Expect is answered already.
-    for name in ("Host", "Content-Length", "Expect"):
-        headers.popall(name, None)
-    peer = request.remote or ""
-    prior = request.headers.get("X-Forwarded-For")
-    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    headers["X-Forwarded-Proto"] = request.scheme
-    if request.host:
-        headers["X-Forwarded-Host"] = request.host
-    headers["X-Request-Id"] = request_id
-    return list(headers.items())
-
-
-def downstream_response_headers(
-    upstream: CIMultiDictProxy[str] | CIMultiDict[str], request_id: str
-) -> CIMultiDict[str]:
-    headers = _strip_hop_by_hop(upstream)
-    if "Transfer-Encoding" in upstream:
-        # The body was framed by chunking and is re-framed for the caller: a Content-Length
-        # sent alongside is not its length (RFC 9112 6.3).
-        headers.popall("Content-Length", None)
-    headers["X-Request-Id"] = request_id
-    return headers
+from proxy.upstream.connection import Response, UpstreamClosedError, UpstreamTimeoutError
 
 
 class _CoalescingResponse(web.StreamResponse):
@@ -96,83 +33,6 @@ class _CoalescingResponse(web.StreamResponse):
 
     # aiohttp's own web.Response does the same; StreamResponse flushes headers in prepare().
     _send_headers_immediately = False
-
-
-class NotDelivered(Exception):
-    """The request never reached the replica, so it may be sent again elsewhere."""
-
-    def __init__(self, kind: str, detail: str, *, replica_down: bool) -> None:
-        super().__init__(detail)
-        self.kind = kind
-        self.replica_down = replica_down
-
-
-class Upstreams:
-    """One keep-alive connection pool per replica, sized to its concurrency.
-
-    The pool is batchgate's own lean HTTP/1.1 client (:mod:`proxy.upstream.connection`): the
-    proxy's upstream hop needs exactly one behaviour (send these bytes, stream those back)
-    and aiohttp's general-purpose client cost more CPU per request than all of batchgate's
-    own logic. A request whose pooled connection turned out to be closed by the replica goes
-    out again with ``fresh=True``, on a connection of its own.
-    """
-
-    def __init__(self, replicas: tuple[Replica, ...], config: UpstreamConfig) -> None:
-        self._config = config
-        self._pools = {
-            replica.name: ConnectionPool(
-                replica.url,
-                # A slot per request, and a fresh connection may briefly overlap a pooled one
-                # the replica is closing: twice the slots is the hard ceiling, never reached.
-                limit=2 * replica.max_concurrency,
-                connect_timeout_s=config.connect_timeout_s,
-                read_timeout_s=config.read_timeout_s,
-            )
-            for replica in replicas
-        }
-
-    async def close(self) -> None:
-        for pool in self._pools.values():
-            await pool.close()
-
-    async def send(
-        self,
-        replica: Replica,
-        request: web.BaseRequest,
-        body: bytes,
-        headers: list[tuple[str, str]],
-        *,
-        fresh: bool,
-    ) -> Response:
-        """Send the request; return once the replica's status line and headers are in.
-
-        Raises :class:`NotDelivered` when the request certainly never reached the replica
-        (refused or timed-out connect; a pooled connection the replica had already closed),
-        and :class:`UpstreamError` for failures after it may have.
-        """
-        pool = self._pools[replica.name]
-        try:
-            return await pool.request(request.method, request.raw_path, headers, body,
-                                      fresh=fresh)
-        except NotDeliveredError as err:
-            if err.kind == "connect":
-                raise NotDelivered("connect", str(err), replica_down=True) from err
-            # The replica had closed this idle keep-alive connection before our request got
-            # there (llama.cpp's server does so after every stream): not the replica's fault.
-            raise NotDelivered("reset", f"stale pooled connection: {err}",
-                               replica_down=False) from err
-        except UpstreamTimeoutError as err:
-            raise UpstreamTimeout(
-                f"replica {replica.name} sent no response within "
-                f"{self._config.read_timeout_s:g}s",
-                kind="timeout",
-                replica=replica.name,
-            ) from err
-        except (UpstreamClosedError, UpstreamConnectError, OSError) as err:
-            raise UpstreamError(
-                f"replica {replica.name} closed the connection: {err}",
-                kind="reset", replica=replica.name,
-            ) from err
 
 
 #: A write that may fill the caller's socket buffer (the transport pauses at 64 KiB and the

@@ -1,0 +1,167 @@
+"""The forward loop: wait for a slot, send to the replica, resend what never arrived, relay."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import aiohttp
+from aiohttp import web
+
+from proxy.config import Config
+from proxy.core.errors import (
+    BadRequest,
+    BodyTooLarge,
+    NoHealthyReplica,
+    ProxyError,
+    UpstreamError,
+)
+from proxy.core.replicas import Replica
+from proxy.core.scheduler import Lease, Scheduler
+from proxy.edge.headers import upstream_request_headers
+from proxy.edge.keys import CONFIG, HEALTH, LIFECYCLE, METRICS, SCHEDULER, UPSTREAMS
+from proxy.edge.relay import pipe
+from proxy.observe.exchange import Exchange
+from proxy.upstream.client import NotDelivered
+from proxy.upstream.connection import Response
+
+log = logging.getLogger("batchgate")
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(
+            f"request body of {request.content_length} bytes exceeds server.max_body_bytes "
+            f"({limit})"
+        )
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge as err:
+        raise BodyTooLarge(f"request body exceeds server.max_body_bytes ({limit})") from err
+    except (aiohttp.ClientPayloadError, ValueError) as err:
+        raise BadRequest(f"could not read the request body: {err}") from err
+
+
+class Forwarder:
+    """The work inside the frame for proxied requests (``proxied``) and ``GET /v1/models``."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+
+    @property
+    def config(self) -> Config:
+        return self.app[CONFIG]
+
+    async def models(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        metrics = self.app[METRICS]
+        for replica in [r for r in self.app[SCHEDULER].replicas if r.healthy]:
+            exchange.replica = replica.name
+            exchange.dispatched_at = time.monotonic()
+            exchange.stage = "waiting_first_byte"
+            try:
+                response = await self.app[HEALTH].forward_get(
+                    replica, request, exchange.request_id
+                )
+            except UpstreamError as err:
+                metrics.upstream_error(replica.name, err.kind)
+                continue
+            exchange.first_byte_at = exchange.last_byte_at = time.monotonic()
+            exchange.status = response.status
+            exchange.stage = "done"
+            metrics.answered(replica.name, exchange.route, response.status)
+            return response
+        exchange.replica = None
+        raise NoHealthyReplica("no healthy replica answered", retry_after_s=1)
+    async def proxied(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
+        body = await _read_body(request, self.config.server.max_body_bytes)
+        return await self.forward(request, body, exchange)
+
+    async def forward(
+        self, request: web.Request, body: bytes, exchange: Exchange
+    ) -> web.StreamResponse:
+        scheduler = self.app[SCHEDULER]
+        upstreams = self.app[UPSTREAMS]
+        metrics = self.app[METRICS]
+        retries = self.config.upstream.retries
+        deadline = exchange.arrival + self.config.queue.timeout_s
+        headers = upstream_request_headers(request, exchange.request_id)
+        fresh = False
+        exchange.enqueued_at = time.monotonic()
+        while True:
+            try:
+                lease = await scheduler.acquire(deadline, front=exchange.attempts > 0)
+            except ProxyError as err:
+                if not err.waited:
+                    exchange.enqueued_at = None  # refused at the door: it never waited
+                raise
+            try:
+                replica = lease.replica
+                exchange.dispatched_at = time.monotonic()
+                exchange.replica = replica.name
+                exchange.stage = "waiting_first_byte"
+                exchange.attempts += 1
+                try:
+                    upstream = await upstreams.send(replica, request, body, headers, fresh=fresh)
+                except NotDelivered as err:
+                    metrics.upstream_error(replica.name, err.kind)
+                    if err.replica_down:
+                        self._mark_down(scheduler, replica, str(err))
+                    if exchange.attempts > retries:
+                        raise UpstreamError(
+                            f"no replica could be reached after {exchange.attempts} attempts: "
+                            f"{err}",
+                            kind=err.kind,
+                            replica=replica.name,
+                        ) from err
+                    metrics.retries.labels(replica.name).inc()
+                    fresh = True
+                    exchange.stage = "queued"
+                    continue
+                except UpstreamError as err:
+                    metrics.upstream_error(replica.name, err.kind)
+                    raise
+                return await self.relay(request, upstream, exchange, lease)
+            finally:
+                lease.release()
+
+    async def relay(
+        self,
+        request: web.Request,
+        upstream: Response,
+        exchange: Exchange,
+        lease: Lease,
+    ) -> web.StreamResponse:
+        metrics = self.app[METRICS]
+        replica = lease.replica.name
+        exchange.status = upstream.status
+        # Counted now, before the body: a caller that hangs up cannot make it go missing.
+        metrics.answered(replica, exchange.route, upstream.status)
+        completed = False
+        lifecycle = self.app[LIFECYCLE]
+        try:
+            response = await pipe(
+                request, upstream, exchange,
+                is_cut=lambda: lifecycle.cutting,
+                on_gap=metrics.inter_chunk_observer(exchange.route),
+                stall_limit_s=self.config.upstream.read_timeout_s,
+            )
+            completed = exchange.stage == "done"
+            if exchange.upstream_error is not None:
+                metrics.upstream_error(replica, exchange.upstream_error)
+                exchange.outcome = f"upstream_error:{exchange.upstream_error}"
+            if exchange.client_gone:
+                exchange.outcome = "client_disconnect"
+            return response
+        finally:
+            if completed:
+                upstream.release()  # back to the pool for the next request
+            else:
+                # Caller gone or replica failed: drop the connection, so the engine sees its
+                # client leave and aborts the generation.
+                upstream.close()
+
+    @staticmethod
+    def _mark_down(scheduler: Scheduler, replica: Replica, why: str) -> None:
+        if replica.healthy:
+            log.warning("replica %s marked unhealthy: %s", replica.name, why)
+        scheduler.set_healthy(replica, False)

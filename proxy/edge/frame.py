@@ -1,0 +1,115 @@
+"""The frame around every relayed request: draining, the one error -> status mapping, and the
+bookkeeping every observer sees, whatever path the request took."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from proxy.core.errors import Draining, InternalError, ProxyError, UpstreamError, error_body
+from proxy.edge.keys import LIFECYCLE, METRICS
+from proxy.observe.accesslog import AccessLog
+from proxy.observe.exchange import Exchange
+from proxy.observe.metrics import route_label
+
+log = logging.getLogger("batchgate")
+
+Work = Callable[[web.Request, Exchange], Awaitable[web.StreamResponse]]
+
+
+def new_request_id() -> str:
+    # 128 random bits as hex, like a uuid4 but without a getrandom syscall per request:
+    # unique enough to correlate logs, never used as a secret.
+    return f"{random.getrandbits(128):032x}"
+
+
+def json_error(err: ProxyError, request_id: str | None = None) -> web.Response:
+    headers = {}
+    if err.retry_after_s is not None:
+        headers["Retry-After"] = str(err.retry_after_s)
+    if request_id is not None:
+        headers["X-Request-Id"] = request_id
+    return web.Response(
+        status=err.status,
+        body=json.dumps(error_body(err)).encode(),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _outcome_of(err: ProxyError) -> str:
+    if isinstance(err, UpstreamError):
+        return f"upstream_error:{err.kind}"
+    return f"rejected:{err.reason or err.type}"
+
+
+class Frame:
+    """Runs one request's work inside the frame; owned by the app (typed state, no globals)."""
+
+    def __init__(self, app: web.Application, access_log: AccessLog | None) -> None:
+        self.app = app
+        self.access_log = access_log
+
+    async def serve(self, request: web.Request, work: Work) -> web.StreamResponse:
+        """The frame around every relayed request: draining, error mapping, bookkeeping."""
+        lifecycle = self.app[LIFECYCLE]
+        request_id = request.headers.get("X-Request-Id") or new_request_id()
+        exchange = Exchange(
+            request_id=request_id,
+            method=request.method,
+            path=request.path,
+            route=route_label(request.path),
+            arrival=asyncio.get_running_loop().time(),
+            started=time.monotonic(),
+        )
+        task = lifecycle.enter()
+        try:
+            if lifecycle.draining:
+                raise Draining("batchgate is shutting down", retry_after_s=1)
+            return await work(request, exchange)
+        except ProxyError as err:
+            exchange.status = err.status
+            exchange.outcome = _outcome_of(err)
+            return json_error(err, request_id)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            # The caller's transport closed under a write outside the relay loop.
+            exchange.outcome = "client_disconnect"
+            raise
+        except Exception as err:  # a bug of ours: answer like an API, and say it in the log
+            log.exception("request %s failed inside batchgate", request_id)
+            exchange.status = 500
+            exchange.outcome = "error:internal"
+            if exchange.prepared:
+                raise
+            return json_error(InternalError(f"batchgate failed: {type(err).__name__}"),
+                              request_id)
+        except asyncio.CancelledError:
+            if not lifecycle.cutting:
+                # aiohttp cancels a handler when its caller disconnects.
+                exchange.outcome = "client_disconnect"
+                raise
+            if exchange.prepared:
+                # The stream got its SSE error event; the connection just closes.
+                exchange.outcome = "drain_cut"
+                raise
+            exchange.outcome = "rejected:draining"
+            exchange.status = Draining.status
+            return json_error(
+                Draining("batchgate is shutting down; request cut at the drain deadline",
+                         retry_after_s=1),
+                request_id,
+            )
+        finally:
+            # Synchronous, so no cancellation can skip it: a caller that closes its
+            # connection the instant its answer is complete still gets counted.
+            self.app[METRICS].record(exchange)
+            if self.access_log is not None:
+                self.access_log.record(exchange)
+            lifecycle.leave(task)

@@ -1,0 +1,60 @@
+"""Header policy at the edge: what crosses the proxy in each direction, and what it adds."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+#: RFC 9110 7.6.1 hop-by-hop fields, plus the legacy ones proxies must not forward either.
+HOP_BY_HOP = frozenset(
+    {
+        "connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
+        "proxy-connection", "proxy-authenticate", "proxy-authorization",
+    }
+)
+#: Set by aiohttp's client when absent; the caller did not send them, so neither do we.
+SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+
+def _strip_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
+    # Fields named in Connection are hop-by-hop too (RFC 9110 7.6.1).
+    named = {
+        token.strip().lower()
+        for value in headers.getall("Connection", ())
+        for token in value.split(",")
+    }
+    out: CIMultiDict[str] = CIMultiDict()
+    for key, value in headers.items():
+        lower = key.lower()
+        if lower in HOP_BY_HOP or lower in named or lower.startswith("proxy-"):
+            continue
+        out.add(key, value)
+    return out
+
+
+def upstream_request_headers(request: web.BaseRequest, request_id: str) -> list[tuple[str, str]]:
+    headers = _strip_hop_by_hop(request.headers)
+    # The pool sets Host for the replica's address and Content-Length for the body it sends;
+    # the body is complete before it is sent, so a caller's Expect is answered already.
+    for name in ("Host", "Content-Length", "Expect"):
+        headers.popall(name, None)
+    peer = request.remote or ""
+    prior = request.headers.get("X-Forwarded-For")
+    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    headers["X-Forwarded-Proto"] = request.scheme
+    if request.host:
+        headers["X-Forwarded-Host"] = request.host
+    headers["X-Request-Id"] = request_id
+    return list(headers.items())
+
+
+def downstream_response_headers(
+    upstream: CIMultiDictProxy[str] | CIMultiDict[str], request_id: str
+) -> CIMultiDict[str]:
+    headers = _strip_hop_by_hop(upstream)
+    if "Transfer-Encoding" in upstream:
+        # The body was framed by chunking and is re-framed for the caller: a Content-Length
+        # sent alongside is not its length (RFC 9112 6.3).
+        headers.popall("Content-Length", None)
+    headers["X-Request-Id"] = request_id
+    return headers
