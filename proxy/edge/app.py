@@ -46,6 +46,10 @@ class Handlers:
         body = generate_latest(self.app[METRICS].registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        """The union of the healthy replicas' models, without a slot (proxy.edge.light)."""
+        return await self.frame.serve(request, self.light.models)
+
     async def proxy(self, request: web.Request) -> web.StreamResponse:
         # Only work takes a slot: GET, HEAD and OPTIONS (probes, /version, /v1/models) go to
         # a healthy replica at once, bounded per replica by proxy.edge.light.
@@ -91,5 +95,6 @@ def create_app(
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.metrics)
+    app.router.add_get("/v1/models", handlers.models, allow_head=False)  # HEAD: one replica
     app.router.add_route("*", "/{tail:.*}", handlers.proxy)
     return app

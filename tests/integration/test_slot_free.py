@@ -24,8 +24,9 @@ Factory = Callable[..., Any]
 VERSION_BODY = b'\x1f\x8b{"version": "0.6.3"}\r\n\x00\xff'
 
 
-def engine_app(replica: FakeReplica, models: list[dict[str, Any]] | None = None
-               ) -> web.Application:
+def engine_app(
+    replica: FakeReplica, models: list[dict[str, Any]] | None = None, models_status: int = 200
+) -> web.Application:
     app = web.Application()
 
     async def version(_request: web.Request) -> web.Response:
@@ -37,7 +38,12 @@ def engine_app(replica: FakeReplica, models: list[dict[str, Any]] | None = None
     async def ping(request: web.Request) -> web.Response:
         return web.Response(text=f"pong {request.method}\n", headers={"Allow": "GET, OPTIONS"})
 
-    async def list_models(_request: web.Request) -> web.Response:
+    async def list_models(request: web.Request) -> web.Response:
+        replica.seen_headers.append(dict(request.headers))
+        if request.query.get("hold") == replica.name:
+            await replica.gate.wait()
+        if models_status != 200:
+            return web.json_response({"error": {"message": "nope"}}, status=models_status)
         if models is None:
             return web.json_response({"object": "list", "data": [{"id": replica.name}]})
         return web.json_response({"object": "list", "data": models})
@@ -55,9 +61,11 @@ async def engines() -> AsyncIterator[Callable[..., Any]]:
     """Factory of fake engines with /version, /ping and /health; all stopped at the end."""
     started: list[FakeReplica] = []
 
-    async def make(name: str, models: list[dict[str, Any]] | None = None) -> FakeReplica:
+    async def make(
+        name: str, models: list[dict[str, Any]] | None = None, models_status: int = 200
+    ) -> FakeReplica:
         replica = FakeReplica(name)
-        replica.runner, replica.url = await start_app(engine_app(replica, models))
+        replica.runner, replica.url = await start_app(engine_app(replica, models, models_status))
         started.append(replica)
         return replica
 
@@ -173,3 +181,83 @@ async def test_slot_free_request_goes_to_a_healthy_replica_only(
     async with client.get(p.url + "/version") as resp:
         assert resp.status == 503
         assert (await resp.json())["error"]["code"] == "no_healthy_replica"
+
+
+def model(name: str, owner: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 1, "owned_by": owner}
+
+
+async def test_models_lists_the_union_of_the_healthy_replicas(
+    engines: Factory, proxy: Factory, client: aiohttp.ClientSession
+) -> None:
+    a: FakeReplica = await engines("a", [model("llama-8b", "a"), model("shared", "a")])
+    b: FakeReplica = await engines("b", [model("qwen-7b", "b"), model("shared", "b")])
+    p: Proxy = await proxy(make_config(("a", a.url, 1), ("b", b.url, 1), max_queue=0))
+    held = [asyncio.create_task(client.post(p.url + "/v1/completions", json={"hold": True}))
+            for _ in range(2)]
+    await until(lambda: a.in_flight == b.in_flight == 1, "every slot is taken")
+    async with client.get(p.url + "/v1/models", headers={"Authorization": "Bearer k"}) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("application/json")
+        listing = await resp.json()
+    assert listing == {
+        "object": "list",
+        # Each id once, in replica order; the first replica that lists an id speaks for it.
+        "data": [model("llama-8b", "a"), model("shared", "a"), model("qwen-7b", "b")],
+    }
+    assert a.seen_headers[-1]["Authorization"] == b.seen_headers[-1]["Authorization"]
+    for name in ("a", "b"):
+        assert p.metric("batchgate_requests_total", replica=name, route="/v1/models",
+                        code="200") == 1
+    for replica in (a, b):
+        replica.gate.set()
+    for task in held:
+        (await task).release()
+
+
+async def test_models_skips_a_replica_that_fails_or_is_silent(
+    engines: Factory, proxy: Factory, client: aiohttp.ClientSession
+) -> None:
+    a: FakeReplica = await engines("a", [model("m-a", "a")])
+    b: FakeReplica = await engines("b", models_status=500)
+    c: FakeReplica = await engines("c", [model("m-c", "c")])
+    p: Proxy = await proxy(make_config(("a", a.url, 1), ("b", b.url, 1), ("c", c.url, 1),
+                                       read_timeout_s=0.3))
+    # c holds its answer: the listing does not wait past upstream.read_timeout_s for it.
+    async with client.get(p.url + "/v1/models?hold=c") as resp:
+        assert resp.status == 200
+        assert (await resp.json())["data"] == [model("m-a", "a")]
+    assert p.metric("batchgate_requests_total", replica="b", route="/v1/models", code="500") == 1
+    c.gate.set()
+    assert c.runner is not None
+    await c.runner.cleanup()  # now refuses connections: skipped too
+    async with client.get(p.url + "/v1/models") as resp:
+        assert resp.status == 200
+        assert (await resp.json())["data"] == [model("m-a", "a")]
+    await until(lambda: p.app[LIGHT].slots.idle(), "every slot-free place given back")
+
+
+async def test_models_with_no_replica_answering_is_503_no_healthy_replica(
+    engines: Factory, proxy: Factory, client: aiohttp.ClientSession
+) -> None:
+    a: FakeReplica = await engines("a", models_status=500)
+    b: FakeReplica = await engines("b")
+    p: Proxy = await proxy(make_config(("a", a.url, 1), ("b", b.url, 1)))
+    assert b.runner is not None
+    await b.runner.cleanup()
+    async with client.get(p.url + "/v1/models") as resp:
+        assert resp.status == 503
+        body = await resp.json()
+    assert body["error"]["code"] == "no_healthy_replica"
+    assert p.metric("batchgate_rejected_requests_total", reason="no_healthy_replica") == 1
+
+
+async def test_models_refused_by_every_replica_relays_the_refusal(
+    engines: Factory, proxy: Factory, client: aiohttp.ClientSession
+) -> None:
+    a: FakeReplica = await engines("a", models_status=401)
+    b: FakeReplica = await engines("b", models_status=401)
+    p: Proxy = await proxy(make_config(("a", a.url, 1), ("b", b.url, 1)))
+    async with client.get(p.url + "/v1/models") as resp:
+        assert resp.status == 401  # a wrong API key is the caller's to see, not a 503
+        assert await resp.json() == {"error": {"message": "nope"}}
