@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import re
+import resource
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -57,12 +58,21 @@ def write_config(tmp_path: Path, replica: FakeReplica, *, drain_timeout_s: float
 
 
 @contextlib.asynccontextmanager
-async def serving(config: Path) -> AsyncIterator[Served]:
-    """Start ``python -m proxy serve``; learn its port from the log; kill it at the end."""
+async def serving(config: Path, *, open_files: int | None = None) -> AsyncIterator[Served]:
+    """Start ``python -m proxy serve``; learn its port from the log; kill it at the end.
+
+    ``open_files`` sets both RLIMIT_NOFILE limits of the process (so it cannot raise them).
+    """
+
+    def limit_files() -> None:
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "serve", "--config", str(config),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        preexec_fn=limit_files,
     )
     assert proc.stdout is not None
     lines: list[bytes] = []
