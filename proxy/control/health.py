@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+from ssl import SSLContext
 
 import aiohttp
 
-from proxy.config import HealthConfig, UpstreamConfig
+from proxy.config import HealthConfig
 from proxy.core.replicas import Replica
 from proxy.core.scheduler import Scheduler
 
@@ -28,17 +29,23 @@ class HealthChecker:
     """
 
     def __init__(
-        self, scheduler: Scheduler, config: HealthConfig, upstream: UpstreamConfig
+        self, scheduler: Scheduler, config: HealthConfig, *, ssl: SSLContext | None = None
     ) -> None:
         self._scheduler = scheduler
         self._config = config
         self._probe_timeout = aiohttp.ClientTimeout(total=config.timeout_s)
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, force_close=True),
+            # The same TLS context as the pools (proxy.upstream.tls); aiohttp sends the URL's
+            # host as SNI and checks the certificate against it.
+            connector=aiohttp.TCPConnector(limit=0, force_close=True,
+                                           ssl=ssl if ssl is not None else True),
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
         )
         self._tasks: list[asyncio.Task[None]] = []
+        #: Why each replica's last probe failed, for the log line when its state changes
+        #: (a certificate the CA does not know, a refused connection, a status code).
+        self.why: dict[str, str] = {}
 
     def start(self) -> None:
         for replica in self._scheduler.replicas:
@@ -60,12 +67,15 @@ class HealthChecker:
                 replica.url + self._config.path, timeout=self._probe_timeout
             ) as response:
                 await response.read()
+                self.why[replica.name] = f"{self._config.path} answered {response.status}"
                 return 200 <= response.status < 300
         except aiohttp.ClientConnectorError as err:
             if err.os_error.errno in (errno.EMFILE, errno.ENFILE):
                 return None  # our own exhaustion says nothing about the replica
+            self.why[replica.name] = str(err)
             return False
-        except (aiohttp.ClientError, TimeoutError):
+        except (aiohttp.ClientError, TimeoutError) as err:
+            self.why[replica.name] = str(err) or type(err).__name__
             return False
 
     async def _loop(self, replica: Replica) -> None:
@@ -75,8 +85,9 @@ class HealthChecker:
                 log.warning("replica %s not probed: batchgate is out of file descriptors",
                             replica.name)
             elif healthy != replica.healthy:
-                log.warning("replica %s is now %s", replica.name,
-                            "healthy" if healthy else "unhealthy")
+                log.warning("replica %s is now %s%s", replica.name,
+                            "healthy" if healthy else "unhealthy",
+                            "" if healthy else f": {self.why.get(replica.name, '')}")
             if healthy is not None:
                 self._scheduler.set_healthy(replica, healthy)
             await asyncio.sleep(self._config.interval_s)

@@ -19,6 +19,7 @@ from proxy.edge.light import LIGHT, LIGHT_LIMIT_PER_REPLICA, LIGHT_METHODS, Ligh
 from proxy.observe.accesslog import AccessLog
 from proxy.observe.metrics import Metrics
 from proxy.upstream.client import Upstreams
+from proxy.upstream.tls import context_for
 
 __all__ = ["CONFIG", "HEALTH", "LIFECYCLE", "METRICS", "SCHEDULER", "UPSTREAMS", "create_app"]
 
@@ -78,10 +79,12 @@ def create_app(
     app[LIFECYCLE] = Lifecycle()
 
     async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+        # One TLS context for every https:// replica, pools and probes alike.
+        tls = context_for(config.upstream.tls, [r.url for r in scheduler.replicas])
         app[UPSTREAMS] = Upstreams(
-            scheduler.replicas, config.upstream, light_limit=LIGHT_LIMIT_PER_REPLICA
+            scheduler.replicas, config.upstream, light_limit=LIGHT_LIMIT_PER_REPLICA, ssl=tls
         )
-        app[HEALTH] = HealthChecker(scheduler, config.health, config.upstream)
+        app[HEALTH] = HealthChecker(scheduler, config.health, ssl=tls)
         app[HEALTH].start()
         try:
             yield

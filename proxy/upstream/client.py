@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ssl import SSLContext
+
 from aiohttp import web
 
 from proxy.config import UpstreamConfig
@@ -15,6 +17,7 @@ from proxy.upstream.connection import (
     UpstreamConnectError,
     UpstreamTimeoutError,
 )
+from proxy.upstream.tls import server_hostname
 
 
 class NotDelivered(Exception):
@@ -37,9 +40,11 @@ class Upstreams:
     """
 
     def __init__(
-        self, replicas: tuple[Replica, ...], config: UpstreamConfig, *, light_limit: int
+        self, replicas: tuple[Replica, ...], config: UpstreamConfig, *, light_limit: int,
+        ssl: SSLContext | None = None,
     ) -> None:
         self._config = config
+        self._ssl = ssl  # proxy.upstream.tls: for the https:// replicas, None if there are none
         # A slot per request, and a fresh connection may briefly overlap a pooled one the
         # replica is closing: twice the slots is the hard ceiling, never reached.
         self._pools = {r.name: self._pool(r, 2 * r.max_concurrency) for r in replicas}
@@ -48,11 +53,14 @@ class Upstreams:
         self._light_pools = {r.name: self._pool(r, 2 * light_limit) for r in replicas}
 
     def _pool(self, replica: Replica, limit: int) -> ConnectionPool:
+        https = replica.url.startswith("https://")
         return ConnectionPool(
             replica.url,
             limit=limit,
             connect_timeout_s=self._config.connect_timeout_s,
             read_timeout_s=self._config.read_timeout_s,
+            ssl=self._ssl if https else None,
+            server_hostname=server_hostname(replica.url),
         )
 
     async def close(self) -> None:

@@ -20,6 +20,7 @@ import re
 import socket
 from collections import deque
 from collections.abc import Sequence
+from ssl import SSLContext
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -490,16 +491,24 @@ class ConnectionPool:
     """
 
     def __init__(
-        self, base_url: str, *, limit: int, connect_timeout_s: float, read_timeout_s: float
+        self, base_url: str, *, limit: int, connect_timeout_s: float, read_timeout_s: float,
+        ssl: SSLContext | None = None, server_hostname: str | None = None,
     ) -> None:
         url = urlsplit(base_url)
-        if url.scheme != "http" or not url.hostname or url.username or url.query:
-            raise ValueError(f"base_url must be http://host[:port][/prefix], got {base_url!r}")
+        scheme = "https" if ssl is not None else "http"
+        if url.scheme != scheme or not url.hostname or url.username or url.query:
+            raise ValueError(
+                f"base_url must be {scheme}://host[:port][/prefix], got {base_url!r}"
+                + (" (an https:// URL needs an ssl context)" if url.scheme == "https" else ""))
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
         self.base_url = base_url
         self._host = url.hostname
-        self._port = url.port or 80
+        self._port = url.port or (443 if ssl is not None else 80)
+        # TLS: the handshake is part of the connect (bounded by connect_timeout_s), and a
+        # failed one (e.g. an unknown CA) is a connect failure: no request byte was sent.
+        self._ssl = ssl
+        self._server_hostname = server_hostname if ssl is not None else None
         self._prefix = url.path.rstrip("/")
         self._host_header = url.netloc
         self._limit = limit
@@ -577,7 +586,8 @@ class ConnectionPool:
         try:
             async with asyncio.timeout(self._connect_timeout_s):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(self, loop), self._host, self._port)
+                    lambda: _Connection(self, loop), self._host, self._port,
+                    ssl=self._ssl, server_hostname=self._server_hostname)
         except OSError as err:  # refused, unreachable, DNS; TimeoutError is an OSError too
             if err.errno in _OUT_OF_DESCRIPTORS:
                 # Our own process (or the host) is out of sockets: the replica is fine.
