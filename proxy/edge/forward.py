@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -83,7 +84,9 @@ class Forwarder:
         upstreams = self.app[UPSTREAMS]
         metrics = self.app[METRICS]
         retries = self.config.upstream.retries
-        deadline = exchange.arrival + self.config.queue.timeout_s
+        # On the scheduler's clock, which decides deadlines; counted from arrival.
+        elapsed = asyncio.get_running_loop().time() - exchange.arrival
+        deadline = scheduler.now() + self.config.queue.timeout_s - elapsed
         headers = upstream_request_headers(request, exchange.request_id)
         fresh = False
         exchange.enqueued_at = time.monotonic()

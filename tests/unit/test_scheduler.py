@@ -7,14 +7,18 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.core.errors import NoHealthyReplica, QueueFull, QueueTimeout
+from proxy.core.queue import FifoQueue
 from proxy.core.replicas import Replica
 from proxy.core.scheduler import Lease, Scheduler, Waiter
+
+CORE = Path(__file__).resolve().parents[2] / "proxy" / "core"
 
 
 def make(*caps: int, max_queue: int = 100, clock: list[float] | None = None) -> Scheduler:
@@ -33,7 +37,14 @@ def leak_checked() -> Iterator[list[Scheduler]]:
 
 
 def test_core_imports_no_aiohttp() -> None:
-    code = "import sys, proxy.core.scheduler, proxy.core.replicas; print('aiohttp' in sys.modules)"
+    """Every module of proxy/core, imported together, pulls in no aiohttp."""
+    names = sorted(p.stem for p in CORE.glob("*.py") if p.stem != "__init__")
+    assert {"errors", "queue", "replicas", "scheduler"} <= set(names)
+    code = (
+        "import importlib, sys\n"
+        f"for name in {names!r}: importlib.import_module('proxy.core.' + name)\n"
+        "print('aiohttp' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -97,7 +108,8 @@ def test_queue_full_and_zero_queue(leak_checked: list[Scheduler]) -> None:
     with pytest.raises(QueueFull) as info:
         s.submit(lambda _: True)
     assert info.value.retry_after_s == 60  # no completion seen yet: no estimate
-    assert s.withdraw(w)
+    assert w.queued and s.withdraw(w) == ()
+    assert not w.queued and s.queue_depth == 0
     assert isinstance(lease, Lease)
     lease.release()
 
@@ -183,9 +195,8 @@ def _drain_kept() -> None:
 async def test_cancel_while_queued_leaves_at_once(leak_checked: list[Scheduler]) -> None:
     s = make(1)
     leak_checked.append(s)
-    loop = asyncio.get_running_loop()
-    held = await s.acquire(loop.time() + 60)
-    task = asyncio.create_task(s.acquire(loop.time() + 60))
+    held = await s.acquire(s.now() + 60)
+    task = asyncio.create_task(s.acquire(s.now() + 60))
     await asyncio.sleep(0)  # one turn: the task runs up to its await
     assert s.queue_depth == 1
     task.cancel()
@@ -198,10 +209,9 @@ async def test_cancel_while_queued_leaves_at_once(leak_checked: list[Scheduler])
 async def test_cancel_while_granted_passes_slot_on(leak_checked: list[Scheduler]) -> None:
     s = make(1)
     leak_checked.append(s)
-    loop = asyncio.get_running_loop()
-    held = await s.acquire(loop.time() + 60)
-    a = asyncio.create_task(s.acquire(loop.time() + 60))
-    b = asyncio.create_task(s.acquire(loop.time() + 60))
+    held = await s.acquire(s.now() + 60)
+    a = asyncio.create_task(s.acquire(s.now() + 60))
+    b = asyncio.create_task(s.acquire(s.now() + 60))
     await asyncio.sleep(0)
     assert s.queue_depth == 2
     held.release()  # grants a's future synchronously ...
@@ -217,10 +227,9 @@ async def test_cancelled_future_is_skipped_by_dispatch(leak_checked: list[Schedu
     """A waiter whose future is cancelled but whose handler has not run yet refuses grants."""
     s = make(1)
     leak_checked.append(s)
-    loop = asyncio.get_running_loop()
-    held = await s.acquire(loop.time() + 60)
-    a = asyncio.create_task(s.acquire(loop.time() + 60))
-    b = asyncio.create_task(s.acquire(loop.time() + 60))
+    held = await s.acquire(s.now() + 60)
+    a = asyncio.create_task(s.acquire(s.now() + 60))
+    b = asyncio.create_task(s.acquire(s.now() + 60))
     await asyncio.sleep(0)
     a.cancel()  # a's future is cancelled now; its except-block runs on the next turn
     held.release()
@@ -233,10 +242,9 @@ async def test_cancelled_future_is_skipped_by_dispatch(leak_checked: list[Schedu
 async def test_queue_timeout(leak_checked: list[Scheduler]) -> None:
     s = make(1)
     leak_checked.append(s)
-    loop = asyncio.get_running_loop()
-    held = await s.acquire(loop.time() + 60)
+    held = await s.acquire(s.now() + 60)
     with pytest.raises(QueueTimeout) as info:
-        await s.acquire(loop.time())  # deadline already reached: the timer fires next turn
+        await s.acquire(s.now())  # deadline already reached: the timer fires next turn
     assert info.value.retry_after_s is not None and 1 <= info.value.retry_after_s <= 60
     assert s.queue_depth == 0
     held.release()
@@ -246,9 +254,8 @@ async def test_timeout_with_no_healthy_replica_says_so(leak_checked: list[Schedu
     s = make(1)
     leak_checked.append(s)
     s.set_healthy(s.replicas[0], False)
-    loop = asyncio.get_running_loop()
     with pytest.raises(NoHealthyReplica):
-        await s.acquire(loop.time())
+        await s.acquire(s.now())
 
 
 # -- property: caps, conservation, FIFO, under random sequences ---------------------------
@@ -275,7 +282,7 @@ OPS = st.lists(
     st.tuples(
         st.sampled_from(
             ["arrive", "arrive", "arrive", "finish", "finish", "cancel", "vanish",
-             "reap", "timeout", "health", "requeue"]
+             "reap", "timeout", "health", "requeue", "limit", "add", "remove"]
         ),
         st.integers(min_value=0, max_value=10_000),
     ),
@@ -318,7 +325,8 @@ def test_property_cap_conservation_fifo(
         else:
             c.waiter = got
 
-    for op, k in ops:
+    for step, (op, k) in enumerate(ops):
+        before = {r.name: r.in_flight for r in s.replicas}
         queued = [c for c in m.clients if c.waiter is not None and not c.gone]
         holding = [c for c in m.clients if c.lease is not None and not c.lease.released]
         vanished = [c for c in m.clients if c.gone and c.waiter is not None]
@@ -332,7 +340,9 @@ def test_property_cap_conservation_fifo(
             lease.release()
         elif op in ("cancel", "timeout") and queued:
             c = queued[k % len(queued)]
-            assert c.waiter is not None and s.withdraw(c.waiter)
+            assert c.waiter is not None and c.waiter.queued
+            assert s.withdraw(c.waiter) == ()  # leaving frees no slot
+            assert not c.waiter.queued
             c.waiter = None
         elif op == "vanish" and queued:
             queued[k % len(queued)].gone = True  # future cancelled, handler not yet run
@@ -344,16 +354,25 @@ def test_property_cap_conservation_fifo(
         elif op == "health":
             r = s.replicas[k % len(s.replicas)]
             s.set_healthy(r, not r.healthy)
+        elif op == "limit":
+            s.set_limit(s.replicas[k % len(s.replicas)], 1 + k % 4)
+        elif op == "add" and len(s.replicas) < 5:
+            s.add_replica(f"n{step}", "http://127.0.0.1:1", 1 + k % 3)
+        elif op == "remove" and len(s.replicas) > 1:
+            s.remove_replica(s.replicas[k % len(s.replicas)])
 
         # -- invariants after every step --
         holding = [c for c in m.clients if c.lease is not None and not c.lease.released]
         for r in s.replicas:
-            assert 0 <= r.in_flight <= r.max_concurrency, repr(s)
+            # A lowered limit cuts nothing, but no step may grant past it.
+            assert 0 <= r.in_flight <= max(r.max_concurrency, before.get(r.name, 0)), repr(s)
+            assert r.state in ("active", "draining"), repr(s)
+            assert r.state == "active" or r.in_flight > 0, repr(s)
             assert r.in_flight == sum(1 for c in holding if c.lease and c.lease.replica is r)
         live_waiting = [c for c in m.clients if c.waiter is not None and not c.gone]
         if live_waiting:
             for r in s.replicas:
-                assert not r.healthy or r.in_flight == r.max_concurrency, repr(s)
+                assert not r.takes_work or r.in_flight >= r.max_concurrency, repr(s)
         assert s.queue_depth <= max(max_queue, 0) + sum(1 for c in m.clients if c.front)
 
     # FIFO: among plain arrivals that were queued, grants follow arrival order.
@@ -381,3 +400,158 @@ def test_drain_rate_window_is_bounded_however_long_it_runs() -> None:
         assert isinstance(lease, Lease)
         lease.release()
     assert len(s._completions) <= 61  # one minute of completions, not all of them
+
+
+# -- the wait queue ------------------------------------------------------------------------
+
+
+def test_fifo_queue_order_positions_and_front() -> None:
+    q = FifoQueue()
+    a, b, c = (Waiter(lambda _: True, deadline=0.0) for _ in range(3))
+    q.push(a)
+    q.push(b)
+    q.push(c, front=True)
+    assert [q.position(w) for w in (c, a, b)] == [1, 2, 3]
+    assert q.remove(a) and not q.remove(a)
+    assert q.position(a) is None and q.position(b) == 2
+    assert [q.pop(), q.pop(), q.pop()] == [c, b, None]
+    assert len(q) == 0
+
+
+def test_scheduler_tells_a_waiters_position() -> None:
+    s = make(1)
+    lease = s.submit(lambda _: True)
+    first, second = s.submit(lambda _: True), s.submit(lambda _: True)
+    again = s.submit(lambda _: True, front=True)
+    assert isinstance(first, Waiter) and isinstance(second, Waiter)
+    assert isinstance(again, Waiter)
+    assert [s.position(w) for w in (again, first, second)] == [1, 2, 3]
+    for w in (first, second, again):
+        s.withdraw(w)
+    assert isinstance(lease, Lease)
+    lease.release()
+
+
+# -- decisions: grants ---------------------------------------------------------------------
+
+
+def test_release_returns_the_grant_it_made(leak_checked: list[Scheduler]) -> None:
+    s = make(1)
+    leak_checked.append(s)
+    lease = s.submit(lambda _: True)
+    w = s.submit(lambda _: True)
+    assert isinstance(lease, Lease) and isinstance(w, Waiter)
+    grants = lease.release()
+    assert [(g.waiter, g.lease.replica.name) for g in grants] == [(w, "r0")]
+    assert w.lease is grants[0].lease and not w.queued
+    assert lease.release() == ()  # idempotent: no second grant
+    grants[0].lease.release()
+
+
+def test_withdraw_after_grant_passes_the_slot_on(leak_checked: list[Scheduler]) -> None:
+    """A caller cancelled in the instant it was granted: its withdraw hands the slot on."""
+    s = make(1)
+    leak_checked.append(s)
+    lease = s.submit(lambda _: True)
+    a, b = s.submit(lambda _: True), s.submit(lambda _: True)
+    assert isinstance(lease, Lease) and isinstance(a, Waiter) and isinstance(b, Waiter)
+    (grant,) = lease.release()
+    assert grant.waiter is a
+    (passed,) = s.withdraw(a)
+    assert passed.waiter is b and a.lease is None
+    assert repr(s) == "<Scheduler queued=0/100 [r0 1/1]>"
+    passed.lease.release()
+
+
+def test_add_replica_serves_waiters_at_once(leak_checked: list[Scheduler]) -> None:
+    s = make(1)
+    leak_checked.append(s)
+    lease = s.submit(lambda _: True)
+    waiters = [s.submit(lambda _: True) for _ in range(3)]
+    grants = s.add_replica("r1", "http://127.0.0.1:9100", 2)
+    assert [g.waiter for g in grants] == waiters[:2]
+    assert {g.lease.replica.name for g in grants} == {"r1"}
+    assert repr(s) == "<Scheduler queued=1/100 [r0 1/1, r1 2/2]>"
+    with pytest.raises(ValueError, match="already exists"):
+        s.add_replica("r1", "http://127.0.0.1:9100", 2)
+    assert isinstance(waiters[2], Waiter)
+    s.withdraw(waiters[2])
+    for g in grants:
+        g.lease.release()
+    assert isinstance(lease, Lease)
+    lease.release()
+
+
+def test_remove_drains_first_then_the_replica_is_gone(leak_checked: list[Scheduler]) -> None:
+    retired: list[str] = []
+    now = [0.0]
+    replicas = [Replica("r0", "http://a", 2), Replica("r1", "http://b", 2)]
+    s = Scheduler(replicas, 100, clock=lambda: now[0], on_retired=lambda r: retired.append(r.name))
+    leak_checked.append(s)
+    held = s.submit(lambda _: True)
+    assert isinstance(held, Lease) and held.replica.name == "r0"
+    assert s.remove_replica(s.replicas[0]) is False  # it holds work: draining
+    assert repr(s) == "<Scheduler queued=0/100 [r0 1/2 draining, r1 0/2]>"
+    more = [s.submit(lambda _: True) for _ in range(2)]
+    assert [x.replica.name for x in more if isinstance(x, Lease)] == ["r1", "r1"]
+    queued = s.submit(lambda _: True)
+    assert isinstance(queued, Waiter)  # r0 has a free slot, but takes no new work
+    assert held.release() == () and retired == ["r0"]  # its last work done: gone
+    assert [r.name for r in s.replicas] == ["r1"]
+    assert repr(s) == "<Scheduler queued=1/100 [r1 2/2]>"
+    (grant,) = more[0].release()  # type: ignore[union-attr]
+    assert grant.waiter is queued and grant.lease.replica.name == "r1"
+    grant.lease.release()
+    more[1].release()  # type: ignore[union-attr]
+    assert s.remove_replica(s.replicas[0]) is True and retired == ["r0", "r1"]  # idle: at once
+
+
+def test_set_limit_up_grants_down_cuts_nothing(leak_checked: list[Scheduler]) -> None:
+    s = make(1)
+    leak_checked.append(s)
+    r0 = s.replicas[0]
+    first = s.submit(lambda _: True)
+    waiters = [s.submit(lambda _: True) for _ in range(3)]
+    grants = s.set_limit(r0, 3)
+    assert [g.waiter for g in grants] == waiters[:2]
+    assert s.set_limit(r0, 1) == ()  # three in flight over a limit of one: none is cut
+    assert repr(s) == "<Scheduler queued=1/100 [r0 3/1]>"
+    assert isinstance(first, Lease)
+    assert first.release() == () and grants[0].lease.release() == ()  # still at the limit
+    (last,) = grants[1].lease.release()  # under the limit now: the next waiter goes
+    assert last.waiter is waiters[2]
+    last.lease.release()
+    with pytest.raises(ValueError, match="max_concurrency"):
+        s.set_limit(r0, 0)
+
+
+def test_set_healthy_returns_grants(leak_checked: list[Scheduler]) -> None:
+    s = make(1)
+    leak_checked.append(s)
+    r0 = s.replicas[0]
+    assert s.set_healthy(r0, False) == ()
+    w = s.submit(lambda _: True)
+    assert isinstance(w, Waiter)
+    assert s.set_healthy(r0, False) == ()  # no change, no decision
+    (grant,) = s.set_healthy(r0, True)
+    assert grant.waiter is w
+    grant.lease.release()
+
+
+# -- deadlines on the injected clock -------------------------------------------------------
+
+
+async def test_deadline_is_decided_by_the_injected_clock(leak_checked: list[Scheduler]) -> None:
+    now = [100.0]
+    s = make(1, clock=now)
+    leak_checked.append(s)
+    held = await s.acquire(s.now() + 5)
+    task = asyncio.create_task(s.acquire(s.now() + 5))  # the loop timer is 5 real seconds away
+    await asyncio.sleep(0)
+    assert s.expire() == [] and s.queue_depth == 1  # not yet on the scheduler's clock
+    now[0] = 105.0
+    (expired,) = s.expire()
+    assert not expired.queued and s.queue_depth == 0
+    with pytest.raises(QueueTimeout):
+        await task
+    held.release()
