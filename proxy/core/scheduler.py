@@ -30,32 +30,28 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 from proxy.core.errors import NoHealthyReplica, ProxyError, QueueFull, QueueTimeout
+from proxy.core.estimate import RETRY_AFTER_MIN_S, ServiceTimes, retry_after_s
 from proxy.core.queue import FifoQueue, Notify, Waiter, WaitQueue
 from proxy.core.replicas import Replica, ReplicaSet
 
 __all__ = ["Grant", "Lease", "Replica", "Scheduler", "Waiter"]
 
-#: How far back completions count towards the drain rate behind ``Retry-After``.
-DRAIN_WINDOW_S = 60.0
-RETRY_AFTER_MIN_S = 1
-RETRY_AFTER_MAX_S = 60
-
-
 class Lease:
     """One slot on one replica, held for exactly as long as the request uses it."""
 
-    __slots__ = ("_scheduler", "released", "replica")
+    __slots__ = ("_scheduler", "released", "replica", "started")
 
-    def __init__(self, scheduler: Scheduler, replica: Replica) -> None:
+    def __init__(self, scheduler: Scheduler, replica: Replica, started: float) -> None:
         self._scheduler = scheduler
         self.replica = replica
         self.released = False
+        self.started = started  # on the scheduler's clock: service time for Retry-After
 
     def release(self) -> Sequence[Grant]:
         """Give the slot back (idempotent). Safe to call from ``finally`` on any path."""
@@ -79,8 +75,9 @@ class Scheduler:
     """The bounded queue and the slots of every replica.
 
     ``max_queue`` bounds the waiters (0: no waiting, a request that finds no free slot is
-    refused at once). ``clock`` decides deadlines and the drain-rate window (injectable, so
-    both are tested without sleeping); ``queue`` is the waiting policy (FIFO by default).
+    refused at once). ``clock`` decides deadlines and the service-time window behind
+    ``Retry-After``, ``rng`` its randomised rounding (both injectable, so they are tested
+    without sleeping or luck); ``queue`` is the waiting policy (FIFO by default).
     ``on_retired`` hears of a removed replica once its last lease has come back.
     """
 
@@ -91,6 +88,7 @@ class Scheduler:
         *,
         queue: WaitQueue | None = None,
         clock: Callable[[], float] = time.monotonic,
+        rng: Callable[[], float] = random.random,
         on_retired: Callable[[Replica], None] | None = None,
     ) -> None:
         self._set = ReplicaSet(replicas)
@@ -101,9 +99,10 @@ class Scheduler:
         self.max_queue = max_queue
         self._queue: WaitQueue = queue if queue is not None else FifoQueue()
         self._clock = clock
+        self._rng = rng
         self._on_retired = on_retired
         self._pick = self._set.pick  # bound once: the hot path calls it per request
-        self._completions: deque[float] = deque()
+        self._service = ServiceTimes()
 
     # -- observation ---------------------------------------------------------------------
 
@@ -157,7 +156,7 @@ class Scheduler:
         if not len(queue):
             replica = self._pick()
             if replica is not None:
-                return Lease(self, replica)
+                return Lease(self, replica, self._clock())
         if not front and len(queue) >= self.max_queue:
             if self.max_queue == 0 and not self.any_healthy():
                 raise NoHealthyReplica("no healthy replica", retry_after_s=RETRY_AFTER_MIN_S)
@@ -190,11 +189,7 @@ class Scheduler:
             return NO_GRANTS
         lease.released = True
         now = self._clock()
-        completions = self._completions
-        completions.append(now)
-        # Keep only the window Retry-After looks at: bounded memory however long we run.
-        while now - completions[0] > DRAIN_WINDOW_S:
-            completions.popleft()
+        self._service.record(now, now - lease.started)
         self._give_back(lease.replica)
         if not len(self._queue):
             return NO_GRANTS
@@ -246,19 +241,13 @@ class Scheduler:
     def retry_after_s(self, position: int) -> int:
         """Seconds until a caller at ``position`` in the queue would likely be served.
 
-        Position over the recent drain rate (completions per second over the last minute),
-        clamped to 1..60. With no completion seen yet we cannot estimate, so say the most.
+        The usable slots over the mean service time measured in the last minute give the
+        rate the line moves at (see :mod:`proxy.core.estimate`); 1 s with no history.
+        With no replica usable, the slots they will have when back.
         """
-        now = self._clock()
-        completions = self._completions
-        while completions and now - completions[0] > DRAIN_WINDOW_S:
-            completions.popleft()
-        if not completions:
-            return RETRY_AFTER_MAX_S
-        span = max(now - completions[0], 1.0)
-        rate = len(completions) / span
-        estimate = int(-(-position // rate))  # ceil without floats drifting below 1
-        return max(RETRY_AFTER_MIN_S, min(RETRY_AFTER_MAX_S, estimate))
+        slots = self._set.usable_slots() or sum(r.max_concurrency for r in self._set.all)
+        mean = self._service.mean(self._clock())
+        return retry_after_s(position, slots, mean, self._rng)
 
     # -- internals -----------------------------------------------------------------------
 
@@ -267,7 +256,9 @@ class Scheduler:
         waiter.queued = False
 
     def _expire(self, waiter: Waiter) -> None:
-        error = self.expired_error(len(self._queue))
+        # Its own place in line (ask the policy), not the queue's length: the head of a long
+        # queue is told one service time, not the whole queue's.
+        error = self.expired_error(self._queue.position(waiter) or 1)
         self._unqueue(waiter)
         waiter.notify(error)
 
@@ -279,6 +270,7 @@ class Scheduler:
         """Give free slots to waiters in the policy's order, until one or the other runs out."""
         queue = self._queue
         grants: list[Grant] = []
+        now = self._clock()
         while len(queue):
             replica = self._pick()
             if replica is None:
@@ -286,7 +278,7 @@ class Scheduler:
             waiter = queue.pop()
             assert waiter is not None
             waiter.queued = False
-            lease = Lease(self, replica)
+            lease = Lease(self, replica, now)
             if waiter.notify(lease):
                 waiter.lease = lease
                 grants.append(Grant(waiter, lease))
@@ -309,7 +301,7 @@ class Scheduler:
             # The common case under capacity: a free slot now, no Future or closure needed.
             replica = self._pick()
             if replica is not None:
-                return Lease(self, replica)
+                return Lease(self, replica, self._clock())
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Lease] = loop.create_future()
 

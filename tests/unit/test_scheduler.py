@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,10 +22,15 @@ from proxy.core.scheduler import Lease, Scheduler, Waiter
 CORE = Path(__file__).resolve().parents[2] / "proxy" / "core"
 
 
-def make(*caps: int, max_queue: int = 100, clock: list[float] | None = None) -> Scheduler:
+def make(
+    *caps: int,
+    max_queue: int = 100,
+    clock: list[float] | None = None,
+    rng: Callable[[], float] = random.random,
+) -> Scheduler:
     now = clock if clock is not None else [0.0]
     replicas = [Replica(f"r{i}", f"http://127.0.0.1:{9000 + i}", c) for i, c in enumerate(caps)]
-    return Scheduler(replicas, max_queue, clock=lambda: now[0])
+    return Scheduler(replicas, max_queue, clock=lambda: now[0], rng=rng)
 
 
 @pytest.fixture
@@ -107,7 +113,7 @@ def test_queue_full_and_zero_queue(leak_checked: list[Scheduler]) -> None:
     assert isinstance(w, Waiter)
     with pytest.raises(QueueFull) as info:
         s.submit(lambda _: True)
-    assert info.value.retry_after_s == 60  # no completion seen yet: no estimate
+    assert info.value.retry_after_s == 1  # no completion seen yet: no estimate, 1 s
     assert w.queued and s.withdraw(w) == ()
     assert not w.queued and s.queue_depth == 0
     assert isinstance(lease, Lease)
@@ -147,19 +153,91 @@ def test_unhealthy_replica_is_skipped_and_recovery_serves_waiters(
     granted[0].release()
 
 
-def test_retry_after_follows_drain_rate() -> None:
-    now = [0.0]
-    s = make(1, clock=now)
-    for t in range(10):  # 10 completions over 9 s (clamped span 9): ~1.1/s
-        now[0] = float(t)
+def served(s: Scheduler, now: list[float], count: int, service_s: float) -> None:
+    """``count`` requests, one after another, each holding its slot ``service_s``."""
+    for _ in range(count):
         lease = s.submit(lambda _: True)
         assert isinstance(lease, Lease)
+        now[0] += service_s
         lease.release()
+
+
+def test_retry_after_is_one_second_without_history() -> None:
+    """A cold proxy cannot estimate: it says 1 s, not 60 (callers obey it exactly)."""
+    s = make(1)
     assert s.retry_after_s(1) == 1
-    assert s.retry_after_s(20) == 18
-    assert s.retry_after_s(10_000) == 60
-    now[0] = 1000.0  # the window forgot them all
-    assert s.retry_after_s(1) == 60
+    assert s.retry_after_s(500) == 1
+
+
+def test_retry_after_is_position_times_mean_service_over_slots() -> None:
+    now = [0.0]
+    s = make(2, 2, clock=now, rng=lambda: 0.5)  # 4 slots
+    served(s, now, 10, 2.0)  # mean service 2 s: capacity 4 slots / 2 s = 2 per second
+    assert s.retry_after_s(8) == 4  # 8 ahead at 2/s
+    assert s.retry_after_s(1) == 1  # 0.5 s, clamped up to 1
+    assert s.retry_after_s(10_000) == 60  # clamped down
+    s.set_healthy(s.replicas[1], False)  # half the slots: twice the wait
+    assert s.retry_after_s(8) == 8
+    now[0] += 1000.0  # the window forgot every measurement: no history again
+    assert s.retry_after_s(8) == 1
+
+
+def test_retry_after_rounds_at_random_so_callers_spread() -> None:
+    now = [0.0]
+    draws = [0.0]
+    s = make(2, 2, clock=now, rng=lambda: draws[0])
+    served(s, now, 10, 2.0)
+    # 5 ahead at 2/s: 2.5 s, rounded up with probability 0.5.
+    draws[0] = 0.49
+    assert s.retry_after_s(5) == 3
+    draws[0] = 0.5
+    assert s.retry_after_s(5) == 2
+    rng = random.Random(7)
+    s2 = make(2, 2, clock=now, rng=rng.random)
+    served(s2, now, 10, 2.0)
+    values = [s2.retry_after_s(5) for _ in range(1000)]
+    assert set(values) == {2, 3}
+    assert 2.4 < sum(values) / len(values) < 2.6  # the mean stays the estimate
+
+
+def test_queue_full_retry_after_uses_the_estimate() -> None:
+    now = [0.0]
+    s = make(1, max_queue=2, clock=now, rng=lambda: 0.5)
+    served(s, now, 3, 3.0)
+    lease = s.submit(lambda _: True)
+    w1, w2 = s.submit(lambda _: True), s.submit(lambda _: True)
+    with pytest.raises(QueueFull) as info:
+        s.submit(lambda _: True)
+    assert info.value.retry_after_s == 9  # third in line at one per 3 s
+    for w in (w1, w2):
+        assert isinstance(w, Waiter)
+        s.withdraw(w)
+    assert isinstance(lease, Lease)
+    lease.release()
+
+
+def test_queue_timeout_retry_after_uses_the_waiters_own_position() -> None:
+    """The head of a long queue that times out is told its own wait, not the queue's length."""
+    now = [0.0]
+    s = make(1, clock=now, rng=lambda: 0.5)
+    served(s, now, 3, 2.0)  # one slot, 2 s per request
+    lease = s.submit(lambda _: True)
+    told: list[object] = []
+    head = s.submit(told.append, deadline=now[0] + 1)  # type: ignore[arg-type]
+    for _ in range(9):
+        s.submit(lambda _: True, deadline=now[0] + 60)
+    now[0] += 1
+    assert s.expire() == [head]
+    (err,) = told
+    assert isinstance(err, QueueTimeout)
+    assert err.retry_after_s == 2  # first in line: one service time, not 10 of them
+    middle = list(s._queue)[4]  # fifth in line
+    s.withdraw(next(iter(s._queue)))
+    assert s.position(middle) == 4
+    for w in list(s._queue):
+        s.withdraw(w)
+    assert isinstance(lease, Lease)
+    lease.release()
 
 
 def test_front_requeue_goes_first_and_ignores_bound(leak_checked: list[Scheduler]) -> None:
@@ -399,7 +477,7 @@ def test_drain_rate_window_is_bounded_however_long_it_runs() -> None:
         lease = s.submit(lambda _: True)
         assert isinstance(lease, Lease)
         lease.release()
-    assert len(s._completions) <= 61  # one minute of completions, not all of them
+    assert len(s._service) <= 13  # one minute of buckets, not every completion
 
 
 # -- the wait queue ------------------------------------------------------------------------
