@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -84,9 +83,9 @@ class Forwarder:
         upstreams = self.app[UPSTREAMS]
         metrics = self.app[METRICS]
         retries = self.config.upstream.retries
-        # On the scheduler's clock, which decides deadlines; counted from arrival.
-        elapsed = asyncio.get_running_loop().time() - exchange.arrival
-        deadline = scheduler.now() + self.config.queue.timeout_s - elapsed
+        # Counted from joining the queue, on the scheduler's clock (which decides deadlines):
+        # the body upload before it is the caller's time, not the queue's. A resend keeps it.
+        deadline = scheduler.now() + self.config.queue.timeout_s
         headers = upstream_request_headers(request, exchange.request_id)
         fresh = False
         exchange.enqueued_at = time.monotonic()

@@ -29,3 +29,36 @@ async def test_cold_proxy_says_retry_after_one_second(
     r.gate.set()
     for task in (busy, waiting):
         (await task).release()
+
+
+async def test_queue_deadline_starts_when_the_request_joins_the_queue(
+    replicas: Factory, proxy: Factory
+) -> None:
+    """An upload slower than queue.timeout_s still gets its full queue.timeout_s of waiting."""
+    r: FakeReplica = await replicas("r")
+    p: Proxy = await proxy(make_config(("r", r.url, 1), queue_timeout_s=0.5))
+    async with aiohttp.ClientSession() as client:
+        busy = asyncio.create_task(client.post(p.url + "/v1/completions", json={"hold": True}))
+        await until(lambda: r.in_flight == 1, "replica busy")
+        host, port = p.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            body = b'{"slow": "upload"}'
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                         b"Content-Type: application/json\r\nConnection: close\r\n\r\n%s"
+                         % (len(body), body[:5]))
+            await writer.drain()
+            # The upload's own pace (the condition under test, not a synchronisation): it
+            # takes longer than queue.timeout_s before the request can join the queue.
+            await asyncio.sleep(0.7)
+            writer.write(body[5:])
+            await writer.drain()
+            answer = asyncio.create_task(reader.read())
+            await until(lambda: p.scheduler.queue_depth == 1 or answer.done(), "queued")
+            r.gate.set()  # the slot frees well inside the 0.5 s the request may wait
+            raw = await asyncio.wait_for(answer, 10)
+        finally:
+            writer.close()
+        assert raw.startswith(b"HTTP/1.1 200"), raw[:200]
+        (await busy).release()
+    assert p.metric("batchgate_rejected_requests_total", reason="queue_timeout") == 0
