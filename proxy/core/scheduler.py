@@ -75,9 +75,10 @@ class Scheduler:
     """The bounded queue and the slots of every replica.
 
     ``max_queue`` bounds the waiters (0: no waiting, a request that finds no free slot is
-    refused at once). ``clock`` decides deadlines and the service-time window behind
-    ``Retry-After``, ``rng`` its randomised rounding (both injectable, so they are tested
-    without sleeping or luck); ``queue`` is the waiting policy (FIFO by default).
+    refused at once), ``max_bytes`` the sum of their bodies (a request that gets a slot at
+    once is never queued, so never counted). ``clock`` decides deadlines and the service-time
+    window behind ``Retry-After``, ``rng`` its randomised rounding (both injectable, so they
+    are tested without sleeping or luck); ``queue`` is the waiting policy (FIFO by default).
     ``on_retired`` hears of a removed replica once its last lease has come back.
     """
 
@@ -86,6 +87,7 @@ class Scheduler:
         replicas: Iterable[Replica],
         max_queue: int,
         *,
+        max_bytes: float = math.inf,
         queue: WaitQueue | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
@@ -97,6 +99,10 @@ class Scheduler:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         self.max_queue = max_queue
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self.queued_bytes = 0
         self._queue: WaitQueue = queue if queue is not None else FifoQueue()
         self._clock = clock
         self._rng = rng
@@ -136,18 +142,27 @@ class Scheduler:
         return not len(self._queue) and self._set.in_flight == 0
 
     def __repr__(self) -> str:
-        return f"<Scheduler queued={len(self._queue)}/{self.max_queue} {self._set!r}>"
+        size = ""
+        if self.max_bytes < math.inf:
+            size = f" {self.queued_bytes}/{self.max_bytes} bytes"
+        return f"<Scheduler queued={len(self._queue)}/{self.max_queue}{size} {self._set!r}>"
 
     # -- decisions (synchronous) ---------------------------------------------------------
 
     def submit(
-        self, notify: Notify, *, deadline: float = math.inf, front: bool = False
+        self,
+        notify: Notify,
+        *,
+        deadline: float = math.inf,
+        size: int = 0,
+        front: bool = False,
     ) -> Lease | Waiter:
         """Take a slot now, or join the queue until ``deadline`` (on :meth:`now`'s clock).
 
+        ``size`` is the request's body, counted against ``max_bytes`` while it waits.
         ``front`` puts a request back at the head: it was admitted once already and lost its
         slot through no fault of its own (the replica refused the connection), so it neither
-        goes to the back nor counts against the queue's bound.
+        goes to the back nor is refused by the queue's bounds (its bytes still count).
 
         Raises :class:`QueueFull`, or :class:`NoHealthyReplica` when waiting is not allowed
         and no replica is healthy.
@@ -157,16 +172,27 @@ class Scheduler:
             replica = self._pick()
             if replica is not None:
                 return Lease(self, replica, self._clock())
-        if not front and len(queue) >= self.max_queue:
-            if self.max_queue == 0 and not self.any_healthy():
-                raise NoHealthyReplica("no healthy replica", retry_after_s=RETRY_AFTER_MIN_S)
-            raise QueueFull(
-                f"queue is full ({self.max_queue} waiting); retry later",
-                retry_after_s=self.retry_after_s(len(queue) + 1),
-            )
-        waiter = Waiter(notify, deadline)
+        if not front:
+            if len(queue) >= self.max_queue:
+                if self.max_queue == 0 and not self.any_healthy():
+                    raise NoHealthyReplica(
+                        "no healthy replica", retry_after_s=RETRY_AFTER_MIN_S
+                    )
+                raise QueueFull(
+                    f"queue is full ({self.max_queue} waiting); retry later",
+                    retry_after_s=self.retry_after_s(len(queue) + 1),
+                )
+            if self.queued_bytes + size > self.max_bytes:
+                raise QueueFull(
+                    f"queue is full: this request's {size} bytes would take the queued "
+                    f"request bodies past queue.max_bytes ({self.max_bytes} bytes); "
+                    "retry later",
+                    retry_after_s=self.retry_after_s(len(queue) + 1),
+                )
+        waiter = Waiter(notify, deadline, size)
         queue.push(waiter, front=front)
         waiter.queued = True
+        self.queued_bytes += size
         return waiter
 
     def withdraw(self, waiter: Waiter) -> Sequence[Grant]:
@@ -254,6 +280,7 @@ class Scheduler:
     def _unqueue(self, waiter: Waiter) -> None:
         self._queue.remove(waiter)
         waiter.queued = False
+        self.queued_bytes -= waiter.size
 
     def _expire(self, waiter: Waiter) -> None:
         # Its own place in line (ask the policy), not the queue's length: the head of a long
@@ -278,6 +305,7 @@ class Scheduler:
             waiter = queue.pop()
             assert waiter is not None
             waiter.queued = False
+            self.queued_bytes -= waiter.size
             lease = Lease(self, replica, now)
             if waiter.notify(lease):
                 waiter.lease = lease
@@ -291,8 +319,9 @@ class Scheduler:
 
     # -- waiting (async) -----------------------------------------------------------------
 
-    async def acquire(self, deadline: float, *, front: bool = False) -> Lease:
-        """Wait for a slot until ``deadline`` (on :meth:`now`'s clock).
+    async def acquire(self, deadline: float, *, size: int = 0, front: bool = False) -> Lease:
+        """Wait for a slot until ``deadline`` (on :meth:`now`'s clock); ``size`` as in
+        :meth:`submit`.
 
         Cancel-safe: a caller cancelled while queued leaves the queue; one cancelled just as
         its slot was granted gives that slot to the next waiter before the error propagates.
@@ -314,7 +343,7 @@ class Scheduler:
                 future.set_exception(result)
             return True
 
-        got = self.submit(notify, deadline=deadline, front=front)
+        got = self.submit(notify, deadline=deadline, size=size, front=front)
         if isinstance(got, Lease):
             return got
         waiter = got

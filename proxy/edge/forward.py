@@ -91,7 +91,9 @@ class Forwarder:
         exchange.enqueued_at = time.monotonic()
         while True:
             try:
-                lease = await scheduler.acquire(deadline, front=exchange.attempts > 0)
+                lease = await scheduler.acquire(
+                    deadline, size=len(body), front=exchange.attempts > 0
+                )
             except ProxyError as err:
                 if not err.waited:
                     exchange.enqueued_at = None  # refused at the door: it never waited

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -62,3 +63,33 @@ async def test_queue_deadline_starts_when_the_request_joins_the_queue(
         assert raw.startswith(b"HTTP/1.1 200"), raw[:200]
         (await busy).release()
     assert p.metric("batchgate_rejected_requests_total", reason="queue_timeout") == 0
+
+
+async def test_queued_bodies_past_max_bytes_get_429_queue_full(
+    replicas: Factory, proxy: Factory, client: aiohttp.ClientSession
+) -> None:
+    r: FakeReplica = await replicas("r")
+    config = make_config(("r", r.url, 1))
+    config = dataclasses.replace(config, queue=dataclasses.replace(config.queue, max_bytes=1000))
+    p: Proxy = await proxy(config)
+    busy = asyncio.create_task(
+        client.post(p.url + "/v1/completions", json={"hold": True, "pad": "x" * 5000})
+    )  # a free slot: a body larger than the bound is not queued, so not refused
+    await until(lambda: r.in_flight == 1, "replica busy")
+    waiting = asyncio.create_task(
+        client.post(p.url + "/v1/completions", json={"pad": "x" * 600})
+    )
+    await until(lambda: p.scheduler.queue_depth == 1, "one waiting")
+    async with client.post(p.url + "/v1/completions", json={"pad": "x" * 600}) as resp:
+        assert resp.status == 429
+        assert 1 <= int(resp.headers["Retry-After"]) <= 60
+        body = await resp.json()
+    assert body["error"]["code"] == "queue_full"
+    assert body["error"]["type"] == "rate_limit_error"
+    assert "queue.max_bytes (1000 bytes)" in body["error"]["message"]
+    r.gate.set()
+    for task in (busy, waiting):
+        async with await task as resp:
+            assert resp.status == 200
+    assert r.arrivals == 2
+    assert p.metric("batchgate_rejected_requests_total", reason="queue_full") == 1

@@ -633,3 +633,46 @@ async def test_deadline_is_decided_by_the_injected_clock(leak_checked: list[Sche
     with pytest.raises(QueueTimeout):
         await task
     held.release()
+
+
+# -- the byte bound ------------------------------------------------------------------------
+
+
+def test_queued_bodies_are_bounded_in_bytes(leak_checked: list[Scheduler]) -> None:
+    s = Scheduler([Replica("r0", "http://a", 1)], 100, max_bytes=100)
+    leak_checked.append(s)
+    lease = s.submit(lambda _: True, size=10_000)  # a free slot: never queued, never counted
+    assert isinstance(lease, Lease) and s.queued_bytes == 0
+    big = s.submit(lambda _: True, size=60)
+    assert isinstance(big, Waiter) and s.queued_bytes == 60
+    with pytest.raises(QueueFull, match=r"queue\.max_bytes \(100 bytes\)") as info:
+        s.submit(lambda _: True, size=41)
+    assert info.value.reason == "queue_full" and info.value.retry_after_s is not None
+    fits = s.submit(lambda _: True, size=40)  # exactly at the limit: not past it
+    assert isinstance(fits, Waiter) and s.queued_bytes == 100
+    again = s.submit(lambda _: True, size=50, front=True)  # admitted once: not refused now
+    assert isinstance(again, Waiter) and s.queued_bytes == 150
+    assert repr(s) == "<Scheduler queued=3/100 150/100 bytes [r0 1/1]>"
+    s.withdraw(fits)
+    assert s.queued_bytes == 110
+    (grant,) = lease.release()  # the head leaves the queue with its body
+    assert grant.waiter is again and s.queued_bytes == 60
+    (grant2,) = grant.lease.release()
+    assert grant2.waiter is big and s.queued_bytes == 0
+    grant2.lease.release()
+
+
+async def test_acquire_counts_the_body_while_it_waits(leak_checked: list[Scheduler]) -> None:
+    s = Scheduler([Replica("r0", "http://a", 1)], 100, max_bytes=100)
+    leak_checked.append(s)
+    held = await s.acquire(s.now() + 60, size=500)
+    task = asyncio.create_task(s.acquire(s.now() + 60, size=70))
+    await asyncio.sleep(0)
+    assert s.queued_bytes == 70
+    with pytest.raises(QueueFull):
+        await s.acquire(s.now() + 60, size=31)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert s.queued_bytes == 0
+    held.release()
