@@ -11,18 +11,10 @@ import errno
 import logging
 
 import aiohttp
-from aiohttp import web
-from yarl import URL
 
 from proxy.config import HealthConfig, UpstreamConfig
-from proxy.core.errors import UpstreamError
 from proxy.core.replicas import Replica
 from proxy.core.scheduler import Scheduler
-from proxy.edge.headers import (
-    SKIP_AUTO_HEADERS,
-    downstream_response_headers,
-    upstream_request_headers,
-)
 
 log = logging.getLogger("batchgate.health")
 
@@ -30,8 +22,9 @@ log = logging.getLogger("batchgate.health")
 class HealthChecker:
     """One probe loop per replica, owned here and cancelled in :meth:`close`.
 
-    Its session also serves ``GET /v1/models``, which must not take a generation slot or
-    wait behind the replica's pooled connections.
+    Probes use aiohttp's client: they run once per ``interval_s``, off the hot path, and need
+    none of the lean pool's streaming. Requests that callers send (slot-free GETs included)
+    always go through :mod:`proxy.upstream`, so they are relayed byte for byte.
     """
 
     def __init__(
@@ -40,9 +33,6 @@ class HealthChecker:
         self._scheduler = scheduler
         self._config = config
         self._probe_timeout = aiohttp.ClientTimeout(total=config.timeout_s)
-        self._forward_timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=upstream.connect_timeout_s, sock_read=upstream.read_timeout_s
-        )
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, force_close=True),
             cookie_jar=aiohttp.DummyCookieJar(),
@@ -90,23 +80,3 @@ class HealthChecker:
             if healthy is not None:
                 self._scheduler.set_healthy(replica, healthy)
             await asyncio.sleep(self._config.interval_s)
-
-    async def forward_get(
-        self, replica: Replica, request: web.Request, request_id: str
-    ) -> web.Response:
-        """A small GET answered in full (``/v1/models``): relayed with status and headers."""
-        url = URL(replica.url + request.raw_path, encoded=True)
-        try:
-            async with self._session.get(
-                url,
-                timeout=self._forward_timeout,
-                headers=upstream_request_headers(request, request_id),
-                skip_auto_headers=SKIP_AUTO_HEADERS,
-            ) as upstream:
-                body = await upstream.read()
-                headers = downstream_response_headers(upstream.headers, request_id)
-                headers.popall("Content-Length", None)
-                return web.Response(status=upstream.status, body=body, headers=headers)
-        except (aiohttp.ClientError, TimeoutError) as err:
-            raise UpstreamError(f"replica {replica.name}: {err}", kind="connect",
-                                replica=replica.name) from err
