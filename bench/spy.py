@@ -77,8 +77,8 @@ def _file(frame: str) -> str:
     path = _path(frame)
     if path.startswith(PACKAGE):
         return "proxy/" + path[len(PACKAGE) :]
-    if path.startswith("proxy/"):  # relative: the proxy ran with the checkout as its cwd
-        return path
+    if not path.startswith("/"):  # py-spy's short form is already package-relative
+        return path or "?"
     _, marker, inside = path.rpartition("-packages/")
     if marker:
         return inside or "?"
