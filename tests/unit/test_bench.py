@@ -485,6 +485,16 @@ def test_progress_without_tqdm_is_a_plain_counter(monkeypatch: pytest.MonkeyPatc
     )
 
 
+def test_progress_with_tqdm_draws_its_bar() -> None:
+    pytest.importorskip("tqdm")  # the bench extra, which the test extra brings
+    out = io.StringIO()
+    with progress_bar("concurrency 3", 3, enabled=True, file=out) as tick:
+        for _ in range(3):
+            tick()
+    assert "concurrency 3" in out.getvalue() and "3/3" in out.getvalue()
+    assert "req" in out.getvalue()
+
+
 def test_progress_disabled_writes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     for blocked in (False, True):
         if blocked:
