@@ -6,7 +6,10 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import queue
+import resource
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -72,14 +75,50 @@ def _load(path: str) -> Config:
         raise SystemExit(EXIT_CONFIG) from None
 
 
+def raise_open_files_limit() -> tuple[int, int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; returns (soft before, soft now, hard).
+
+    The common default soft limit is 1,024: a proxy holding a caller's connection, an upstream
+    connection and a queued request per client runs out of descriptors long before the
+    machine does, and the failures then look like broken replicas.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # An unlimited hard limit cannot be the soft one for files on Linux (fs.nr_open caps it).
+    target = hard if hard != resource.RLIM_INFINITY else _NR_OPEN_FALLBACK
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            return soft, soft, hard
+        return soft, target, hard
+    return soft, soft, hard
+
+
+_NR_OPEN_FALLBACK = 1 << 20  # Linux's default fs.nr_open
+
+
+def _exit_now(sig: signal.Signals) -> None:
+    # Asked twice: the operator wants the process gone, not drained. Said on stderr directly
+    # (the logging thread would not get to write it), then gone without cleanup; the kernel
+    # closes every socket, so callers and replicas see their connections end.
+    sys.stderr.write(f"batchgate: second {sig.name} during the drain: exiting now\n")
+    sys.stderr.flush()
+    os._exit(128 + int(sig))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     listener = setup_logging(config.logging)
+    before, now, hard = raise_open_files_limit()
+    logging.getLogger("batchgate").info(
+        "open files limit: soft %s -> %s (hard %s)", before, now,
+        "unlimited" if hard == resource.RLIM_INFINITY else hard,
+    )
     from proxy.server import serve  # heavy imports only for the commands that need them
 
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve(config))
+            runner.run(serve(config, on_second_signal=_exit_now))
     except OSError as err:  # the listener could not bind: say so in one line
         host, port = config.server.host, config.server.port
         reason = err.strerror or err

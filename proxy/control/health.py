@@ -7,6 +7,7 @@ requests at that very moment.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 
 import aiohttp
@@ -62,23 +63,32 @@ class HealthChecker:
         self._tasks.clear()
         await self._session.close()
 
-    async def probe(self, replica: Replica) -> bool:
+    async def probe(self, replica: Replica) -> bool | None:
+        """True or False: the replica's verdict; None: we could not ask (out of descriptors)."""
         try:
             async with self._session.get(
                 replica.url + self._config.path, timeout=self._probe_timeout
             ) as response:
                 await response.read()
                 return 200 <= response.status < 300
+        except aiohttp.ClientConnectorError as err:
+            if err.os_error.errno in (errno.EMFILE, errno.ENFILE):
+                return None  # our own exhaustion says nothing about the replica
+            return False
         except (aiohttp.ClientError, TimeoutError):
             return False
 
     async def _loop(self, replica: Replica) -> None:
         while True:
             healthy = await self.probe(replica)
-            if healthy != replica.healthy:
+            if healthy is None:
+                log.warning("replica %s not probed: batchgate is out of file descriptors",
+                            replica.name)
+            elif healthy != replica.healthy:
                 log.warning("replica %s is now %s", replica.name,
                             "healthy" if healthy else "unhealthy")
-            self._scheduler.set_healthy(replica, healthy)
+            if healthy is not None:
+                self._scheduler.set_healthy(replica, healthy)
             await asyncio.sleep(self._config.interval_s)
 
     async def forward_get(

@@ -15,6 +15,7 @@ connection with half a response left on it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import re
 import socket
 from collections import deque
@@ -23,6 +24,8 @@ from typing import cast
 from urllib.parse import urlsplit
 
 from multidict import CIMultiDict
+
+from proxy.core.errors import Overloaded
 
 _HIGH_WATER = 256 * 1024  # unread body bytes above which we stop reading the socket
 #: A pooled connection lost this soon after our request was written, before any response
@@ -34,6 +37,7 @@ IDLE_EXPIRY_S = 4.0
 _LARGE_BODY = 1024 * 1024  # above this, head and body go out as two writes (no big copy)
 _MAX_HEAD = 64 * 1024
 _MAX_LINE = 8 * 1024  # chunk-size and trailer lines
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 # All header lines at once (one C-level match instead of one per name): `token:value`, no bare
@@ -575,6 +579,9 @@ class ConnectionPool:
                 _, conn = await loop.create_connection(
                     lambda: _Connection(self, loop), self._host, self._port)
         except OSError as err:  # refused, unreachable, DNS; TimeoutError is an OSError too
+            if err.errno in _OUT_OF_DESCRIPTORS:
+                # Our own process (or the host) is out of sockets: the replica is fine.
+                raise Overloaded(f"batchgate is out of file descriptors: {err}") from err
             detail = str(err) or type(err).__name__
             raise NotDeliveredError("connect", False, f"{self.base_url}: {detail}") from err
         finally:

@@ -191,3 +191,47 @@ def test_sim_command_serves_and_stops_on_sigterm() -> None:
         proc.wait()
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+def test_serve_raises_the_soft_open_files_limit_to_the_hard_one(tmp_path: Path) -> None:
+    """At a soft limit of 1,024 a busy proxy runs out of descriptors long before the machine."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"hard RLIMIT_NOFILE is {hard}: nothing to raise")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "server": {"host": "127.0.0.1", "port": 0},
+        "replicas": [{"name": "r", "url": "http://127.0.0.1:9", "max_concurrency": 1}],
+        "health": {"interval_s": 60},
+        "logging": {"format": "text"},
+    }))
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=low_soft_limit,
+    )
+    try:
+        assert proc.stdout is not None
+        seen: list[bytes] = []
+        for line in proc.stdout:  # bounded by the test timeout; serve logs then listens
+            seen.append(line)
+            if b"batchgate listening on" in line:
+                break
+        log = b"".join(seen).decode()
+        shown = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+        assert "open files limit: soft 256 -> " in log, log
+        assert f"(hard {shown})" in log, log
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        row = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+        soft_now = row.split()[3]
+        assert soft_now == (str(hard) if hard != resource.RLIM_INFINITY else str(1 << 20)), row
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        if proc.stdout is not None:
+            proc.stdout.close()
