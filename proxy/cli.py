@@ -19,10 +19,10 @@ import uvloop
 import yaml
 
 from proxy import __version__
-from proxy.bench.cli import add_parser as add_bench_parser
 from proxy.config import Config, ConfigError, LoggingConfig, config_to_dict, load_config
 
 EXIT_CONFIG = 2
+BENCH_HELP = "load-test an OpenAI-compatible endpoint at several concurrency levels"
 
 
 class JsonFormatter(logging.Formatter):
@@ -179,7 +179,9 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The whole command line. ``bench`` gets its real arguments only when ``argv`` names it:
+    the load generator (and tqdm) stay unloaded for every other command, ``serve`` first."""
     parser = argparse.ArgumentParser(
         prog="batchgate",
         description="Async request-batching proxy for LLM inference servers.",
@@ -217,12 +219,18 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--model", default="batchgate-sim", help="model name it reports")
     sim.set_defaults(func=cmd_sim)
 
-    add_bench_parser(commands)
+    if list(argv[:1]) == ["bench"]:
+        from proxy.bench.cli import add_parser as add_bench_parser
+
+        add_bench_parser(commands, help=BENCH_HELP)
+    else:
+        commands.add_parser("bench", help=BENCH_HELP)  # listed in --help; never run as is
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     code: int = args.func(args)
     return code
 

@@ -252,6 +252,8 @@ def _replicas(value: object, path: str) -> tuple[ReplicaConfig, ...]:
 class QueueConfig:
     max_size: int = _field(1000, _integer(0))  # 0: reject at once when every slot is taken
     timeout_s: float = _field(30.0, _POSITIVE)
+    # The sum of the bodies of queued requests: memory stays bounded whatever callers send.
+    max_bytes: int = _field(268435456, _integer(0))
 
 
 @dataclass(frozen=True, slots=True)

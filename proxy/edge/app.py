@@ -71,7 +71,7 @@ def create_app(
         Replica(r.name, r.url or "", r.max_concurrency, index=i)
         for i, r in enumerate(config.replicas)
     ]
-    scheduler = Scheduler(replicas, config.queue.max_size)
+    scheduler = Scheduler(replicas, config.queue.max_size, max_bytes=config.queue.max_bytes)
     app[CONFIG] = config
     app[SCHEDULER] = scheduler
     app[METRICS] = metrics if metrics is not None else Metrics()

@@ -57,13 +57,17 @@ class Forwarder:
         upstreams = self.app[UPSTREAMS]
         metrics = self.app[METRICS]
         retries = self.config.upstream.retries
-        deadline = exchange.arrival + self.config.queue.timeout_s
+        # Counted from joining the queue, on the scheduler's clock (which decides deadlines):
+        # the body upload before it is the caller's time, not the queue's. A resend keeps it.
+        deadline = scheduler.now() + self.config.queue.timeout_s
         headers = upstream_request_headers(request, exchange.request_id)
         fresh = False
         exchange.enqueued_at = time.monotonic()
         while True:
             try:
-                lease = await scheduler.acquire(deadline, front=exchange.attempts > 0)
+                lease = await scheduler.acquire(
+                    deadline, size=len(body), front=exchange.attempts > 0
+                )
             except ProxyError as err:
                 if not err.waited:
                     exchange.enqueued_at = None  # refused at the door: it never waited

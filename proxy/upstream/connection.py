@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from multidict import CIMultiDict
 
 from proxy.core.errors import Overloaded
+from proxy.upstream.timer import ReadTimer
 
 _HIGH_WATER = 256 * 1024  # unread body bytes above which we stop reading the socket
 #: A pooled connection lost this soon after our request was written, before any response
@@ -174,9 +175,7 @@ class _Connection(asyncio.Protocol):
         self._reused = False
         self._got_bytes = False
         self._resp: Response | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._last = 0.0  # loop time of the last byte received (or of the request)
-        self._armed_from = 0.0  # value of _last when the timer was armed
+        self.timer = ReadTimer(loop, pool.read_timeout_s, self._on_silent, self._is_paused)
         self._sent_at = 0.0  # loop time the current request was written
         self.idle_since = 0.0  # loop time it went back to the pool
 
@@ -191,7 +190,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.usable = False
-        self._cancel_timer()
+        self.timer.stop()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
         state = self._state
@@ -217,12 +216,12 @@ class _Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        self._last = self.loop.time()  # the replica is taking the upload: not silent
+        self.timer.last = self.loop.time()  # the replica is taking the upload: not silent
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
 
     def data_received(self, data: bytes) -> None:
-        self._last = self.loop.time()
+        self.timer.last = self.loop.time()
         state = self._state
         if state in (_LENGTH, _CHUNK_DATA) and not self._buf:
             n = len(data)  # fast path: body bytes straight through, no copy into _buf
@@ -369,13 +368,13 @@ class _Connection(asyncio.Protocol):
 
     def resume(self) -> None:
         self.paused = False
-        self._last = self.loop.time()  # the pause was the reader's silence, not the replica's
+        self.timer.last = self.loop.time()  # the pause was the reader's silence, not the replica's
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
     def _finish(self) -> None:
         self._state = _DONE
-        self._cancel_timer()
+        self.timer.stop()
         if self._resp is not None:
             self._resp.complete = True
         waiter = self.body_waiter
@@ -392,7 +391,7 @@ class _Connection(asyncio.Protocol):
         if self.error is None:
             self.error = err
         self.usable = self.keep_alive = False
-        self._cancel_timer()
+        self.timer.stop()
         if self._head_waiter is not None and not self._head_waiter.done():
             self._head_waiter.set_exception(err)
         if self.body_waiter is not None and not self.body_waiter.done():
@@ -400,28 +399,15 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    # -- read timeout: one timer per request, re-armed only when it fires ------------------
+    # -- read timeout ---------------------------------------------------------------------
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        if self._state in (_IDLE, _DONE):
-            return
-        if self.paused:
-            # The caller is not reading, not the replica silent: look again one period on
-            # (from now: re-arming from the last byte would fire at once, again and again).
-            self._timer = self.loop.call_later(self.pool.read_timeout_s, self._on_timer)
-            return
-        if self._last > self._armed_from:
-            self._armed_from = self._last
-            self._timer = self.loop.call_at(self._last + self.pool.read_timeout_s, self._on_timer)
-            return
-        self._fail(UpstreamTimeoutError(
-            f"no data from the replica for {self.pool.read_timeout_s:g}s"))
+    def _is_paused(self) -> bool:
+        return self.paused
 
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    def _on_silent(self) -> None:
+        if self._state not in (_IDLE, _DONE):
+            self._fail(UpstreamTimeoutError(
+                f"no data from the replica for {self.pool.read_timeout_s:g}s"))
 
     # -- the request ---------------------------------------------------------------------
 
@@ -440,15 +426,16 @@ class _Connection(asyncio.Protocol):
         self._head_waiter = waiter
         if len(body) <= _LARGE_BODY:
             transport.write(head + body)
-            self.arm_timer()
         else:
             transport.write(head)
             transport.write(body)
-            self.arm_timer()  # a replica that stops reading the upload is silent too
+        # From the request on; a replica that stops reading the upload is silent too (each
+        # resume_writing is a sign of life).
+        self.timer.start()
         return waiter
 
     async def drain(self) -> None:
-        """After a large body: wait until the transport took it, then start the timer."""
+        """After a large body: wait until the transport took it (the timer runs meanwhile)."""
         transport = self.transport
         if self._write_paused and transport is not None and not transport.is_closing():
             self._drain_waiter = self.loop.create_future()
@@ -456,17 +443,9 @@ class _Connection(asyncio.Protocol):
                 await self._drain_waiter
             finally:
                 self._drain_waiter = None
-        self.arm_timer()
-
-    def arm_timer(self) -> None:
-        # From the end of the upload: only the replica's silence counts.
-        if self._state not in (_IDLE, _DONE) and self.error is None:
-            self._last = self._armed_from = self.loop.time()
-            self._timer = self.loop.call_at(self._last + self.pool.read_timeout_s,
-                                            self._on_timer)
 
     def checkin(self, reuse: bool) -> None:
-        self._cancel_timer()
+        self.timer.stop()
         self.body.clear()
         self.buffered = 0
         reuse = reuse and self.usable and not self.fresh and self._state == _DONE

@@ -85,7 +85,7 @@ def test_only_replicas_gives_every_default() -> None:
         server=ServerConfig(
             host="0.0.0.0", port=8080, max_body_bytes=67108864, drain_timeout_s=30.0
         ),
-        queue=QueueConfig(max_size=1000, timeout_s=30.0),
+        queue=QueueConfig(max_size=1000, timeout_s=30.0, max_bytes=268435456),
         health=HealthConfig(path="/health", interval_s=5.0, timeout_s=2.0),
         upstream=UpstreamConfig(connect_timeout_s=5.0, read_timeout_s=600.0, retries=2),
         logging=LoggingConfig(format="json", level="info"),
@@ -330,6 +330,11 @@ BAD_CONFIGS: list[tuple[str, str | bytes | None, str]] = [
         "queue.max_size: must be an integer >= 0, got -1",
     ),
     (
+        "fractional max_bytes",
+        REPLICA + "queue: {max_bytes: 1.5}\n",
+        "queue.max_bytes: must be an integer >= 0, got 1.5",
+    ),
+    (
         "zero timeout",
         REPLICA + "health: {timeout_s: 0}\n",
         "health.timeout_s: must be a number > 0, got 0",
@@ -560,6 +565,7 @@ def test_parse_config_prefixes_the_source() -> None:
     [
         ("queue: {max_size: 0}", QueueConfig(max_size=0)),
         ("queue: {timeout_s: 3}", QueueConfig(timeout_s=3.0)),
+        ("queue: {max_bytes: 0}", QueueConfig(max_bytes=0)),
         ("server: {port: 0}", ServerConfig(port=0)),
         ("logging: {level: DeBuG}", LoggingConfig(level="debug")),
         ("health: {path: /}", HealthConfig(path="/")),
