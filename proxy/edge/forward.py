@@ -131,6 +131,10 @@ class Forwarder:
             if exchange.client_gone:
                 exchange.outcome = "client_disconnect"
             return response
+        except UpstreamError as err:
+            # Failed before its first body byte: nothing was sent, the frame answers 502/504.
+            metrics.upstream_error(replica, err.kind)
+            raise
         finally:
             if completed:
                 upstream.release()  # back to the pool for the next request

@@ -49,7 +49,10 @@ async def read_request(reader: asyncio.StreamReader) -> Request | None:
 
 @dataclass
 class RawReplica:
-    """A replica on 127.0.0.1 whose every answer is written by ``script``, byte for byte."""
+    """A replica on 127.0.0.1 whose every answer is written by ``script``, byte for byte.
+
+    ``GET /health`` is answered 200 without the script, so the replica stays healthy.
+    """
 
     script: Script
     requests: list[Request] = field(default_factory=list)
@@ -70,6 +73,9 @@ class RawReplica:
         self._tasks.add(task)  # type: ignore[arg-type]
         try:
             while (request := await read_request(reader)) is not None:
+                if request.target == "/health":  # the proxy's health checker
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                    continue
                 self.requests.append(request)
                 if not await self.script(request, writer):
                     break
