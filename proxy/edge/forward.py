@@ -20,7 +20,7 @@ from proxy.core.replicas import Replica
 from proxy.core.scheduler import Lease, Scheduler
 from proxy.edge.headers import upstream_request_headers
 from proxy.edge.keys import CONFIG, HEALTH, LIFECYCLE, METRICS, SCHEDULER, UPSTREAMS
-from proxy.edge.relay import pipe
+from proxy.edge.relay import is_event_stream, pipe
 from proxy.observe.exchange import Exchange
 from proxy.upstream.client import NotDelivered
 from proxy.upstream.connection import Response
@@ -138,6 +138,7 @@ class Forwarder:
         metrics = self.app[METRICS]
         replica = lease.replica.name
         exchange.status = upstream.status
+        exchange.stream = is_event_stream(upstream.headers)
         # Counted now, before the body: a caller that hangs up cannot make it go missing.
         metrics.answered(replica, exchange.route, upstream.status)
         completed = False

@@ -154,8 +154,10 @@ class Metrics:
         )
         self.ttfb = Histogram(
             "batchgate_time_to_first_byte_seconds",
-            "Time from dispatch to a replica to the first body byte (TTFT for streams).",
-            ["route"], buckets=TTFB_BUCKETS, registry=r,
+            "Time from dispatch to a replica to the first body byte; stream=\"true\" (the "
+            "answer is an event stream) is time to first token, stream=\"false\" the whole "
+            "generation.",
+            ["route", "stream"], buckets=TTFB_BUCKETS, registry=r,
         )
         self.inter_chunk = Histogram(
             "batchgate_inter_chunk_seconds",
@@ -224,7 +226,7 @@ class Metrics:
             waited_until = granted if granted is not None else time.monotonic()
             self.queue_wait.observe(waited_until - exchange.enqueued_at)
         if exchange.first_byte_at is not None and exchange.dispatched_at is not None:
-            self._ttfb(exchange.route).observe(
+            self._ttfb(exchange.route, "true" if exchange.stream else "false").observe(
                 exchange.first_byte_at - exchange.dispatched_at
             )
         if exchange.stage == "done" and outcome == "ok":
