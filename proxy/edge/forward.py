@@ -9,17 +9,11 @@ import aiohttp
 from aiohttp import web
 
 from proxy.config import Config
-from proxy.core.errors import (
-    BadRequest,
-    BodyTooLarge,
-    NoHealthyReplica,
-    ProxyError,
-    UpstreamError,
-)
+from proxy.core.errors import BadRequest, BodyTooLarge, ProxyError, UpstreamError
 from proxy.core.replicas import Replica
 from proxy.core.scheduler import Lease, Scheduler
 from proxy.edge.headers import upstream_request_headers
-from proxy.edge.keys import CONFIG, HEALTH, LIFECYCLE, METRICS, SCHEDULER, UPSTREAMS
+from proxy.edge.keys import CONFIG, LIFECYCLE, METRICS, SCHEDULER, UPSTREAMS
 from proxy.edge.relay import is_event_stream, pipe
 from proxy.observe.exchange import Exchange
 from proxy.upstream.client import NotDelivered
@@ -43,7 +37,7 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 
 
 class Forwarder:
-    """The work inside the frame for proxied requests (``proxied``) and ``GET /v1/models``."""
+    """The work inside the frame for proxied requests, those that take a generation slot."""
 
     def __init__(self, app: web.Application) -> None:
         self.app = app
@@ -52,26 +46,6 @@ class Forwarder:
     def config(self) -> Config:
         return self.app[CONFIG]
 
-    async def models(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
-        metrics = self.app[METRICS]
-        for replica in [r for r in self.app[SCHEDULER].replicas if r.healthy]:
-            exchange.replica = replica.name
-            exchange.dispatched_at = time.monotonic()
-            exchange.stage = "waiting_first_byte"
-            try:
-                response = await self.app[HEALTH].forward_get(
-                    replica, request, exchange.request_id
-                )
-            except UpstreamError as err:
-                metrics.upstream_error(replica.name, err.kind)
-                continue
-            exchange.first_byte_at = exchange.last_byte_at = time.monotonic()
-            exchange.status = response.status
-            exchange.stage = "done"
-            metrics.answered(replica.name, exchange.route, response.status)
-            return response
-        exchange.replica = None
-        raise NoHealthyReplica("no healthy replica answered", retry_after_s=1)
     async def proxied(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         body = await _read_body(request, self.config.server.max_body_bytes)
         return await self.forward(request, body, exchange)
@@ -157,6 +131,10 @@ class Forwarder:
             if exchange.client_gone:
                 exchange.outcome = "client_disconnect"
             return response
+        except UpstreamError as err:
+            # Failed before its first body byte: nothing was sent, the frame answers 502/504.
+            metrics.upstream_error(replica, err.kind)
+            raise
         finally:
             if completed:
                 upstream.release()  # back to the pool for the next request

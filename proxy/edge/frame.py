@@ -17,7 +17,7 @@ from proxy.core.errors import Draining, InternalError, ProxyError, UpstreamError
 from proxy.edge.keys import LIFECYCLE, METRICS
 from proxy.observe.accesslog import AccessLog
 from proxy.observe.exchange import Exchange
-from proxy.observe.metrics import route_label
+from proxy.observe.metrics import Metrics, route_label
 
 log = logging.getLogger("batchgate")
 
@@ -107,9 +107,35 @@ class Frame:
                 request_id,
             )
         finally:
+            # Drain accounting first: nothing an observer does may make shutdown wait.
+            lifecycle.leave(task)
             # Synchronous, so no cancellation can skip it: a caller that closes its
             # connection the instant its answer is complete still gets counted.
-            self.app[METRICS].record(exchange)
-            if self.access_log is not None:
+            self._observe(exchange)
+
+    def _observe(self, exchange: Exchange) -> None:
+        """Usage, metrics, access log: each guarded on its own, so one bug skips no other."""
+        metrics = self.app[METRICS]
+        if exchange.usage is not None:
+            try:
+                usage = exchange.usage.usage()
+            except Exception:
+                self._observer_failed(metrics, "usage", exchange)
+            else:
+                if usage is not None:
+                    exchange.prompt_tokens = usage.prompt_tokens
+                    exchange.completion_tokens = usage.completion_tokens
+        try:
+            metrics.record(exchange)
+        except Exception:
+            self._observer_failed(metrics, "metrics", exchange)
+        if self.access_log is not None:
+            try:
                 self.access_log.record(exchange)
-            lifecycle.leave(task)
+            except Exception:
+                self._observer_failed(metrics, "access_log", exchange)
+
+    @staticmethod
+    def _observer_failed(metrics: Metrics, where: str, exchange: Exchange) -> None:
+        log.exception("observer %s failed for request %s", where, exchange.request_id)
+        metrics.internal_error(where)

@@ -50,6 +50,10 @@ DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0
                     120.0, 300.0, 600.0, 1200.0, 1800.0)
 
 
+#: The `where` label of `batchgate_internal_errors_total`: the observers, each guarded alone.
+INTERNAL_ERROR_SITES = ("usage", "metrics", "access_log")
+
+
 def route_label(path: str) -> str:
     return path if path in KNOWN_ROUTES else "other"
 
@@ -169,6 +173,14 @@ class Metrics:
             "Time from arrival to the last byte of an answer a replica completed.",
             ["route"], buckets=DURATION_BUCKETS, registry=r,
         )
+        self.internal_errors = Counter(
+            "batchgate_internal_errors",
+            "Failures inside batchgate's own observers (the request was still answered), by "
+            "where they happened.",
+            ["where"], registry=r,
+        )
+        for where in INTERNAL_ERROR_SITES:
+            self.internal_errors.labels(where)  # exported at 0 from startup
         build = Gauge("batchgate_build_info", "batchgate version.", ["version"], registry=r)
         build.labels(__version__).set(1)
         self._requests = _Children(self.requests)
@@ -206,6 +218,9 @@ class Metrics:
         if status >= 500:
             self._upstream_errors(replica, "status_5xx").inc()
 
+    def internal_error(self, where: str) -> None:
+        self.internal_errors.labels(where).inc()
+
     def upstream_error(self, replica: str, kind: str) -> None:
         self._upstream_errors(replica, kind).inc()
 
@@ -213,7 +228,8 @@ class Metrics:
         """Everything known once a request is over. Synchronous: no cancellation can skip it.
 
         ``requests_total`` and upstream errors are counted as they happen (in the relay);
-        rejections, client disconnects, waits, latencies and tokens here.
+        rejections, client disconnects, waits, latencies and tokens (read from the answer's
+        usage by the frame, before any observer runs) here.
         """
         outcome = exchange.outcome
         if outcome.startswith("rejected:"):
@@ -232,10 +248,6 @@ class Metrics:
         if exchange.stage == "done" and outcome == "ok":
             end = exchange.last_byte_at if exchange.last_byte_at is not None else time.monotonic()
             self._duration(exchange.route).observe(end - exchange.started)
-        if exchange.usage is not None and exchange.replica is not None:
-            usage = exchange.usage.usage()
-            if usage is not None:
-                self._tokens(exchange.replica, "prompt").inc(usage.prompt_tokens)
-                self._tokens(exchange.replica, "completion").inc(usage.completion_tokens)
-                exchange.prompt_tokens = usage.prompt_tokens
-                exchange.completion_tokens = usage.completion_tokens
+        if exchange.replica is not None and exchange.prompt_tokens is not None:
+            self._tokens(exchange.replica, "prompt").inc(exchange.prompt_tokens)
+            self._tokens(exchange.replica, "completion").inc(exchange.completion_tokens or 0)

@@ -68,6 +68,9 @@ CATALOGUE: dict[str, Labels] = {
     **_histogram("batchgate_inter_chunk_seconds", {"route": _ROUTES}),
     **_histogram("batchgate_request_duration_seconds", {"route": _ROUTES}),
     "batchgate_tokens_total": {"replica": ANY, "kind": frozenset({"prompt", "completion"})},
+    "batchgate_internal_errors_total": {
+        "where": frozenset({"usage", "metrics", "access_log"}),
+    },
     "batchgate_build_info": {"version": ANY},
 }
 
