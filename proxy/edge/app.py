@@ -31,7 +31,7 @@ class Handlers:
         self.app = app
         self.frame = Frame(app, access_log)
         self.forwarder = Forwarder(app)
-        self.light = app[LIGHT] = Light(app)
+        self.light = app[LIGHT] = Light(app, self.forwarder)
 
     async def healthz(self, _request: web.Request) -> web.Response:
         return web.Response(text="ok\n")

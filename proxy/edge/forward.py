@@ -11,7 +11,7 @@ from aiohttp import web
 from proxy.config import Config
 from proxy.core.errors import BadRequest, BodyTooLarge, ProxyError, UpstreamError
 from proxy.core.replicas import Replica
-from proxy.core.scheduler import Lease, Scheduler
+from proxy.core.scheduler import Scheduler
 from proxy.edge.headers import upstream_request_headers
 from proxy.edge.keys import CONFIG, LIFECYCLE, METRICS, SCHEDULER, UPSTREAMS
 from proxy.edge.relay import is_event_stream, pipe
@@ -98,7 +98,7 @@ class Forwarder:
                 except UpstreamError as err:
                     metrics.upstream_error(replica.name, err.kind)
                     raise
-                return await self.relay(request, upstream, exchange, lease)
+                return await self.relay(request, upstream, exchange, replica)
             finally:
                 lease.release()
 
@@ -107,14 +107,15 @@ class Forwarder:
         request: web.Request,
         upstream: Response,
         exchange: Exchange,
-        lease: Lease,
+        replica: Replica,
     ) -> web.StreamResponse:
+        """Relay the answer; shared with the slot-free path (proxy.edge.light)."""
         metrics = self.app[METRICS]
-        replica = lease.replica.name
+        name = replica.name
         exchange.status = upstream.status
         exchange.stream = is_event_stream(upstream.headers)
         # Counted now, before the body: a caller that hangs up cannot make it go missing.
-        metrics.answered(replica, exchange.route, upstream.status)
+        metrics.answered(name, exchange.route, upstream.status)
         completed = False
         lifecycle = self.app[LIFECYCLE]
         try:
@@ -126,7 +127,7 @@ class Forwarder:
             )
             completed = exchange.stage == "done"
             if exchange.upstream_error is not None:
-                metrics.upstream_error(replica, exchange.upstream_error)
+                metrics.upstream_error(name, exchange.upstream_error)
                 exchange.outcome = f"upstream_error:{exchange.upstream_error}"
             if exchange.client_gone:
                 exchange.outcome = "client_disconnect"

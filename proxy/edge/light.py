@@ -24,10 +24,9 @@ from aiohttp import web
 
 from proxy.core.errors import NoHealthyReplica, ProxyError, QueueFull, UpstreamError
 from proxy.core.replicas import Replica
-from proxy.edge.forward import _read_body
+from proxy.edge.forward import Forwarder, _read_body
 from proxy.edge.headers import downstream_response_headers, upstream_request_headers
-from proxy.edge.keys import CONFIG, LIFECYCLE, METRICS, SCHEDULER, UPSTREAMS
-from proxy.edge.relay import pipe
+from proxy.edge.keys import CONFIG, METRICS, SCHEDULER, UPSTREAMS
 from proxy.observe.exchange import Exchange
 from proxy.upstream.client import NotDelivered
 from proxy.upstream.connection import Response
@@ -116,8 +115,11 @@ class LightSlots:
 class Light:
     """The work inside the frame for slot-free requests (the app holds it under ``LIGHT``)."""
 
-    def __init__(self, app: web.Application, limit: int = LIGHT_LIMIT_PER_REPLICA) -> None:
+    def __init__(
+        self, app: web.Application, forwarder: Forwarder, limit: int = LIGHT_LIMIT_PER_REPLICA
+    ) -> None:
         self.app = app
+        self.forwarder = forwarder  # its relay: answers go out exactly as proxied ones do
         self.slots = LightSlots(limit)
 
     async def forwarded(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
@@ -166,7 +168,7 @@ class Light:
                 except UpstreamError as err:
                     metrics.upstream_error(replica.name, err.kind)
                     raise
-                return await self._relay(request, upstream, exchange, replica)
+                return await self.forwarder.relay(request, upstream, exchange, replica)
             finally:
                 self.slots.give(replica)
 
@@ -281,34 +283,6 @@ class Light:
             return _Answer(replica, upstream, b"".join(chunks))
         finally:
             self.slots.give(replica)
-
-    async def _relay(
-        self, request: web.Request, upstream: Response, exchange: Exchange, replica: Replica
-    ) -> web.StreamResponse:
-        metrics = self.app[METRICS]
-        exchange.status = upstream.status
-        metrics.answered(replica.name, exchange.route, upstream.status)
-        lifecycle = self.app[LIFECYCLE]
-        completed = False
-        try:
-            response = await pipe(
-                request, upstream, exchange,
-                is_cut=lambda: lifecycle.cutting,
-                on_gap=metrics.inter_chunk_observer(exchange.route),
-                stall_limit_s=self.app[CONFIG].upstream.read_timeout_s,
-            )
-            completed = exchange.stage == "done"
-            if exchange.upstream_error is not None:
-                metrics.upstream_error(replica.name, exchange.upstream_error)
-                exchange.outcome = f"upstream_error:{exchange.upstream_error}"
-            if exchange.client_gone:
-                exchange.outcome = "client_disconnect"
-            return response
-        finally:
-            if completed:
-                upstream.release()
-            else:
-                upstream.close()
 
 
 LIGHT = web.AppKey("light", Light)

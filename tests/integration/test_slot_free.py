@@ -215,6 +215,22 @@ async def test_models_lists_the_union_of_the_healthy_replicas(
         (await task).release()
 
 
+async def test_models_asks_the_replicas_concurrently(
+    engines: Factory, proxy: Factory, client: aiohttp.ClientSession
+) -> None:
+    a: FakeReplica = await engines("a", [model("m-a", "a")])
+    b: FakeReplica = await engines("b", [model("m-b", "b")])
+    p: Proxy = await proxy(make_config(("a", a.url, 1), ("b", b.url, 1)))
+    listing = asyncio.create_task(client.get(p.url + "/v1/models?hold=a"))
+    # b is asked while a still holds its answer: the replicas are not asked one by one.
+    await until(lambda: len(a.seen_headers) == len(b.seen_headers) == 1, "both asked")
+    assert not listing.done()
+    a.gate.set()
+    resp = await listing
+    assert [m["id"] for m in (await resp.json())["data"]] == ["m-a", "m-b"]
+    resp.release()
+
+
 async def test_models_skips_a_replica_that_fails_or_is_silent(
     engines: Factory, proxy: Factory, client: aiohttp.ClientSession
 ) -> None:
