@@ -14,6 +14,7 @@ from proxy.core.replicas import Replica
 from proxy.core.scheduler import Scheduler
 from proxy.edge.forward import Forwarder
 from proxy.edge.frame import Frame
+from proxy.edge.headers import origin_form
 from proxy.edge.keys import CONFIG, HEALTH, LIFECYCLE, METRICS, SCHEDULER, UPSTREAMS
 from proxy.observe.accesslog import AccessLog
 from proxy.observe.metrics import Metrics
@@ -49,6 +50,9 @@ class Handlers:
         return await self.frame.serve(request, self.forwarder.models)
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "GET" and origin_form(request) == "/v1/models":
+            # aiohttp's router does not resolve dot-segments; the replica would ("/x/../").
+            return await self.models(request)
         return await self.frame.serve(request, self.forwarder.proxied)
 
 

@@ -14,6 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.core.errors import Draining, InternalError, ProxyError, UpstreamError, error_body
+from proxy.edge.headers import with_origin_form
 from proxy.edge.keys import LIFECYCLE, METRICS
 from proxy.observe.accesslog import AccessLog
 from proxy.observe.exchange import Exchange
@@ -60,6 +61,7 @@ class Frame:
     async def serve(self, request: web.Request, work: Work) -> web.StreamResponse:
         """The frame around every relayed request: draining, error mapping, bookkeeping."""
         lifecycle = self.app[LIFECYCLE]
+        request = with_origin_form(request)
         request_id = request.headers.get("X-Request-Id") or new_request_id()
         exchange = Exchange(
             request_id=request_id,
