@@ -32,7 +32,7 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         return await request.read()
     except web.HTTPRequestEntityTooLarge as err:
         raise BodyTooLarge(f"request body exceeds server.max_body_bytes ({limit})") from err
-    except (aiohttp.ClientPayloadError, ValueError) as err:
+    except (aiohttp.ClientPayloadError, web.RequestPayloadError, ValueError) as err:
         raise BadRequest(f"could not read the request body: {err}") from err
 
 

@@ -179,6 +179,12 @@ class Metrics:
             "where they happened.",
             ["where"], registry=r,
         )
+        self.access_log_dropped = Counter(
+            "batchgate_access_log_dropped",
+            "Access-log lines dropped: the log's queue was full (stdout slower than the "
+            "traffic), or a line could not be formatted.",
+            registry=r,
+        )
         for where in INTERNAL_ERROR_SITES:
             self.internal_errors.labels(where)  # exported at 0 from startup
         build = Gauge("batchgate_build_info", "batchgate version.", ["version"], registry=r)

@@ -71,6 +71,7 @@ CATALOGUE: dict[str, Labels] = {
     "batchgate_internal_errors_total": {
         "where": frozenset({"usage", "metrics", "access_log"}),
     },
+    "batchgate_access_log_dropped_total": {},
     "batchgate_build_info": {"version": ANY},
 }
 
