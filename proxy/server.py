@@ -98,8 +98,11 @@ async def serve(
         app = create_app(config, access_log=access_log)
         # handler_cancellation: a caller that hangs up cancels its handler, which closes the
         # upstream connection, which makes the engine abort the generation.
+        # auto_decompress=False (a keyword of aiohttp's request handler, through AppRunner's
+        # kwargs): request bodies pass through byte for byte, Content-Encoding intact.
         runner = web.AppRunner(
-            app, handler_cancellation=True, access_log=None, shutdown_timeout=CUT_GRACE_S
+            app, handler_cancellation=True, access_log=None, shutdown_timeout=CUT_GRACE_S,
+            auto_decompress=False,
         )
         await runner.setup()
         try:

@@ -14,6 +14,7 @@ from proxy.core.replicas import Replica
 from proxy.core.scheduler import Scheduler
 from proxy.edge.forward import Forwarder
 from proxy.edge.frame import Frame
+from proxy.edge.headers import origin_form
 from proxy.edge.keys import CONFIG, HEALTH, LIFECYCLE, METRICS, SCHEDULER, UPSTREAMS
 from proxy.edge.light import LIGHT, LIGHT_LIMIT_PER_REPLICA, LIGHT_METHODS, Light
 from proxy.observe.accesslog import AccessLog
@@ -52,6 +53,9 @@ class Handlers:
         return await self.frame.serve(request, self.light.models)
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "GET" and origin_form(request) == "/v1/models":
+            # aiohttp's router does not resolve dot-segments; the replica would ("/x/../").
+            return await self.models(request)
         # Only work takes a slot: GET, HEAD and OPTIONS (probes, /version, /v1/models) go to
         # a healthy replica at once, bounded per replica by proxy.edge.light.
         if request.method in LIGHT_METHODS:

@@ -14,7 +14,7 @@ from proxy.core.replicas import Replica
 from proxy.core.scheduler import Scheduler
 from proxy.edge.headers import upstream_request_headers
 from proxy.edge.keys import CONFIG, LIFECYCLE, METRICS, SCHEDULER, UPSTREAMS
-from proxy.edge.relay import pipe
+from proxy.edge.relay import is_event_stream, pipe
 from proxy.observe.exchange import Exchange
 from proxy.upstream.client import NotDelivered
 from proxy.upstream.connection import Response
@@ -32,7 +32,7 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         return await request.read()
     except web.HTTPRequestEntityTooLarge as err:
         raise BodyTooLarge(f"request body exceeds server.max_body_bytes ({limit})") from err
-    except (aiohttp.ClientPayloadError, ValueError) as err:
+    except (aiohttp.ClientPayloadError, web.RequestPayloadError, ValueError) as err:
         raise BadRequest(f"could not read the request body: {err}") from err
 
 
@@ -113,6 +113,7 @@ class Forwarder:
         metrics = self.app[METRICS]
         name = replica.name
         exchange.status = upstream.status
+        exchange.stream = is_event_stream(upstream.headers)
         # Counted now, before the body: a caller that hangs up cannot make it go missing.
         metrics.answered(name, exchange.route, upstream.status)
         completed = False

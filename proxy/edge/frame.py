@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable
 
@@ -14,12 +15,16 @@ import aiohttp
 from aiohttp import web
 
 from proxy.core.errors import Draining, InternalError, ProxyError, UpstreamError, error_body
+from proxy.edge.headers import with_origin_form
 from proxy.edge.keys import LIFECYCLE, METRICS
 from proxy.observe.accesslog import AccessLog
 from proxy.observe.exchange import Exchange
 from proxy.observe.metrics import Metrics, route_label
 
 log = logging.getLogger("batchgate")
+
+#: A caller's X-Request-Id is kept only if it matches this (else a new one is generated).
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 Work = Callable[[web.Request, Exchange], Awaitable[web.StreamResponse]]
 
@@ -56,11 +61,18 @@ class Frame:
     def __init__(self, app: web.Application, access_log: AccessLog | None) -> None:
         self.app = app
         self.access_log = access_log
+        if access_log is not None:
+            access_log.on_drop(app[METRICS].access_log_dropped.inc)
 
     async def serve(self, request: web.Request, work: Work) -> web.StreamResponse:
         """The frame around every relayed request: draining, error mapping, bookkeeping."""
         lifecycle = self.app[LIFECYCLE]
-        request_id = request.headers.get("X-Request-Id") or new_request_id()
+        request = with_origin_form(request)
+        request_id = request.headers.get("X-Request-Id")
+        if request_id is None or not _REQUEST_ID.fullmatch(request_id):
+            # A caller's id goes into logs, headers and the replica's logs: only a plain
+            # token, so it can neither forge log fields nor carry bytes that break a writer.
+            request_id = new_request_id()
         exchange = Exchange(
             request_id=request_id,
             method=request.method,

@@ -31,6 +31,7 @@ class Exchange:
     first_byte_at: float | None = None
     last_byte_at: float | None = None
     prepared: bool = False  # response headers sent to the caller
+    stream: bool = False  # the replica's answer is an event stream (TTFB is then TTFT)
     client_gone: bool = False
     upstream_error: str | None = None  # kind, when the replica failed mid-body
     usage: UsageTail | None = None

@@ -104,3 +104,20 @@ async def test_one_failing_observer_skips_no_other(
         assert p.metric("batchgate_request_duration_seconds_count", route=COMPLETIONS) == 1
         tokens = p.metric("batchgate_tokens_total", replica="r", kind="prompt")
         assert tokens == (0 if where == "usage" else 3)
+
+
+async def test_access_log_drops_are_exported(
+    replicas: Factory, proxy: Factory, client: aiohttp.ClientSession
+) -> None:
+    r: FakeReplica = await replicas("r")
+    out = io.BytesIO()
+    access = AccessLog(out, "json", max_pending=0)  # a log that can hold nothing: all drop
+    p: Proxy = await proxy(make_config(("r", r.url, 1)), access)
+    assert p.metric("batchgate_access_log_dropped_total") == 0
+    for _ in range(2):
+        async with client.post(p.url + COMPLETIONS, json={}) as answer:
+            assert answer.status == 200
+    assert await p.app[LIFECYCLE].wait_idle(BOUND_S)
+    access.close()
+    assert p.metric("batchgate_access_log_dropped_total") == 2
+    assert out.getvalue() == b""

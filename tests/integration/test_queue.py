@@ -93,3 +93,47 @@ async def test_queued_bodies_past_max_bytes_get_429_queue_full(
             assert resp.status == 200
     assert r.arrivals == 2
     assert p.metric("batchgate_rejected_requests_total", reason="queue_full") == 1
+
+
+async def test_a_retried_request_goes_back_ahead_of_later_waiters(
+    replicas: Factory, proxy: Factory, client: aiohttp.ClientSession
+) -> None:
+    """A request refused by a dead replica re-enters at the head, ahead of one queued after it.
+
+    "dead" holds a request while "busy" holds another, so A and then B queue. "dead" stops
+    listening and its held request ends: A is granted dead's slot, its connection is refused,
+    and it goes back to the queue, where B has been waiting since after A arrived. The next free
+    slot must be A's.
+    """
+    busy: FakeReplica = await replicas("busy")
+    dead: FakeReplica = await replicas("dead")
+    p: Proxy = await proxy(make_config(("dead", dead.url, 1), ("busy", busy.url, 1),
+                                       health_interval_s=60))
+    await until(lambda: dead.health_hits >= 1 and busy.health_hits >= 1, "startup probes")
+
+    def post(name: str, spec: dict[str, Any]) -> asyncio.Task[aiohttp.ClientResponse]:
+        return asyncio.create_task(client.post(
+            p.url + "/v1/completions", json=spec, headers={"X-Request-Id": name}
+        ))
+
+    held_dead = post("D", {"hold": True})
+    await until(lambda: dead.in_flight == 1, "dead's slot taken")
+    held_busy = post("H", {"hold": True})
+    await until(lambda: busy.in_flight == 1, "busy's slot taken")
+    a = post("A", {"i": "a"})
+    await until(lambda: p.scheduler.queue_depth == 1, "A queued")
+    b = post("B", {"i": "b"})
+    await until(lambda: p.scheduler.queue_depth == 2, "B queued behind A")
+    assert dead.runner is not None
+    stopping = asyncio.create_task(dead.runner.cleanup())  # stops listening, then cuts D
+    await until(lambda: not p.scheduler.replicas[0].healthy, "A refused by dead")
+    await until(lambda: p.scheduler.queue_depth == 2, "A back in the queue")
+    busy.gate.set()
+    responses = await asyncio.gather(held_busy, a, b, held_dead)
+    await stopping
+    assert [r.status for r in responses] == [200, 200, 200, 502]
+    for r in responses:
+        r.release()
+    served = [{k.lower(): v for k, v in h.items()}.get("x-request-id") for h in busy.seen_headers]
+    assert served == ["H", "A", "B"]
+    assert p.metric("batchgate_upstream_retries_total", replica="dead") == 1
