@@ -178,8 +178,9 @@ class Light:
         Replicas are asked at once, each on a slot-free place, and the whole listing waits at
         most ``upstream.read_timeout_s``: a replica that fails, is silent or is at its
         slot-free bound is left out. The first replica (in config order) that lists an id
-        speaks for it. When no replica gives a list but one refuses the caller (a 4xx, e.g.
-        a wrong API key), that refusal is relayed as is; with no answer at all, 503.
+        speaks for it. When no replica gives a list but one answers without failing (a 4xx,
+        e.g. a wrong API key, or a 2xx that is not an OpenAI list), the first such answer is
+        relayed as is: it is the caller's to see. A 5xx is a failure. No answer at all: 503.
         """
         config = self.app[CONFIG]
         scheduler = self.app[SCHEDULER]
@@ -222,7 +223,7 @@ class Light:
                     merged.append(item)
         exchange.first_byte_at = exchange.last_byte_at = time.monotonic()
         if not listed:
-            refused = [a for a in answers if 400 <= a.status < 500]
+            refused = [a for a in answers if a.status < 500]
             if not refused:
                 exchange.replica = None
                 raise NoHealthyReplica("no healthy replica answered", retry_after_s=1)

@@ -44,6 +44,8 @@ def engine_app(
             await replica.gate.wait()
         if models_status != 200:
             return web.json_response({"error": {"message": "nope"}}, status=models_status)
+        if request.query.get("shape") == "bare":
+            return web.json_response({"models": [m["id"] for m in models or []]})
         if models is None:
             return web.json_response({"object": "list", "data": [{"id": replica.name}]})
         return web.json_response({"object": "list", "data": models})
@@ -277,3 +279,15 @@ async def test_models_refused_by_every_replica_relays_the_refusal(
     async with client.get(p.url + "/v1/models") as resp:
         assert resp.status == 401  # a wrong API key is the caller's to see, not a 503
         assert await resp.json() == {"error": {"message": "nope"}}
+
+
+async def test_models_relays_an_answer_that_is_not_a_list_when_no_replica_lists_models(
+    engines: Factory, proxy: Factory, client: aiohttp.ClientSession
+) -> None:
+    a: FakeReplica = await engines("a", models_status=500)
+    b: FakeReplica = await engines("b", [model("m-b", "b")])
+    p: Proxy = await proxy(make_config(("a", a.url, 1), ("b", b.url, 1)))
+    # b's answer lacks `data` here: the caller gets it untouched rather than a made-up 503.
+    async with client.get(p.url + "/v1/models?shape=bare") as resp:
+        assert resp.status == 200
+        assert await resp.json() == {"models": ["m-b"]}
