@@ -134,7 +134,7 @@ class Forwarder:
             return response
         except UpstreamError as err:
             # Failed before its first body byte: nothing was sent, the frame answers 502/504.
-            metrics.upstream_error(replica, err.kind)
+            metrics.upstream_error(name, err.kind)
             raise
         finally:
             if completed:
