@@ -21,7 +21,7 @@ from proxy.core.scheduler import Lease, Scheduler
 from proxy.edge.headers import upstream_request_headers
 from proxy.edge.keys import CONFIG, HEALTH, LIFECYCLE, METRICS, SCHEDULER, UPSTREAMS
 from proxy.edge.relay import pipe
-from proxy.observe.exchange import Exchange
+from proxy.observe.exchange import Exchange, Outcome
 from proxy.upstream.client import NotDelivered
 from proxy.upstream.connection import Response
 
@@ -148,9 +148,9 @@ class Forwarder:
             completed = exchange.stage == "done"
             if exchange.upstream_error is not None:
                 metrics.upstream_error(replica, exchange.upstream_error)
-                exchange.outcome = f"upstream_error:{exchange.upstream_error}"
+                exchange.end(Outcome.UPSTREAM_ERROR, exchange.upstream_error)
             if exchange.client_gone:
-                exchange.outcome = "client_disconnect"
+                exchange.end(Outcome.CLIENT_DISCONNECT)
             return response
         except UpstreamError as err:
             # Failed before its first body byte: nothing was sent, the frame answers 502/504.
