@@ -66,6 +66,8 @@ class ExchangeView(Protocol):
     @property
     def last_byte_at(self) -> float | None: ...
     @property
+    def stream(self) -> bool: ...
+    @property
     def prompt_tokens(self) -> int | None: ...
     @property
     def completion_tokens(self) -> int | None: ...
@@ -96,6 +98,7 @@ class Exchange:
     first_byte_at: float | None = None
     last_byte_at: float | None = None
     prepared: bool = False  # response headers sent to the caller
+    stream: bool = False  # the replica's answer is an event stream (TTFB is then TTFT)
     client_gone: bool = False
     upstream_error: str | None = None  # kind, when the replica failed mid-body
     usage: UsageTail | None = None  # fed by the relay; read by the frame, not by observers

@@ -27,6 +27,17 @@ KNOWN_ROUTES = frozenset(
     {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models"}
 )
 
+#: Every ``reason`` of ``batchgate_rejected_requests_total`` (the ``reason`` of each
+#: :class:`~proxy.core.errors.ProxyError`; a test checks none is missing). Exported at 0 from
+#: startup, so ``increase()`` and alerts see the first one. Add a new reason here.
+REJECTION_REASONS: tuple[str, ...] = (
+    "queue_full", "queue_timeout", "no_healthy_replica", "draining", "overloaded",
+    "body_too_large", "bad_request",
+)
+#: Every ``kind`` of ``batchgate_upstream_errors_total``, exported at 0 for every replica.
+UPSTREAM_ERROR_KINDS: tuple[str, ...] = ("connect", "timeout", "reset", "status_5xx")
+#: Every ``stage`` of ``batchgate_client_disconnects_total``.
+DISCONNECT_STAGES: tuple[str, ...] = ("queued", "waiting_first_byte", "streaming")
 
 #: Buckets sized for LLM work, where one request can take minutes (base unit: seconds).
 QUEUE_WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -147,8 +158,10 @@ class Metrics:
         )
         self.ttfb = Histogram(
             "batchgate_time_to_first_byte_seconds",
-            "Time from dispatch to a replica to the first body byte (TTFT for streams).",
-            ["route"], buckets=TTFB_BUCKETS, registry=r,
+            "Time from dispatch to a replica to the first body byte; stream=\"true\" (the "
+            "answer is an event stream) is time to first token, stream=\"false\" the whole "
+            "generation.",
+            ["route", "stream"], buckets=TTFB_BUCKETS, registry=r,
         )
         self.inter_chunk = Histogram(
             "batchgate_inter_chunk_seconds",
@@ -184,9 +197,22 @@ class Metrics:
         self._ttfb = _Children(self.ttfb)
         self._inter_chunk = _Children(self.inter_chunk)
         self._duration = _Children(self.duration)
+        # Every known label set exists from the start, at 0 (see REJECTION_REASONS).
+        for reason in REJECTION_REASONS:
+            self._rejected(reason)
+        for stage in DISCONNECT_STAGES:
+            self._client_disconnects(stage)
 
     def watch(self, scheduler: Scheduler) -> None:
         self.registry.register(SchedulerCollector(scheduler))
+        for replica in scheduler.replicas:
+            self.add_replica(replica.name)
+
+    def add_replica(self, name: str) -> None:
+        """Export the replica's error and retry counters at 0 (at startup, or when added)."""
+        for kind in UPSTREAM_ERROR_KINDS:
+            self._upstream_errors(name, kind)
+        self.retries.labels(name)
 
     def inter_chunk_observer(self, route: str) -> Callable[[float], None]:
         """The bound ``observe`` of one route's child: a label lookup per request, not per chunk."""
@@ -222,7 +248,7 @@ class Metrics:
             waited_until = granted if granted is not None else time.monotonic()
             self.queue_wait.observe(waited_until - exchange.enqueued_at)
         if exchange.first_byte_at is not None and exchange.dispatched_at is not None:
-            self._ttfb(exchange.route).observe(
+            self._ttfb(exchange.route, "true" if exchange.stream else "false").observe(
                 exchange.first_byte_at - exchange.dispatched_at
             )
         if exchange.stage == "done" and outcome is Outcome.OK:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ssl import SSLContext
+
 from aiohttp import web
 
 from proxy.config import UpstreamConfig
@@ -15,6 +17,7 @@ from proxy.upstream.connection import (
     UpstreamConnectError,
     UpstreamTimeoutError,
 )
+from proxy.upstream.tls import server_hostname
 
 
 class NotDelivered(Exception):
@@ -36,22 +39,32 @@ class Upstreams:
     out again with ``fresh=True``, on a connection of its own.
     """
 
-    def __init__(self, replicas: tuple[Replica, ...], config: UpstreamConfig) -> None:
+    def __init__(
+        self, replicas: tuple[Replica, ...], config: UpstreamConfig, *, light_limit: int,
+        ssl: SSLContext | None = None,
+    ) -> None:
         self._config = config
-        self._pools = {
-            replica.name: ConnectionPool(
-                replica.url,
-                # A slot per request, and a fresh connection may briefly overlap a pooled one
-                # the replica is closing: twice the slots is the hard ceiling, never reached.
-                limit=2 * replica.max_concurrency,
-                connect_timeout_s=config.connect_timeout_s,
-                read_timeout_s=config.read_timeout_s,
-            )
-            for replica in replicas
-        }
+        self._ssl = ssl  # proxy.upstream.tls: for the https:// replicas, None if there are none
+        # A slot per request, and a fresh connection may briefly overlap a pooled one the
+        # replica is closing: twice the slots is the hard ceiling, never reached.
+        self._pools = {r.name: self._pool(r, 2 * r.max_concurrency) for r in replicas}
+        # Slot-free requests (GET, HEAD, OPTIONS: proxy.edge.light) have pools of their own,
+        # so they never take, or wait for, a connection a generation could use.
+        self._light_pools = {r.name: self._pool(r, 2 * light_limit) for r in replicas}
+
+    def _pool(self, replica: Replica, limit: int) -> ConnectionPool:
+        https = replica.url.startswith("https://")
+        return ConnectionPool(
+            replica.url,
+            limit=limit,
+            connect_timeout_s=self._config.connect_timeout_s,
+            read_timeout_s=self._config.read_timeout_s,
+            ssl=self._ssl if https else None,
+            server_hostname=server_hostname(replica.url),
+        )
 
     async def close(self) -> None:
-        for pool in self._pools.values():
+        for pool in [*self._pools.values(), *self._light_pools.values()]:
             await pool.close()
 
     async def send(
@@ -62,14 +75,16 @@ class Upstreams:
         headers: list[tuple[str, str]],
         *,
         fresh: bool,
+        light: bool = False,
     ) -> Response:
         """Send the request; return once the replica's status line and headers are in.
 
         Raises :class:`NotDelivered` when the request certainly never reached the replica
         (refused or timed-out connect; a pooled connection the replica had already closed),
-        and :class:`UpstreamError` for failures after it may have.
+        and :class:`UpstreamError` for failures after it may have. ``light``: a slot-free
+        request, sent on the replica's pool for those.
         """
-        pool = self._pools[replica.name]
+        pool = (self._light_pools if light else self._pools)[replica.name]
         try:
             return await pool.request(request.method, request.raw_path, headers, body,
                                       fresh=fresh)

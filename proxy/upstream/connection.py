@@ -15,14 +15,19 @@ connection with half a response left on it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import re
 import socket
 from collections import deque
 from collections.abc import Sequence
+from ssl import SSLContext
 from typing import cast
 from urllib.parse import urlsplit
 
 from multidict import CIMultiDict
+
+from proxy.core.errors import Overloaded
+from proxy.upstream.timer import ReadTimer
 
 _HIGH_WATER = 256 * 1024  # unread body bytes above which we stop reading the socket
 #: A pooled connection lost this soon after our request was written, before any response
@@ -34,6 +39,7 @@ IDLE_EXPIRY_S = 4.0
 _LARGE_BODY = 1024 * 1024  # above this, head and body go out as two writes (no big copy)
 _MAX_HEAD = 64 * 1024
 _MAX_LINE = 8 * 1024  # chunk-size and trailer lines
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 # All header lines at once (one C-level match instead of one per name): `token:value`, no bare
@@ -169,9 +175,7 @@ class _Connection(asyncio.Protocol):
         self._reused = False
         self._got_bytes = False
         self._resp: Response | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._last = 0.0  # loop time of the last byte received (or of the request)
-        self._armed_from = 0.0  # value of _last when the timer was armed
+        self.timer = ReadTimer(loop, pool.read_timeout_s, self._on_silent, self._is_paused)
         self._sent_at = 0.0  # loop time the current request was written
         self.idle_since = 0.0  # loop time it went back to the pool
 
@@ -186,7 +190,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.usable = False
-        self._cancel_timer()
+        self.timer.stop()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
         state = self._state
@@ -212,12 +216,12 @@ class _Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        self._last = self.loop.time()  # the replica is taking the upload: not silent
+        self.timer.last = self.loop.time()  # the replica is taking the upload: not silent
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
 
     def data_received(self, data: bytes) -> None:
-        self._last = self.loop.time()
+        self.timer.last = self.loop.time()
         state = self._state
         if state in (_LENGTH, _CHUNK_DATA) and not self._buf:
             n = len(data)  # fast path: body bytes straight through, no copy into _buf
@@ -364,13 +368,13 @@ class _Connection(asyncio.Protocol):
 
     def resume(self) -> None:
         self.paused = False
-        self._last = self.loop.time()  # the pause was the reader's silence, not the replica's
+        self.timer.last = self.loop.time()  # the pause was the reader's silence, not the replica's
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
     def _finish(self) -> None:
         self._state = _DONE
-        self._cancel_timer()
+        self.timer.stop()
         if self._resp is not None:
             self._resp.complete = True
         waiter = self.body_waiter
@@ -387,7 +391,7 @@ class _Connection(asyncio.Protocol):
         if self.error is None:
             self.error = err
         self.usable = self.keep_alive = False
-        self._cancel_timer()
+        self.timer.stop()
         if self._head_waiter is not None and not self._head_waiter.done():
             self._head_waiter.set_exception(err)
         if self.body_waiter is not None and not self.body_waiter.done():
@@ -395,28 +399,15 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    # -- read timeout: one timer per request, re-armed only when it fires ------------------
+    # -- read timeout ---------------------------------------------------------------------
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        if self._state in (_IDLE, _DONE):
-            return
-        if self.paused:
-            # The caller is not reading, not the replica silent: look again one period on
-            # (from now: re-arming from the last byte would fire at once, again and again).
-            self._timer = self.loop.call_later(self.pool.read_timeout_s, self._on_timer)
-            return
-        if self._last > self._armed_from:
-            self._armed_from = self._last
-            self._timer = self.loop.call_at(self._last + self.pool.read_timeout_s, self._on_timer)
-            return
-        self._fail(UpstreamTimeoutError(
-            f"no data from the replica for {self.pool.read_timeout_s:g}s"))
+    def _is_paused(self) -> bool:
+        return self.paused
 
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    def _on_silent(self) -> None:
+        if self._state not in (_IDLE, _DONE):
+            self._fail(UpstreamTimeoutError(
+                f"no data from the replica for {self.pool.read_timeout_s:g}s"))
 
     # -- the request ---------------------------------------------------------------------
 
@@ -435,15 +426,16 @@ class _Connection(asyncio.Protocol):
         self._head_waiter = waiter
         if len(body) <= _LARGE_BODY:
             transport.write(head + body)
-            self.arm_timer()
         else:
             transport.write(head)
             transport.write(body)
-            self.arm_timer()  # a replica that stops reading the upload is silent too
+        # From the request on; a replica that stops reading the upload is silent too (each
+        # resume_writing is a sign of life).
+        self.timer.start()
         return waiter
 
     async def drain(self) -> None:
-        """After a large body: wait until the transport took it, then start the timer."""
+        """After a large body: wait until the transport took it (the timer runs meanwhile)."""
         transport = self.transport
         if self._write_paused and transport is not None and not transport.is_closing():
             self._drain_waiter = self.loop.create_future()
@@ -451,17 +443,9 @@ class _Connection(asyncio.Protocol):
                 await self._drain_waiter
             finally:
                 self._drain_waiter = None
-        self.arm_timer()
-
-    def arm_timer(self) -> None:
-        # From the end of the upload: only the replica's silence counts.
-        if self._state not in (_IDLE, _DONE) and self.error is None:
-            self._last = self._armed_from = self.loop.time()
-            self._timer = self.loop.call_at(self._last + self.pool.read_timeout_s,
-                                            self._on_timer)
 
     def checkin(self, reuse: bool) -> None:
-        self._cancel_timer()
+        self.timer.stop()
         self.body.clear()
         self.buffered = 0
         reuse = reuse and self.usable and not self.fresh and self._state == _DONE
@@ -486,16 +470,24 @@ class ConnectionPool:
     """
 
     def __init__(
-        self, base_url: str, *, limit: int, connect_timeout_s: float, read_timeout_s: float
+        self, base_url: str, *, limit: int, connect_timeout_s: float, read_timeout_s: float,
+        ssl: SSLContext | None = None, server_hostname: str | None = None,
     ) -> None:
         url = urlsplit(base_url)
-        if url.scheme != "http" or not url.hostname or url.username or url.query:
-            raise ValueError(f"base_url must be http://host[:port][/prefix], got {base_url!r}")
+        scheme = "https" if ssl is not None else "http"
+        if url.scheme != scheme or not url.hostname or url.username or url.query:
+            raise ValueError(
+                f"base_url must be {scheme}://host[:port][/prefix], got {base_url!r}"
+                + (" (an https:// URL needs an ssl context)" if url.scheme == "https" else ""))
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
         self.base_url = base_url
         self._host = url.hostname
-        self._port = url.port or 80
+        self._port = url.port or (443 if ssl is not None else 80)
+        # TLS: the handshake is part of the connect (bounded by connect_timeout_s), and a
+        # failed one (e.g. an unknown CA) is a connect failure: no request byte was sent.
+        self._ssl = ssl
+        self._server_hostname = server_hostname if ssl is not None else None
         self._prefix = url.path.rstrip("/")
         self._host_header = url.netloc
         self._limit = limit
@@ -573,8 +565,12 @@ class ConnectionPool:
         try:
             async with asyncio.timeout(self._connect_timeout_s):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(self, loop), self._host, self._port)
+                    lambda: _Connection(self, loop), self._host, self._port,
+                    ssl=self._ssl, server_hostname=self._server_hostname)
         except OSError as err:  # refused, unreachable, DNS; TimeoutError is an OSError too
+            if err.errno in _OUT_OF_DESCRIPTORS:
+                # Our own process (or the host) is out of sockets: the replica is fine.
+                raise Overloaded(f"batchgate is out of file descriptors: {err}") from err
             detail = str(err) or type(err).__name__
             raise NotDeliveredError("connect", False, f"{self.base_url}: {detail}") from err
         finally:

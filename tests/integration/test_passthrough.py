@@ -19,7 +19,8 @@ COMPLETIONS = "/v1/completions"
 
 
 async def _echo(request: Request, w: asyncio.StreamWriter) -> bool:
-    body = json.dumps({"target": request.target,
+    # Also a valid (empty) model list, so GET /v1/models is answered through the union.
+    body = json.dumps({"object": "list", "data": [], "target": request.target,
                        "sha256": hashlib.sha256(request.body).hexdigest()}).encode()
     w.write(response(200, body, ("Content-Type", "application/json")))
     return True

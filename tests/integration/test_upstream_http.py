@@ -416,16 +416,17 @@ async def test_paused_reader_does_not_spin_the_read_timer(
     """A caller reading slower than the replica sends pauses the socket; the read timer must
     then look again one period later, not fire on every loop pass."""
     import proxy.upstream.connection as uh
+    from proxy.upstream.timer import ReadTimer
 
     calls = 0
-    original = uh._Connection._on_timer
+    original = ReadTimer._fire
 
-    def counting(self: uh._Connection) -> None:
+    def counting(self: ReadTimer) -> None:
         nonlocal calls
         calls += 1
         original(self)
 
-    monkeypatch.setattr(uh._Connection, "_on_timer", counting)
+    monkeypatch.setattr(ReadTimer, "_fire", counting)
     release = asyncio.Event()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

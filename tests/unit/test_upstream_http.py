@@ -21,6 +21,7 @@ from proxy.upstream.connection import (
     Response,
     UpstreamClosedError,
     UpstreamConnectError,
+    UpstreamTimeoutError,
     _Connection,
 )
 
@@ -329,3 +330,103 @@ def test_base_url_is_validated() -> None:
         ConnectionPool("http://x", limit=0, connect_timeout_s=1, read_timeout_s=1)
     assert repr(ConnectionPool("http://x", limit=1, connect_timeout_s=1, read_timeout_s=1)) == (
         "<ConnectionPool http://x active=0 idle=0>")
+
+
+# -- read timer on an injected clock ---------------------------------------------------------
+
+
+class FakeTimer:
+    def __init__(self, when: float, callback: Any, args: tuple[Any, ...]) -> None:
+        self.when, self.callback, self.args, self.dead = when, callback, args, False
+
+    def cancel(self) -> None:
+        self.dead = True
+
+    def cancelled(self) -> bool:
+        return self.dead
+
+
+class FakeLoop:
+    """The parts of an event loop a connection uses, on a clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.timers: list[FakeTimer] = []
+        self.real = asyncio.get_running_loop()
+
+    def time(self) -> float:
+        return self.now
+
+    def create_future(self) -> asyncio.Future[Any]:
+        return self.real.create_future()
+
+    def call_at(self, when: float, callback: Any, *args: Any) -> FakeTimer:
+        timer = FakeTimer(when, callback, args)
+        self.timers.append(timer)
+        return timer
+
+    def call_later(self, delay: float, callback: Any, *args: Any) -> FakeTimer:
+        return self.call_at(self.now + delay, callback, *args)
+
+    async def advance_to(self, when: float) -> None:
+        """Run every timer due up to ``when`` in order, then let the tasks react."""
+        for _ in range(1000):
+            due = [t for t in self.timers if not t.dead and t.when <= when]
+            if not due:
+                break
+            timer = min(due, key=lambda t: t.when)
+            self.timers.remove(timer)
+            self.now = max(self.now, timer.when)
+            timer.callback(*timer.args)
+        else:
+            raise AssertionError("a timer re-arms itself in the past, again and again")
+        self.now = when
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    def armed(self) -> int:
+        return len([t for t in self.timers if not t.dead])
+
+
+def fake_pool(
+    loop: FakeLoop, read_timeout_s: float
+) -> tuple[ConnectionPool, _Connection, FakeTransport]:
+    """A pool whose one connection lives on ``loop`` and writes to a FakeTransport."""
+    pool = ConnectionPool("http://replica:8000", limit=2, connect_timeout_s=1,
+                          read_timeout_s=read_timeout_s)
+    conn = _Connection(pool, loop)  # type: ignore[arg-type]
+    transport = FakeTransport()
+    conn.connection_made(transport)
+
+    async def connect() -> _Connection:
+        return conn
+
+    pool._connect = connect  # type: ignore[method-assign]
+    return pool, conn, transport
+
+
+async def test_large_upload_then_next_request_is_judged_by_its_own_silence() -> None:
+    """A >1 MiB body once armed the read timer twice; the orphan later timed out the next
+    request on the pooled connection after less silence than read_timeout_s (issue 7 A1)."""
+    loop = FakeLoop()
+    pool, conn, _transport = fake_pool(loop, read_timeout_s=2.0)
+    first = asyncio.ensure_future(pool.request("POST", "/", [], b"x" * (2 << 20)))
+    await loop.advance_to(0.0)  # the request is written at t=0
+    await loop.advance_to(0.5)
+    conn.data_received(CL)
+    response = await first
+    assert await response.readany() == b"hello"
+    response.release()
+    assert (pool.active, pool.idle, loop.armed()) == (0, 1, 0)
+
+    await loop.advance_to(1.0)
+    second = asyncio.ensure_future(pool.request("GET", "/", [], b""))
+    await loop.advance_to(1.0)  # written at t=1
+    await loop.advance_to(2.9)  # 1.9 s of silence for this request: not yet a timeout
+    assert not second.done(), second
+    assert loop.armed() == 1  # one timer owner per connection
+    await loop.advance_to(3.1)
+    with pytest.raises(UpstreamTimeoutError):
+        await second
+    assert (pool.active, pool.idle) == (0, 0)
+
