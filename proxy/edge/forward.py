@@ -15,7 +15,7 @@ from proxy.core.scheduler import Scheduler
 from proxy.edge.headers import upstream_request_headers
 from proxy.edge.keys import CONFIG, LIFECYCLE, METRICS, SCHEDULER, UPSTREAMS
 from proxy.edge.relay import is_event_stream, pipe
-from proxy.observe.exchange import Exchange
+from proxy.observe.exchange import Exchange, Outcome
 from proxy.upstream.client import NotDelivered
 from proxy.upstream.connection import Response
 
@@ -128,9 +128,9 @@ class Forwarder:
             completed = exchange.stage == "done"
             if exchange.upstream_error is not None:
                 metrics.upstream_error(name, exchange.upstream_error)
-                exchange.outcome = f"upstream_error:{exchange.upstream_error}"
+                exchange.end(Outcome.UPSTREAM_ERROR, exchange.upstream_error)
             if exchange.client_gone:
-                exchange.outcome = "client_disconnect"
+                exchange.end(Outcome.CLIENT_DISCONNECT)
             return response
         except UpstreamError as err:
             # Failed before its first body byte: nothing was sent, the frame answers 502/504.

@@ -18,7 +18,7 @@ from proxy.core.errors import Draining, InternalError, ProxyError, UpstreamError
 from proxy.edge.headers import with_origin_form
 from proxy.edge.keys import LIFECYCLE, METRICS
 from proxy.observe.accesslog import AccessLog
-from proxy.observe.exchange import Exchange
+from proxy.observe.exchange import Exchange, Outcome
 from proxy.observe.metrics import Metrics, route_label
 
 log = logging.getLogger("batchgate")
@@ -49,10 +49,11 @@ def json_error(err: ProxyError, request_id: str | None = None) -> web.Response:
     )
 
 
-def _outcome_of(err: ProxyError) -> str:
+def _end_with(exchange: Exchange, err: ProxyError) -> None:
     if isinstance(err, UpstreamError):
-        return f"upstream_error:{err.kind}"
-    return f"rejected:{err.reason or err.type}"
+        exchange.end(Outcome.UPSTREAM_ERROR, err.kind)
+    else:
+        exchange.end(Outcome.REJECTED, err.reason or err.type)
 
 
 class Frame:
@@ -88,16 +89,16 @@ class Frame:
             return await work(request, exchange)
         except ProxyError as err:
             exchange.status = err.status
-            exchange.outcome = _outcome_of(err)
+            _end_with(exchange, err)
             return json_error(err, request_id)
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             # The caller's transport closed under a write outside the relay loop.
-            exchange.outcome = "client_disconnect"
+            exchange.end(Outcome.CLIENT_DISCONNECT)
             raise
         except Exception as err:  # a bug of ours: answer like an API, and say it in the log
             log.exception("request %s failed inside batchgate", request_id)
             exchange.status = 500
-            exchange.outcome = "error:internal"
+            exchange.end(Outcome.INTERNAL_ERROR)
             if exchange.prepared:
                 raise
             return json_error(InternalError(f"batchgate failed: {type(err).__name__}"),
@@ -105,13 +106,13 @@ class Frame:
         except asyncio.CancelledError:
             if not lifecycle.cutting:
                 # aiohttp cancels a handler when its caller disconnects.
-                exchange.outcome = "client_disconnect"
+                exchange.end(Outcome.CLIENT_DISCONNECT)
                 raise
             if exchange.prepared:
                 # The stream got its SSE error event; the connection just closes.
-                exchange.outcome = "drain_cut"
+                exchange.end(Outcome.DRAIN_CUT)
                 raise
-            exchange.outcome = "rejected:draining"
+            exchange.end(Outcome.REJECTED, Draining.reason)
             exchange.status = Draining.status
             return json_error(
                 Draining("batchgate is shutting down; request cut at the drain deadline",

@@ -1,10 +1,13 @@
 """The byte-for-byte passthrough of a replica's answer to the caller.
 
-Bodies pass through untouched: the request body is sent as received, the response body is
-written to the caller chunk by chunk as it arrives (SSE events are never held back or merged
-by us), with ``auto_decompress=False`` so a ``Content-Encoding`` stays intact. When the caller
-goes away, the upstream connection is closed, not returned to the pool: vLLM and TGI abort a
-generation when their client disconnects, and a GPU must not generate for nobody.
+The response body is written to the caller chunk by chunk as it arrives (SSE events are
+never held back or merged by us) and never decoded: batchgate's own upstream client does no
+decompression, so a ``Content-Encoding`` stays intact. When the caller goes away, the upstream
+connection is closed, not returned to the pool: vLLM and TGI abort a generation when their
+client disconnects, and a GPU must not generate for nobody.
+
+Only public aiohttp API here: headers and a whole body go out in one write through
+``web.Response``; a streamed body through ``web.StreamResponse``.
 """
 
 from __future__ import annotations

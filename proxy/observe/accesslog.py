@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
-from proxy.observe.exchange import Exchange
+from proxy.observe.exchange import ExchangeView, outcome_text
 
 FIELDS = (
     "time", "request_id", "method", "path", "replica", "status", "outcome",
@@ -42,7 +42,7 @@ def _timestamp(epoch: float) -> str:
     )
 
 
-def entry(exchange: Exchange) -> tuple[object, ...]:
+def entry(exchange: ExchangeView) -> tuple[object, ...]:
     """The fields of one line, in :data:`FIELDS` order (cheap: no formatting here)."""
     end = exchange.last_byte_at if exchange.stage == "done" else None
     return (
@@ -52,7 +52,7 @@ def entry(exchange: Exchange) -> tuple[object, ...]:
         exchange.path,
         exchange.replica,
         exchange.status,
-        exchange.outcome,
+        outcome_text(exchange.outcome, exchange.detail),
         _ms(exchange.enqueued_at, exchange.dispatched_at),
         _ms(exchange.dispatched_at, exchange.first_byte_at),
         _ms(exchange.started, end if end is not None else time.monotonic()),
@@ -132,7 +132,7 @@ class AccessLog:
         if self._on_drop is not None:
             self._on_drop(n)
 
-    def record(self, exchange: Exchange) -> None:
+    def record(self, exchange: ExchangeView) -> None:
         if self._queued - self._taken >= self._max_pending:
             self._dropped_full += 1
             self._drop(1)

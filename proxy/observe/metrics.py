@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from proxy import __version__
 from proxy.core.scheduler import Scheduler
-from proxy.observe.exchange import Exchange
+from proxy.observe.exchange import ExchangeView, Outcome
 
 _M = TypeVar("_M", Counter, Histogram)
 
@@ -230,7 +230,7 @@ class Metrics:
     def upstream_error(self, replica: str, kind: str) -> None:
         self._upstream_errors(replica, kind).inc()
 
-    def record(self, exchange: Exchange) -> None:
+    def record(self, exchange: ExchangeView) -> None:
         """Everything known once a request is over. Synchronous: no cancellation can skip it.
 
         ``requests_total`` and upstream errors are counted as they happen (in the relay);
@@ -238,10 +238,10 @@ class Metrics:
         usage by the frame, before any observer runs) here.
         """
         outcome = exchange.outcome
-        if outcome.startswith("rejected:"):
+        if outcome is Outcome.REJECTED:
             # Cached children: under overload this path runs for most requests.
-            self._rejected(outcome.removeprefix("rejected:")).inc()
-        elif outcome == "client_disconnect":
+            self._rejected(exchange.detail or "unknown").inc()
+        elif outcome is Outcome.CLIENT_DISCONNECT:
             self._client_disconnects(exchange.stage).inc()
         if exchange.enqueued_at is not None:
             granted = exchange.dispatched_at
@@ -251,7 +251,7 @@ class Metrics:
             self._ttfb(exchange.route, "true" if exchange.stream else "false").observe(
                 exchange.first_byte_at - exchange.dispatched_at
             )
-        if exchange.stage == "done" and outcome == "ok":
+        if exchange.stage == "done" and outcome is Outcome.OK:
             end = exchange.last_byte_at if exchange.last_byte_at is not None else time.monotonic()
             self._duration(exchange.route).observe(end - exchange.started)
         if exchange.replica is not None and exchange.prompt_tokens is not None:

@@ -173,7 +173,9 @@ class Caller:
         body = b""
         complete = True
         try:
-            if chunked:
+            if status in (204, 304):
+                pass  # never a body
+            elif chunked:
                 while True:
                     size = int((await self.reader.readline()).split(b";")[0], 16)
                     if size == 0:
