@@ -84,7 +84,8 @@ class LightSlots:
         self._next = 0  # round-robin start among equally loaded replicas
 
     def pick(self, replicas: tuple[Replica, ...], tried: set[str]) -> Replica | None:
-        """The healthy, untried replica with the fewest slot-free requests under the limit."""
+        """The untried replica taking work (healthy, not draining) with the fewest slot-free
+        requests, under the limit."""
         best: Replica | None = None
         best_load = self.limit
         n = len(replicas)
@@ -92,7 +93,7 @@ class LightSlots:
         for i in range(n):
             replica = replicas[(start + i) % n]
             load = self.in_flight.get(replica.name, 0)
-            if replica.healthy and replica.name not in tried and load < best_load:
+            if replica.takes_work and replica.name not in tried and load < best_load:
                 best, best_load = replica, load
         if best is not None:
             self._next = (best.index + 1) % n
@@ -187,7 +188,7 @@ class Light:
         headers = upstream_request_headers(request, exchange.request_id)
         asked = []
         for replica in scheduler.replicas:
-            if replica.healthy and self.slots.in_flight.get(replica.name, 0) < self.slots.limit:
+            if replica.takes_work and self.slots.in_flight.get(replica.name, 0) < self.slots.limit:
                 asked.append(asyncio.create_task(self._ask(replica, request, headers, exchange)))
         if not asked:
             raise NoHealthyReplica("no healthy replica to list models", retry_after_s=1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from proxy.core.replicas import Replica
+from proxy.core.replicas import DRAINING, Replica
 from proxy.edge.light import LightSlots
 
 
@@ -36,3 +36,12 @@ def test_equal_loads_rotate_and_every_take_is_given_back() -> None:
     for r in rs:
         slots.give(r)
     assert slots.idle() and repr(slots) == "<LightSlots idle>"
+
+
+def test_a_draining_replica_gets_no_slot_free_request() -> None:
+    """A replica being removed finishes what it holds and takes nothing new, GETs included."""
+    a, b = rs = replicas("a", "b")
+    slots = LightSlots(limit=2)
+    a.state = DRAINING
+    assert [slots.pick(rs, set()) for _ in range(3)] == [b, b, b]
+    assert slots.pick(rs, {"b"}) is None
