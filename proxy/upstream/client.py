@@ -5,35 +5,24 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.config import UpstreamConfig
-from proxy.core.errors import UpstreamError, UpstreamTimeout
 from proxy.core.replicas import Replica
-from proxy.upstream.connection import (
-    ConnectionPool,
-    NotDeliveredError,
-    Response,
-    UpstreamClosedError,
-    UpstreamConnectError,
-    UpstreamTimeoutError,
-)
+from proxy.upstream.connection import Response
+from proxy.upstream.pool import ConnectionPool
 
 
-class NotDelivered(Exception):
-    """The request never reached the replica, so it may be sent again elsewhere."""
-
-    def __init__(self, kind: str, detail: str, *, replica_down: bool) -> None:
-        super().__init__(detail)
-        self.kind = kind
-        self.replica_down = replica_down
+def pool_limit(max_concurrency: int) -> int:
+    # A slot per request, and a fresh connection may briefly overlap a pooled one the
+    # replica is closing: twice the slots is the hard ceiling, never reached.
+    return 2 * max_concurrency
 
 
 class Upstreams:
     """One keep-alive connection pool per replica, sized to its concurrency.
 
-    The pool is batchgate's own lean HTTP/1.1 client (:mod:`proxy.upstream.connection`): the
-    proxy's upstream hop needs exactly one behaviour (send these bytes, stream those back)
-    and aiohttp's general-purpose client cost more CPU per request than all of batchgate's
-    own logic. A request whose pooled connection turned out to be closed by the replica goes
-    out again with ``fresh=True``, on a connection of its own.
+    The pool is batchgate's own lean HTTP/1.1 client (:mod:`proxy.upstream.pool`): the
+    proxy's upstream hop needs exactly one behaviour (send these bytes, stream those back).
+    Failures are :class:`proxy.core.errors.UpstreamError`; which of them may go out again
+    is decided by :mod:`proxy.core.retry`.
     """
 
     def __init__(self, replicas: tuple[Replica, ...], config: UpstreamConfig) -> None:
@@ -41,14 +30,16 @@ class Upstreams:
         self._pools = {
             replica.name: ConnectionPool(
                 replica.url,
-                # A slot per request, and a fresh connection may briefly overlap a pooled one
-                # the replica is closing: twice the slots is the hard ceiling, never reached.
-                limit=2 * replica.max_concurrency,
+                name=replica.name,
+                limit=pool_limit(replica.max_concurrency),
                 connect_timeout_s=config.connect_timeout_s,
                 read_timeout_s=config.read_timeout_s,
             )
             for replica in replicas
         }
+
+    def pools(self) -> list[ConnectionPool]:
+        return list(self._pools.values())
 
     async def close(self) -> None:
         for pool in self._pools.values():
@@ -65,30 +56,7 @@ class Upstreams:
     ) -> Response:
         """Send the request; return once the replica's status line and headers are in.
 
-        Raises :class:`NotDelivered` when the request certainly never reached the replica
-        (refused or timed-out connect; a pooled connection the replica had already closed),
-        and :class:`UpstreamError` for failures after it may have.
+        Raises :class:`proxy.core.errors.UpstreamError` (or its ``UpstreamTimeout``).
         """
-        pool = self._pools[replica.name]
-        try:
-            return await pool.request(request.method, request.raw_path, headers, body,
-                                      fresh=fresh)
-        except NotDeliveredError as err:
-            if err.kind == "connect":
-                raise NotDelivered("connect", str(err), replica_down=True) from err
-            # The replica had closed this idle keep-alive connection before our request got
-            # there (llama.cpp's server does so after every stream): not the replica's fault.
-            raise NotDelivered("reset", f"stale pooled connection: {err}",
-                               replica_down=False) from err
-        except UpstreamTimeoutError as err:
-            raise UpstreamTimeout(
-                f"replica {replica.name} sent no response within "
-                f"{self._config.read_timeout_s:g}s",
-                kind="timeout",
-                replica=replica.name,
-            ) from err
-        except (UpstreamClosedError, UpstreamConnectError, OSError) as err:
-            raise UpstreamError(
-                f"replica {replica.name} closed the connection: {err}",
-                kind="reset", replica=replica.name,
-            ) from err
+        return await self._pools[replica.name].request(
+            request.method, request.raw_path, headers, body, fresh=fresh)
