@@ -96,15 +96,26 @@ class BadRequest(ProxyError):
 
 
 class UpstreamError(ProxyError):
-    """The replica could not be reached, or failed before it sent a response."""
+    """The upstream hop failed: the one named failure for "the replica did not answer".
+
+    ``kind`` says how (the ``kind`` label of ``batchgate_upstream_errors_total``): ``connect``
+    (refused, unreachable, timed out, or the pool is closed), ``timeout`` (silent past
+    ``upstream.read_timeout_s``), ``reset`` (the connection was lost), ``malformed`` (a
+    response batchgate cannot relay faithfully). ``unsent`` is True only when the request
+    certainly never reached the replica (not one byte of it was written), which is what
+    makes a non-idempotent request safe to send again (:mod:`proxy.core.retry`).
+    """
 
     status = 502
     type = "upstream_error"
 
-    def __init__(self, message: str, *, kind: str, replica: str | None) -> None:
+    def __init__(
+        self, message: str, *, kind: str, replica: str | None = None, unsent: bool = False
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.replica = replica
+        self.unsent = unsent
 
     @property
     def code(self) -> str:
@@ -112,7 +123,12 @@ class UpstreamError(ProxyError):
 
 
 class UpstreamTimeout(UpstreamError):
+    """The replica went silent for ``upstream.read_timeout_s``: 504, not 502."""
+
     status = 504
+
+    def __init__(self, message: str, *, replica: str | None = None) -> None:
+        super().__init__(message, kind="timeout", replica=replica)
 
 
 def error_body(err: ProxyError) -> dict[str, dict[str, str | None]]:

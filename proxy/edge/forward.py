@@ -11,12 +11,12 @@ from aiohttp import web
 from proxy.config import Config
 from proxy.core.errors import BadRequest, BodyTooLarge, ProxyError, UpstreamError
 from proxy.core.replicas import Replica
+from proxy.core.retry import Decision, classify, is_idempotent
 from proxy.core.scheduler import Scheduler
 from proxy.edge.headers import upstream_request_headers
 from proxy.edge.keys import CONFIG, LIFECYCLE, METRICS, SCHEDULER, UPSTREAMS
 from proxy.edge.relay import is_event_stream, pipe
 from proxy.observe.exchange import Exchange, Outcome
-from proxy.upstream.client import NotDelivered
 from proxy.upstream.connection import Response
 
 log = logging.getLogger("batchgate")
@@ -80,14 +80,17 @@ class Forwarder:
                 exchange.attempts += 1
                 try:
                     upstream = await upstreams.send(replica, request, body, headers, fresh=fresh)
-                except NotDelivered as err:
+                except UpstreamError as err:
                     metrics.upstream_error(replica.name, err.kind)
-                    if err.replica_down:
+                    decision = classify(
+                        err, idempotent=is_idempotent(request.method, request.headers))
+                    if decision is Decision.FAIL:
+                        raise
+                    if decision is Decision.MARK_DOWN_AND_RESEND:
                         self._mark_down(scheduler, replica, str(err))
                     if exchange.attempts > retries:
                         raise UpstreamError(
-                            f"no replica could be reached after {exchange.attempts} attempts: "
-                            f"{err}",
+                            f"no replica answered after {exchange.attempts} attempts: {err}",
                             kind=err.kind,
                             replica=replica.name,
                         ) from err
@@ -95,9 +98,6 @@ class Forwarder:
                     fresh = True
                     exchange.stage = "queued"
                     continue
-                except UpstreamError as err:
-                    metrics.upstream_error(replica.name, err.kind)
-                    raise
                 return await self.relay(request, upstream, exchange, replica)
             finally:
                 lease.release()

@@ -24,11 +24,11 @@ from aiohttp import web
 
 from proxy.core.errors import NoHealthyReplica, ProxyError, QueueFull, UpstreamError
 from proxy.core.replicas import Replica
+from proxy.core.retry import Decision, classify
 from proxy.edge.forward import Forwarder, _read_body
 from proxy.edge.headers import downstream_response_headers, upstream_request_headers
 from proxy.edge.keys import CONFIG, METRICS, SCHEDULER, UPSTREAMS
 from proxy.observe.exchange import Exchange
-from proxy.upstream.client import NotDelivered
 from proxy.upstream.connection import Response
 
 log = logging.getLogger("batchgate")
@@ -152,26 +152,30 @@ class Light:
                     upstream = await self.app[UPSTREAMS].send(
                         replica, request, body, headers, fresh=exchange.attempts > 1, light=True
                     )
-                except NotDelivered as err:
+                except UpstreamError as err:
                     metrics.upstream_error(replica.name, err.kind)
-                    if err.replica_down:
-                        if replica.healthy:
-                            log.warning("replica %s marked unhealthy: %s", replica.name, err)
-                        scheduler.set_healthy(replica, False)
+                    # GET, HEAD and OPTIONS are idempotent: resent by the same rule as proxied
+                    # requests (proxy.core.retry), to another replica.
+                    decision = classify(err, idempotent=True)
+                    if decision is Decision.FAIL:
+                        raise
+                    if decision is Decision.MARK_DOWN_AND_RESEND:
+                        self._mark_down(replica, err)
                     if exchange.attempts > config.upstream.retries:
                         raise UpstreamError(
-                            f"no replica could be reached after {exchange.attempts} attempts: "
-                            f"{err}",
+                            f"no replica answered after {exchange.attempts} attempts: {err}",
                             kind=err.kind, replica=replica.name,
                         ) from err
                     metrics.retries.labels(replica.name).inc()
                     continue
-                except UpstreamError as err:
-                    metrics.upstream_error(replica.name, err.kind)
-                    raise
                 return await self.forwarder.relay(request, upstream, exchange, replica)
             finally:
                 self.slots.give(replica)
+
+    def _mark_down(self, replica: Replica, err: UpstreamError) -> None:
+        if replica.healthy:
+            log.warning("replica %s marked unhealthy: %s", replica.name, err)
+        self.app[SCHEDULER].set_healthy(replica, False)
 
     async def models(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         """``GET /v1/models``: the union of what the healthy replicas serve, each id once.
@@ -207,7 +211,7 @@ class Light:
         for replica_result in results:
             if isinstance(replica_result, _Answer):
                 answers.append(replica_result)
-            elif not isinstance(replica_result, ProxyError | NotDelivered | asyncio.CancelledError):
+            elif not isinstance(replica_result, ProxyError | asyncio.CancelledError):
                 log.error("asking a replica for /v1/models failed inside batchgate",
                           exc_info=replica_result)
         merged: list[dict[str, Any]] = []
@@ -254,18 +258,14 @@ class Light:
                         replica, request, b"", headers, fresh=fresh, light=True
                     )
                     break
-                except NotDelivered as err:
-                    metrics.upstream_error(replica.name, err.kind)
-                    if err.replica_down:
-                        if replica.healthy:
-                            log.warning("replica %s marked unhealthy: %s", replica.name, err)
-                        self.app[SCHEDULER].set_healthy(replica, False)
-                    if err.replica_down or fresh:
-                        raise
-                    fresh = True  # a pooled connection the replica had closed: once more
                 except UpstreamError as err:
                     metrics.upstream_error(replica.name, err.kind)
-                    raise
+                    decision = classify(err, idempotent=True)
+                    if decision is Decision.MARK_DOWN_AND_RESEND:
+                        self._mark_down(replica, err)
+                    if decision is not Decision.RESEND or fresh:
+                        raise
+                    fresh = True  # once more, on a connection of its own
             metrics.answered(replica.name, exchange.route, upstream.status)
             try:
                 chunks: list[bytes] = []

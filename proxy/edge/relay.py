@@ -25,7 +25,7 @@ from proxy.core.errors import UpstreamError, UpstreamTimeout
 from proxy.edge.headers import downstream_response_headers
 from proxy.observe.exchange import Exchange
 from proxy.observe.usage import UsageTail
-from proxy.upstream.connection import Response, UpstreamClosedError, UpstreamTimeoutError
+from proxy.upstream.connection import Response
 
 #: A write that may fill the caller's socket buffer (the transport pauses at 64 KiB and the
 #: write then waits for the caller) is bounded by the stall limit; smaller ones never wait.
@@ -83,11 +83,11 @@ async def pipe(
     else:
         try:
             chunk = await upstream.readany()
-        except UpstreamTimeoutError as err:
-            raise UpstreamTimeout(_before_body(exchange, "timeout", err), kind="timeout",
+        except UpstreamTimeout as err:
+            raise UpstreamTimeout(_before_body(exchange, "timeout", err),
                                   replica=exchange.replica) from err
-        except (UpstreamClosedError, OSError) as err:
-            kind = getattr(err, "kind", "reset")
+        except (UpstreamError, OSError) as err:
+            kind = err.kind if isinstance(err, UpstreamError) else "reset"
             raise UpstreamError(_before_body(exchange, kind, err), kind=kind,
                                 replica=exchange.replica) from err
         if upstream.complete:
@@ -114,10 +114,11 @@ async def pipe(
         while True:
             try:
                 chunk = await upstream.readany()
-            except UpstreamTimeoutError as err:
+            except UpstreamTimeout as err:
                 return await _upstream_failed(request, response, exchange, sse, "timeout", err)
-            except (UpstreamClosedError, OSError) as err:
-                return await _upstream_failed(request, response, exchange, sse, "reset", err)
+            except (UpstreamError, OSError) as err:
+                kind = err.kind if isinstance(err, UpstreamError) else "reset"
+                return await _upstream_failed(request, response, exchange, sse, kind, err)
             if not chunk:
                 break
             now = clock()  # when it arrived, not when the caller took it

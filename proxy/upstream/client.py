@@ -7,36 +7,25 @@ from ssl import SSLContext
 from aiohttp import web
 
 from proxy.config import UpstreamConfig
-from proxy.core.errors import UpstreamError, UpstreamTimeout
 from proxy.core.replicas import Replica
-from proxy.upstream.connection import (
-    ConnectionPool,
-    NotDeliveredError,
-    Response,
-    UpstreamClosedError,
-    UpstreamConnectError,
-    UpstreamTimeoutError,
-)
+from proxy.upstream.connection import Response
+from proxy.upstream.pool import ConnectionPool
 from proxy.upstream.tls import server_hostname
 
 
-class NotDelivered(Exception):
-    """The request never reached the replica, so it may be sent again elsewhere."""
-
-    def __init__(self, kind: str, detail: str, *, replica_down: bool) -> None:
-        super().__init__(detail)
-        self.kind = kind
-        self.replica_down = replica_down
+def pool_limit(max_concurrency: int) -> int:
+    # A slot per request, and a fresh connection may briefly overlap a pooled one the
+    # replica is closing: twice the slots is the hard ceiling, never reached.
+    return 2 * max_concurrency
 
 
 class Upstreams:
     """One keep-alive connection pool per replica, sized to its concurrency.
 
-    The pool is batchgate's own lean HTTP/1.1 client (:mod:`proxy.upstream.connection`): the
-    proxy's upstream hop needs exactly one behaviour (send these bytes, stream those back)
-    and aiohttp's general-purpose client cost more CPU per request than all of batchgate's
-    own logic. A request whose pooled connection turned out to be closed by the replica goes
-    out again with ``fresh=True``, on a connection of its own.
+    The pool is batchgate's own lean HTTP/1.1 client (:mod:`proxy.upstream.pool`): the
+    proxy's upstream hop needs exactly one behaviour (send these bytes, stream those back).
+    Failures are :class:`proxy.core.errors.UpstreamError`; which of them may go out again
+    is decided by :mod:`proxy.core.retry`.
     """
 
     def __init__(
@@ -45,9 +34,7 @@ class Upstreams:
     ) -> None:
         self._config = config
         self._ssl = ssl  # proxy.upstream.tls: for the https:// replicas, None if there are none
-        # A slot per request, and a fresh connection may briefly overlap a pooled one the
-        # replica is closing: twice the slots is the hard ceiling, never reached.
-        self._pools = {r.name: self._pool(r, 2 * r.max_concurrency) for r in replicas}
+        self._pools = {r.name: self._pool(r, pool_limit(r.max_concurrency)) for r in replicas}
         # Slot-free requests (GET, HEAD, OPTIONS: proxy.edge.light) have pools of their own,
         # so they never take, or wait for, a connection a generation could use.
         self._light_pools = {r.name: self._pool(r, 2 * light_limit) for r in replicas}
@@ -56,6 +43,7 @@ class Upstreams:
         https = replica.url.startswith("https://")
         return ConnectionPool(
             replica.url,
+            name=replica.name,
             limit=limit,
             connect_timeout_s=self._config.connect_timeout_s,
             read_timeout_s=self._config.read_timeout_s,
@@ -63,8 +51,11 @@ class Upstreams:
             server_hostname=server_hostname(replica.url),
         )
 
+    def pools(self) -> list[ConnectionPool]:
+        return [*self._pools.values(), *self._light_pools.values()]
+
     async def close(self) -> None:
-        for pool in [*self._pools.values(), *self._light_pools.values()]:
+        for pool in self.pools():
             await pool.close()
 
     async def send(
@@ -79,31 +70,8 @@ class Upstreams:
     ) -> Response:
         """Send the request; return once the replica's status line and headers are in.
 
-        Raises :class:`NotDelivered` when the request certainly never reached the replica
-        (refused or timed-out connect; a pooled connection the replica had already closed),
-        and :class:`UpstreamError` for failures after it may have. ``light``: a slot-free
-        request, sent on the replica's pool for those.
+        Raises :class:`proxy.core.errors.UpstreamError` (or its ``UpstreamTimeout``).
+        ``light``: a slot-free request, sent on the replica's pool for those.
         """
         pool = (self._light_pools if light else self._pools)[replica.name]
-        try:
-            return await pool.request(request.method, request.raw_path, headers, body,
-                                      fresh=fresh)
-        except NotDeliveredError as err:
-            if err.kind == "connect":
-                raise NotDelivered("connect", str(err), replica_down=True) from err
-            # The replica had closed this idle keep-alive connection before our request got
-            # there (llama.cpp's server does so after every stream): not the replica's fault.
-            raise NotDelivered("reset", f"stale pooled connection: {err}",
-                               replica_down=False) from err
-        except UpstreamTimeoutError as err:
-            raise UpstreamTimeout(
-                f"replica {replica.name} sent no response within "
-                f"{self._config.read_timeout_s:g}s",
-                kind="timeout",
-                replica=replica.name,
-            ) from err
-        except (UpstreamClosedError, UpstreamConnectError, OSError) as err:
-            raise UpstreamError(
-                f"replica {replica.name} closed the connection: {err}",
-                kind="reset", replica=replica.name,
-            ) from err
+        return await pool.request(request.method, request.raw_path, headers, body, fresh=fresh)

@@ -15,32 +15,23 @@ connection with half a response left on it.
 from __future__ import annotations
 
 import asyncio
-import errno
 import re
 import socket
 from collections import deque
-from collections.abc import Sequence
-from ssl import SSLContext
-from typing import cast
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, cast
 
 from multidict import CIMultiDict
 
-from proxy.core.errors import Overloaded
+from proxy.core.errors import UpstreamError, UpstreamTimeout
 from proxy.upstream.timer import ReadTimer
 
+if TYPE_CHECKING:
+    from proxy.upstream.pool import ConnectionPool
+
 _HIGH_WATER = 256 * 1024  # unread body bytes above which we stop reading the socket
-#: A pooled connection lost this soon after our request was written, before any response
-#: byte, was closed by the replica while idle (the close crossed our write): safe to resend.
-STALE_WINDOW_S = 0.25
-#: Idle pooled connections are not reused past this age: uvicorn (vLLM) and llama.cpp close
-#: idle keep-alive connections after 5 s, and reusing one just then races their close.
-IDLE_EXPIRY_S = 4.0
-_LARGE_BODY = 1024 * 1024  # above this, head and body go out as two writes (no big copy)
+LARGE_BODY = 1024 * 1024  # above this, head and body go out as two writes (no big copy)
 _MAX_HEAD = 64 * 1024
 _MAX_LINE = 8 * 1024  # chunk-size and trailer lines
-_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
-_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 # All header lines at once (one C-level match instead of one per name): `token:value`, no bare
 # CR or LF in a value, no obs-fold (a line starting with whitespace is not a token).
@@ -54,35 +45,9 @@ _IDLE, _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_
 )
 
 
-class UpstreamTimeoutError(Exception):
-    """The replica was silent for longer than ``read_timeout_s``."""
-
-    kind = "timeout"
-
-
-class UpstreamClosedError(Exception):
-    """Connection lost or reset, or a malformed response: the request may have reached it."""
-
-    kind = "reset"
-
-
-class UpstreamConnectError(Exception):
-    """The pool is closed (connect failures raise :class:`NotDeliveredError`)."""
-
-    kind = "connect"
-
-
-class NotDeliveredError(Exception):
-    """The request certainly never reached the replica, so it may be sent again.
-
-    ``kind`` is "connect" (connect refused, timed out, DNS) or "reset" (a pooled connection
-    failed before any response byte: the replica had closed it while idle).
-    """
-
-    def __init__(self, kind: str, reused: bool, detail: str = "") -> None:
-        super().__init__(detail or kind)
-        self.kind = kind
-        self.reused = reused
+#: Old names of the upstream failures, kept for importers (proxy.edge.relay).
+UpstreamClosedError = UpstreamError
+UpstreamTimeoutError = UpstreamTimeout
 
 
 class Response:
@@ -115,7 +80,7 @@ class Response:
             if self._ended:
                 if self.complete:
                     return b""
-                raise UpstreamClosedError("response was closed before its body was read")
+                raise conn.failure("response was closed before its body was read")
             body = conn.body
             if body:
                 data = body.popleft() if len(body) == 1 else b"".join(body)
@@ -159,6 +124,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.usable = True  # False after EOF, loss or stray bytes: never hand it out again
         self.fresh = False
+        self.fd, self.family = -1, socket.AF_INET  # for peeking before reuse (no fd: never)
         self.keep_alive = False
         self.body: deque[bytes] = deque()
         self.buffered = 0
@@ -172,11 +138,9 @@ class _Connection(asyncio.Protocol):
         self._state = _IDLE
         self._remaining = 0
         self._is_head = False
-        self._reused = False
         self._got_bytes = False
         self._resp: Response | None = None
         self.timer = ReadTimer(loop, pool.read_timeout_s, self._on_silent, self._is_paused)
-        self._sent_at = 0.0  # loop time the current request was written
         self.idle_since = 0.0  # loop time it went back to the pool
 
     # -- asyncio callbacks ---------------------------------------------------------------
@@ -187,6 +151,7 @@ class _Connection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:  # small requests and SSE events must not wait for Nagle
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.fd, self.family = sock.fileno(), sock.family
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.usable = False
@@ -197,14 +162,9 @@ class _Connection(asyncio.Protocol):
         if state == _UNTIL_EOF and exc is None:
             self._finish()
         elif state not in (_IDLE, _DONE):
-            if (state == _HEAD and self._reused and not self._got_bytes
-                    and self.loop.time() - self._sent_at <= STALE_WINDOW_S):
-                # A pooled connection the replica closed before reading our request: the
-                # close crossed our write on the wire. Lost any later, the replica may have
-                # been working on it, and a request is never sent twice.
-                self._fail(NotDeliveredError("reset", True, f"pooled connection lost: {exc}"))
-            else:
-                self._fail(UpstreamClosedError(f"connection lost mid-response: {exc}"))
+            # Our request was written: the replica may have read it, so this is no
+            # "never delivered" (proxy.core.retry decides what may go out again).
+            self._fail(self.failure(f"connection lost mid-response: {exc}"))
         self.pool.lost(self)
 
     def eof_received(self) -> bool | None:
@@ -244,7 +204,7 @@ class _Connection(asyncio.Protocol):
         self._buf += data
         try:
             self._parse()
-        except UpstreamClosedError as err:
+        except UpstreamError as err:
             self._fail(err)
 
     # -- parsing -------------------------------------------------------------------------
@@ -257,7 +217,7 @@ class _Connection(asyncio.Protocol):
                 end = buf.find(b"\r\n\r\n")
                 if end < 0:
                     if len(buf) > _MAX_HEAD:
-                        raise UpstreamClosedError("response head too large")
+                        raise self.failure("response head too large")
                     return
                 head = buf[:end].decode("utf-8", "surrogateescape")
                 del buf[: end + 4]
@@ -276,7 +236,7 @@ class _Connection(asyncio.Protocol):
                 end = buf.find(b"\r\n")
                 if end < 0:
                     if len(buf) > _MAX_LINE:
-                        raise UpstreamClosedError("chunk-size or trailer line too long")
+                        raise self.failure("chunk-size or trailer line too long")
                     return
                 line = bytes(buf[:end])
                 del buf[: end + 2]
@@ -286,14 +246,14 @@ class _Connection(asyncio.Protocol):
                     continue
                 size = line.split(b";", 1)[0].strip(b" \t")  # chunk extensions are ignored
                 if not _HEX.fullmatch(size):
-                    raise UpstreamClosedError(f"bad chunk size line {line[:40]!r}")
+                    raise self.failure(f"bad chunk size line {line[:40]!r}")
                 self._remaining = int(size, 16)
                 self._state = _CHUNK_DATA if self._remaining else _TRAILERS
             elif state == _CHUNK_CRLF:
                 if len(buf) < 2:
                     return
                 if buf[:2] != b"\r\n":
-                    raise UpstreamClosedError("chunk data not followed by CRLF")
+                    raise self.failure("chunk data not followed by CRLF")
                 del buf[:2]
                 self._state = _CHUNK_SIZE
             elif state == _UNTIL_EOF:
@@ -309,16 +269,16 @@ class _Connection(asyncio.Protocol):
         code, _, reason = rest.partition(" ")
         version = _VERSIONS.get(proto)
         if version is None or len(code) != 3 or not code.isdigit() or not code.isascii():
-            raise UpstreamClosedError(f"malformed status line {status_line[:80]!r}")
+            raise self.failure(f"malformed status line {status_line[:80]!r}")
         status = int(code)
         if status < 200:
             if status == 101:  # we never ask for an upgrade
-                raise UpstreamClosedError("unexpected 101 Switching Protocols")
+                raise self.failure("unexpected 101 Switching Protocols")
             return  # interim response (100 Continue, 103 Early Hints): the final one follows
         headers: CIMultiDict[str] = CIMultiDict()
         if block:
             if not _HEADER_BLOCK.fullmatch(block):
-                raise UpstreamClosedError(f"malformed header lines {block[:200]!r}")
+                raise self.failure(f"malformed header lines {block[:200]!r}")
             add = headers.add
             for line in block.split("\r\n"):
                 name, _, value = line.partition(":")
@@ -340,7 +300,7 @@ class _Connection(asyncio.Protocol):
         elif (lengths := headers.getall("Content-Length", None)) is not None:
             length = lengths[0] if len(set(lengths)) == 1 else ""
             if not length.isdigit() or not length.isascii():
-                raise UpstreamClosedError(f"bad Content-Length {lengths!r}")
+                raise self.failure(f"bad Content-Length {lengths!r}")
             self._remaining = int(length)
             self._state = _LENGTH if self._remaining else _DONE
         else:
@@ -406,25 +366,45 @@ class _Connection(asyncio.Protocol):
 
     def _on_silent(self) -> None:
         if self._state not in (_IDLE, _DONE):
-            self._fail(UpstreamTimeoutError(
-                f"no data from the replica for {self.pool.read_timeout_s:g}s"))
+            self._fail(UpstreamTimeout(
+                f"replica {self.pool.name} sent nothing for {self.pool.read_timeout_s:g}s",
+                replica=self.pool.name))
+
+    def failure(self, detail: str, kind: str = "reset") -> UpstreamError:
+        return UpstreamError(f"replica {self.pool.name}: {detail}", kind=kind,
+                             replica=self.pool.name)
 
     # -- the request ---------------------------------------------------------------------
 
-    def start(self, head: bytes, body: bytes, is_head: bool, reused: bool
-              ) -> asyncio.Future[Response]:
+    def peek_closed(self) -> bool:
+        """True if the replica closed this idle connection (EOF or RST, or stray bytes are
+        already in the kernel) though the loop has not processed it yet. One non-blocking
+        syscall, before a single byte of the next request is written."""
+        if self.fd < 0:
+            return False
+        sock = socket.socket(self.family, socket.SOCK_STREAM, 0, fileno=self.fd)
+        try:
+            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False  # nothing to read: open
+        except OSError:
+            return True  # reset
+        finally:
+            sock.detach()  # the transport owns the descriptor
+        return True  # EOF, or bytes nobody asked for: either way not reusable
+
+    def start(self, head: bytes, body: bytes, is_head: bool) -> asyncio.Future[Response]:
         """Write one request; the Future resolves with the final response's head.
 
         Synchronous for bodies up to 1 MiB (one write), so a request costs no extra coroutine.
         """
         transport = self.transport
         assert transport is not None and self._state in (_IDLE, _DONE)
-        self._state, self._is_head, self._reused, self._got_bytes = _HEAD, is_head, reused, False
-        self._sent_at = self.loop.time()
+        self._state, self._is_head, self._got_bytes = _HEAD, is_head, False
         self._resp, self.error, self.keep_alive = None, None, False
         waiter: asyncio.Future[Response] = self.loop.create_future()
         self._head_waiter = waiter
-        if len(body) <= _LARGE_BODY:
+        if len(body) <= LARGE_BODY:
             transport.write(head + body)
         else:
             transport.write(head)
@@ -446,6 +426,10 @@ class _Connection(asyncio.Protocol):
 
     def checkin(self, reuse: bool) -> None:
         self.timer.stop()
+        # An upload the replica stopped taking (it answered early): the rest is still queued.
+        if self._write_paused or (self.transport is not None
+                                  and self.transport.get_write_buffer_size()):
+            reuse = False
         self.body.clear()
         self.buffered = 0
         reuse = reuse and self.usable and not self.fresh and self._state == _DONE
@@ -459,142 +443,3 @@ class _Connection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
         self.pool.checkin(self, reuse)
-
-
-class ConnectionPool:
-    """Keep-alive connections to one origin (an http:// base URL with optional path prefix).
-
-    At most ``limit`` connections are open at once: the proxy holds a slot per request, so a
-    request beyond ``limit`` in flight is a bug and raises RuntimeError. Idle connections are
-    closed to make room for a fresh one.
-    """
-
-    def __init__(
-        self, base_url: str, *, limit: int, connect_timeout_s: float, read_timeout_s: float,
-        ssl: SSLContext | None = None, server_hostname: str | None = None,
-    ) -> None:
-        url = urlsplit(base_url)
-        scheme = "https" if ssl is not None else "http"
-        if url.scheme != scheme or not url.hostname or url.username or url.query:
-            raise ValueError(
-                f"base_url must be {scheme}://host[:port][/prefix], got {base_url!r}"
-                + (" (an https:// URL needs an ssl context)" if url.scheme == "https" else ""))
-        if limit < 1:
-            raise ValueError(f"limit must be at least 1, got {limit}")
-        self.base_url = base_url
-        self._host = url.hostname
-        self._port = url.port or (443 if ssl is not None else 80)
-        # TLS: the handshake is part of the connect (bounded by connect_timeout_s), and a
-        # failed one (e.g. an unknown CA) is a connect failure: no request byte was sent.
-        self._ssl = ssl
-        self._server_hostname = server_hostname if ssl is not None else None
-        self._prefix = url.path.rstrip("/")
-        self._host_header = url.netloc
-        self._limit = limit
-        self._connect_timeout_s = connect_timeout_s
-        self.read_timeout_s = read_timeout_s
-        self._idle: deque[_Connection] = deque()
-        self._active = 0
-        self._closed = False
-
-    def __repr__(self) -> str:
-        return f"<ConnectionPool {self.base_url} active={self._active} idle={len(self._idle)}>"
-
-    @property
-    def idle(self) -> int:
-        return len(self._idle)
-
-    @property
-    def active(self) -> int:
-        return self._active
-
-    async def request(
-        self, method: str, target: str, headers: Sequence[tuple[str, str]], body: bytes,
-        *, fresh: bool = False,
-    ) -> Response:
-        """Send one request; return once the final response's status line and headers are in.
-
-        Raises NotDeliveredError when the request certainly never reached the replica,
-        UpstreamClosedError or UpstreamTimeoutError when it may have.
-        """
-        if self._closed:
-            raise UpstreamConnectError(f"pool for {self.base_url} is closed")
-        lines = "".join([f"{name}: {value}\r\n" for name, value in headers])
-        if lines.count("\n") != len(headers) or lines.count("\r") != len(headers) or (
-            "\r" in target or "\n" in target or " " in target
-        ):
-            raise ValueError("CR, LF or space inside a request target or header")
-        if body or method in _BODY_METHODS:
-            lines += f"Content-Length: {len(body)}\r\n"
-        head = (f"{method} {self._prefix}{target} HTTP/1.1\r\nHost: {self._host_header}\r\n"
-                f"{lines}\r\n").encode("utf-8", "surrogateescape")
-        conn = None if fresh else self._take_idle()
-        reused = conn is not None
-        if conn is None:
-            conn = await self._connect()
-            conn.fresh = fresh
-        self._active += 1
-        try:
-            waiter = conn.start(head, body, method == "HEAD", reused)
-            if len(body) > _LARGE_BODY:
-                await conn.drain()
-            return await waiter
-        except BaseException:
-            conn.checkin(False)  # failed or cancelled: never back to the pool
-            raise
-
-    def _take_idle(self) -> _Connection | None:
-        while self._idle:
-            conn = self._idle.pop()  # LIFO: the warmest connection, least likely timed out
-            if (conn.usable and conn.transport is not None and not conn.transport.is_closing()
-                    and conn.loop.time() - conn.idle_since < IDLE_EXPIRY_S):
-                return conn
-            if conn.transport is not None:
-                conn.transport.close()
-        return None
-
-    async def _connect(self) -> _Connection:
-        if self._active >= self._limit:
-            raise RuntimeError(f"{self!r}: more than limit={self._limit} requests in flight")
-        while self._idle and self._active + len(self._idle) >= self._limit:
-            victim = self._idle.popleft()  # the coldest one makes room
-            if victim.transport is not None:
-                victim.transport.close()
-        loop = asyncio.get_running_loop()
-        self._active += 1  # a slot while connecting, so concurrent connects count too
-        try:
-            async with asyncio.timeout(self._connect_timeout_s):
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(self, loop), self._host, self._port,
-                    ssl=self._ssl, server_hostname=self._server_hostname)
-        except OSError as err:  # refused, unreachable, DNS; TimeoutError is an OSError too
-            if err.errno in _OUT_OF_DESCRIPTORS:
-                # Our own process (or the host) is out of sockets: the replica is fine.
-                raise Overloaded(f"batchgate is out of file descriptors: {err}") from err
-            detail = str(err) or type(err).__name__
-            raise NotDeliveredError("connect", False, f"{self.base_url}: {detail}") from err
-        finally:
-            self._active -= 1
-        return conn
-
-    def checkin(self, conn: _Connection, reuse: bool) -> None:
-        self._active -= 1
-        if reuse and not self._closed:
-            conn.idle_since = conn.loop.time()
-            self._idle.append(conn)
-        elif conn.transport is not None:
-            conn.transport.close()
-
-    def lost(self, conn: _Connection) -> None:
-        # An idle connection closed by the server: drop it (an active one is checked in later).
-        if conn in self._idle:
-            self._idle.remove(conn)
-
-    async def close(self) -> None:
-        """Close all idle connections; further requests raise UpstreamConnectError."""
-        self._closed = True
-        while self._idle:
-            conn = self._idle.pop()
-            if conn.transport is not None:
-                conn.transport.close()
-        await asyncio.sleep(0)  # let the transports run connection_lost
