@@ -83,6 +83,18 @@ async def pipe(
     else:
         try:
             chunk = await upstream.readany()
+            first_at = clock()
+            if not upstream.complete and _held_whole(upstream):
+                # A declared length small enough to hold: wait for all of it, so a replica
+                # that dies short of it is a 502, not a 200 with a cut body. Nothing is lost
+                # by waiting: a caller cannot use half a JSON answer.
+                parts = [chunk]
+                while not upstream.complete:
+                    more = await upstream.readany()
+                    if not more:
+                        break
+                    parts.append(more)
+                chunk = b"".join(parts)
         except UpstreamTimeout as err:
             raise UpstreamTimeout(_before_body(exchange, "timeout", err),
                                   replica=exchange.replica) from err
@@ -101,9 +113,9 @@ async def pipe(
         await response.prepare(request)
         exchange.prepared = True
         if not sse:
-            now = clock()
             if chunk:
-                exchange.first_byte_at = exchange.last_byte_at = now
+                exchange.first_byte_at = first_at
+                exchange.last_byte_at = clock()
                 exchange.stage = "streaming"
             if not await _write(request, response, chunk, exchange, stall_limit_s):
                 return response
@@ -145,6 +157,18 @@ async def pipe(
             )
         raise
     return response
+
+
+#: A body that is not an event stream and declares at most this length is sent to the caller
+#: only once it is all in: a replica that fails short of it gets the caller a 502.
+HOLD_WHOLE_BYTES = 1024 * 1024
+
+
+def _held_whole(upstream: Response) -> bool:
+    length = upstream.headers.get("Content-Length")
+    if length is None or "Transfer-Encoding" in upstream.headers:
+        return False
+    return length.isdigit() and int(length) <= HOLD_WHOLE_BYTES
 
 
 def _before_body(exchange: Exchange, kind: str, err: BaseException) -> str:

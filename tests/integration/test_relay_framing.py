@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from proxy.edge.relay import HOLD_WHOLE_BYTES
 from tests.integration.conftest import FakeReplica, Proxy, make_config, until
 from tests.integration.raw import Caller, Request, raw_replica, response
 
@@ -27,6 +28,20 @@ EVENT = b'data: {"choices":[{"index":0,"text":" t"}]}\n\n'
 async def _short_length(_r: Request, w: asyncio.StreamWriter) -> bool:
     w.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n")
     return False  # closed before the first body byte
+
+
+async def _short_length_some_bytes(_r: Request, w: asyncio.StreamWriter) -> bool:
+    w.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+            b'{"a":1')
+    return False  # closed 94 bytes short of its declared length
+
+
+async def _silent_after_some_bytes(_r: Request, w: asyncio.StreamWriter) -> bool:
+    w.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 10\r\n\r\n"
+            b'{"a"')
+    await w.drain()
+    await asyncio.Event().wait()  # silent until the test stops the replica
+    return False
 
 
 async def _silent(_r: Request, w: asyncio.StreamWriter) -> bool:
@@ -47,8 +62,10 @@ async def _bad_chunk_size(_r: Request, w: asyncio.StreamWriter) -> bool:
 @pytest.mark.parametrize(
     ("script", "status", "code"),
     [(_short_length, 502, "upstream_reset"), (_silent, 504, "upstream_timeout"),
-     (_bad_chunk_size, 502, None)],
-    ids=["short-content-length", "silent", "chunk-size-zz"],
+     (_bad_chunk_size, 502, None), (_short_length_some_bytes, 502, "upstream_reset"),
+     (_silent_after_some_bytes, 504, "upstream_timeout")],
+    ids=["short-content-length", "silent", "chunk-size-zz", "short-content-length-some-bytes",
+         "silent-after-some-bytes"],
 )
 async def test_failure_before_the_first_body_byte_is_a_proper_error_answer(
     proxy: Factory, script: Any, status: int, code: str | None
@@ -84,9 +101,9 @@ def _cut_or_answer(framing: str) -> Any:
         elif framing == "json-chunked":
             w.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                     b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\n")
-        else:  # json-length
+        else:  # json-length, above what is held whole: streamed as it comes (relay.py)
             w.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: 100\r\n\r\n{\"a\":")
+                    b"Content-Length: %d\r\n\r\n{\"a\":" % (HOLD_WHOLE_BYTES + 1))
         return False  # the replica dies mid-body
 
     return script
