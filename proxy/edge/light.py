@@ -22,7 +22,13 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.core.errors import NoHealthyReplica, ProxyError, QueueFull, UpstreamError
+from proxy.core.errors import (
+    NoHealthyReplica,
+    Overloaded,
+    ProxyError,
+    QueueFull,
+    UpstreamError,
+)
 from proxy.core.replicas import Replica
 from proxy.core.retry import Decision, classify
 from proxy.edge.forward import Forwarder, _read_body
@@ -136,11 +142,7 @@ class Light:
             if replica is None:
                 if tried or not scheduler.any_healthy():
                     raise NoHealthyReplica("no healthy replica answered", retry_after_s=1)
-                raise QueueFull(
-                    f"every healthy replica is serving {self.slots.limit} requests that take "
-                    f"no slot (GET, HEAD, OPTIONS), the limit per replica",
-                    retry_after_s=1,
-                )
+                raise self._at_limit()
             tried.add(replica.name)
             exchange.replica = replica.name
             exchange.dispatched_at = time.monotonic()
@@ -172,6 +174,13 @@ class Light:
             finally:
                 self.slots.give(replica)
 
+    def _at_limit(self) -> QueueFull:
+        return QueueFull(
+            f"every healthy replica is serving {self.slots.limit} requests that take "
+            f"no slot (GET, HEAD, OPTIONS), the limit per replica",
+            retry_after_s=1,
+        )
+
     def _mark_down(self, replica: Replica, err: UpstreamError) -> None:
         if replica.healthy:
             log.warning("replica %s marked unhealthy: %s", replica.name, err)
@@ -195,6 +204,8 @@ class Light:
             if replica.takes_work and self.slots.in_flight.get(replica.name, 0) < self.slots.limit:
                 asked.append(asyncio.create_task(self._ask(replica, request, headers, exchange)))
         if not asked:
+            if any(r.takes_work for r in scheduler.replicas):
+                raise self._at_limit()
             raise NoHealthyReplica("no healthy replica to list models", retry_after_s=1)
         exchange.dispatched_at = time.monotonic()
         exchange.stage = "waiting_first_byte"
@@ -208,9 +219,12 @@ class Light:
                 task.cancel()
             results = await asyncio.gather(*asked, return_exceptions=True)
         answers = []
+        overloaded: Overloaded | None = None
         for replica_result in results:
             if isinstance(replica_result, _Answer):
                 answers.append(replica_result)
+            elif isinstance(replica_result, Overloaded):
+                overloaded = replica_result  # our own exhaustion, not the replicas'
             elif not isinstance(replica_result, ProxyError | asyncio.CancelledError):
                 log.error("asking a replica for /v1/models failed inside batchgate",
                           exc_info=replica_result)
@@ -231,6 +245,8 @@ class Light:
             refused = [a for a in answers if a.status < 500]
             if not refused:
                 exchange.replica = None
+                if overloaded is not None:
+                    raise overloaded
                 raise NoHealthyReplica("no healthy replica answered", retry_after_s=1)
             first = refused[0]
             exchange.replica, exchange.status, exchange.stage = (

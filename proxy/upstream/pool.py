@@ -166,7 +166,8 @@ class ConnectionPool:
         except (OSError, ssl_.SSLError) as err:  # refused, unreachable, DNS, TLS; timeouts
             if err.errno in _OUT_OF_DESCRIPTORS:
                 # Our own process (or the host) is out of sockets: the replica is fine.
-                raise Overloaded(f"batchgate is out of file descriptors: {err}") from err
+                raise Overloaded(f"batchgate is out of file descriptors: {err}",
+                                 retry_after_s=1) from err
             detail = str(err) or type(err).__name__
             raise UpstreamError(f"replica {self.name}: connect to {self.base_url}: {detail}",
                                 kind="connect", replica=self.name, unsent=True) from err

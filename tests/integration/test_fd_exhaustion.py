@@ -41,6 +41,12 @@ class Conn:
         return cls(reader, writer)
 
     async def call(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        status, _, data = await self.call_with_head(method, path, body)
+        return status, data
+
+    async def call_with_head(
+        self, method: str, path: str, body: bytes = b""
+    ) -> tuple[int, bytes, bytes]:
         self.writer.write(
             f"{method} {path} HTTP/1.1\r\nHost: batchgate\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n".encode() + body
@@ -50,7 +56,7 @@ class Conn:
         match = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
         assert match is not None, head
         data = await asyncio.wait_for(self.reader.readexactly(int(match.group(1))), BOUND_S)
-        return status, data
+        return status, head, data
 
     async def close(self) -> None:
         self.writer.close()
@@ -86,7 +92,9 @@ async def test_out_of_descriptors_is_503_overloaded_and_the_replica_stays_health
             await hold()
         assert open_fds(pid) == LIMIT
 
-        status, data = await held[0].call("POST", "/v1/completions", b'{"max_tokens": 1}')
+        status, head, data = await held[0].call_with_head(
+            "POST", "/v1/completions", b'{"max_tokens": 1}')
+        assert b"\r\nRetry-After: 1\r\n" in head, head
         error = json.loads(data)["error"]
         assert (status, error["code"], error["type"]) == (503, "overloaded",
                                                           "service_unavailable"), data
@@ -98,6 +106,10 @@ async def test_out_of_descriptors_is_503_overloaded_and_the_replica_stays_health
         assert 'batchgate_replica_healthy{replica="r"} 1.0' in text, text
         assert 'batchgate_rejected_requests_total{reason="overloaded"} 1.0' in text, text
         assert 'kind="connect"} 1' not in text, text
+
+        # The model listing asks every replica: out of descriptors for all, still our fault.
+        status, data = await held[1].call("GET", "/v1/models")
+        assert (status, json.loads(data)["error"]["code"]) == (503, "overloaded"), data
 
         # Descriptors back: the same proxy serves again, from the same replica.
         for conn in held[2:6]:

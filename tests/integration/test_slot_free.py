@@ -158,6 +158,11 @@ async def test_slot_free_requests_have_their_own_small_bound_per_replica(
         body = await resp.json()
     assert body["error"]["code"] == "queue_full"
     assert str(LIGHT_LIMIT_PER_REPLICA) in body["error"]["message"]
+    # The model listing is slot-free too: at the bound it is refused the same way.
+    async with client.get(p.url + "/v1/models") as resp:
+        assert resp.status == 429
+        assert resp.headers["Retry-After"] == "1"
+        assert (await resp.json())["error"]["code"] == "queue_full"
     # Generations are not affected by the slot-free bound.
     work = asyncio.create_task(client.post(p.url + "/v1/completions", json={"hold": True}))
     await until(lambda: r.in_flight == LIGHT_LIMIT_PER_REPLICA + 1, "the generation runs")
