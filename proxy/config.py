@@ -364,7 +364,10 @@ def _plain(value: object) -> object:
         return [_plain(item) for item in value]
     if is_dataclass(value):
         items = ((f.name, getattr(value, f.name)) for f in fields(value))
-        return {name: _plain(item) for name, item in items if item is not None}
+        # Only a replica's url/simulated pair is left out when unset (exactly one is set);
+        # every other unset key is shown as null, so the output lists every key there is.
+        skip = isinstance(value, ReplicaConfig)
+        return {name: _plain(item) for name, item in items if not (skip and item is None)}
     return value
 
 

@@ -125,6 +125,15 @@ def test_config_to_dict_round_trips_through_yaml() -> None:
     assert parse(dumped) == FULL_CONFIG
 
 
+def test_config_to_dict_shows_every_other_unset_key_as_null() -> None:
+    """check-config prints every key there is, defaults filled in: an unset CA file too."""
+    minimal = parse("replicas: [{name: a, url: 'http://127.0.0.1:9000', max_concurrency: 1}]")
+    upstream = config_to_dict(minimal)["upstream"]
+    assert isinstance(upstream, dict)
+    assert upstream["tls"] == {"ca_file": None, "insecure_skip_verify": False}
+    assert parse(yaml.safe_dump(config_to_dict(minimal))) == minimal
+
+
 def test_config_to_dict_omits_unset_url_and_simulated() -> None:
     replicas = config_to_dict(FULL_CONFIG)["replicas"]
     assert replicas == [
