@@ -110,10 +110,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     listener = setup_logging(config.logging)
     before, now, hard = raise_open_files_limit()
-    logging.getLogger("batchgate").info(
-        "open files limit: soft %s -> %s (hard %s)", before, now,
-        "unlimited" if hard == resource.RLIM_INFINITY else hard,
-    )
+    shown_hard = "unlimited" if hard == resource.RLIM_INFINITY else hard
+    # A warning when it could not be raised to the hard limit: then it is worth knowing even
+    # with `logging.level: warning`.
+    level = logging.INFO if now in (hard, _NR_OPEN_FALLBACK) else logging.WARNING
+    logging.getLogger("batchgate").log(
+        level, "open files limit: soft %s -> %s (hard %s)", before, now, shown_hard)
     from proxy.server import serve  # heavy imports only for the commands that need them
 
     try:

@@ -115,7 +115,7 @@ async def serve(
             await stop.wait()
             await _drain(app, config.server.drain_timeout_s)
         finally:
-            # 5. Close the listener and every connection, then the upstream sessions and
+            # 5. Close the listener and every connection, then the upstream pools and the
             #    health loops (the app's cleanup_ctx), then the embedded engines.
             await runner.cleanup()
     log.info("batchgate stopped")

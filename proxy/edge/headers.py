@@ -13,8 +13,6 @@ HOP_BY_HOP = frozenset(
         "proxy-connection", "proxy-authenticate", "proxy-authorization",
     }
 )
-#: Set by aiohttp's client when absent; the caller did not send them, so neither do we.
-SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
 def _strip_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
