@@ -104,7 +104,7 @@ def byte_by_byte(raw: bytes) -> list[int]:
 CL = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello"
 CHUNKED = (
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-    b"5;name=value\r\nhello\r\n6 ; q=\"x;y\"\r\n world\r\nA\r\n0123456789\r\n"
+    b"5;name=value\r\nhello\r\n6;q=\"x;y\"\r\n world\r\nA\r\n0123456789\r\n"
     b"0\r\nX-Trailer: t\r\nX-Other: u\r\n\r\n"
 )
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + CL
@@ -142,9 +142,12 @@ async def test_valid_responses(
 @given(case=st.sampled_from(VALID), cuts=st.lists(st.integers(1, 40), max_size=60))
 def test_random_splits(case: tuple[bytes, int, bytes, bool], cuts: list[int]) -> None:
     raw, status, body, keep_alive = case
+    whole = asyncio.run(feed(raw))
     parsed = asyncio.run(feed(raw, cuts))
     assert (parsed.response.status, parsed.body, parsed.conn.keep_alive) == (
         status, body, keep_alive)
+    assert list(parsed.response.headers.items()) == list(whole.response.headers.items())
+    assert parsed.response.complete and whole.response.complete
 
 
 @settings(max_examples=60, deadline=None)
@@ -418,4 +421,43 @@ async def test_large_upload_then_next_request_is_judged_by_its_own_silence() -> 
     with pytest.raises(UpstreamTimeout):
         await second
     assert (pool.active, pool.idle) == (0, 0)
+
+
+
+ODD_RESPONSES = {
+    "nul_in_header": b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 2\r\n\r\nok",
+    "control_byte_in_header": b"HTTP/1.1 200 OK\r\nX-A: a\x01b\r\nContent-Length: 2\r\n\r\nok",
+    "head_70k": (b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"p" * (70 * 1024)
+                 + b"\r\nContent-Length: 2\r\n\r\nok"),
+    "many_headers_70k": (b"HTTP/1.1 200 OK\r\n" + b"X-P: 123456789\r\n" * 4600
+                         + b"Content-Length: 2\r\n\r\nok"),
+    "chunk_line_9k": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;"
+                      + b"e" * (9 * 1024) + b"\r\nok\r\n0\r\n\r\n"),
+    "trailer_line_9k": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n"
+                        b"0\r\nX-T: " + b"t" * (9 * 1024) + b"\r\n\r\n"),
+    "gzip_chunked": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                     b"2\r\nok\r\n0\r\n\r\n"),
+    "status_below_100": b"HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\nok",
+}
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=st.sampled_from(sorted(ODD_RESPONSES)),
+       cuts=st.lists(st.integers(1, 9000), max_size=30))
+def test_malformed_whatever_the_read_boundaries(case: str, cuts: list[int]) -> None:
+    """The same responses in any split across reads: always malformed, connection discarded."""
+    async def run() -> None:
+        _pool, conn, transport = new_conn(asyncio.get_running_loop())
+        waiter = conn.start(b"GET / HTTP/1.1\r\n\r\n", b"", False)
+        for piece in pieces(ODD_RESPONSES[case], cuts):
+            conn.data_received(piece)
+        with pytest.raises(UpstreamError) as info:
+            response = await waiter
+            while await response.readany():
+                pass
+        assert info.value.kind == "malformed"
+        assert transport.closed and not conn.usable  # discarded, never pooled
+
+    asyncio.run(run())
+
 
