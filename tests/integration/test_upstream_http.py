@@ -544,3 +544,27 @@ async def test_header_bytes_above_0x7f_are_relayed(
     # (aiohttp writes header values as UTF-8): never dropped.
     assert b"\r\nX-Utf: caf\xc3\xa9\r\n" in response
     assert b"\r\nX-Raw: \xc2\x80\xc3\xbf\r\n" in response
+
+
+async def test_early_answer_during_a_large_upload_does_not_hang(
+    raw_server: Callable[[Handler], Awaitable[str]], pools: Callable[..., ConnectionPool]
+) -> None:
+    """The replica answers 413 and stops reading an 8 MiB body: the request waits for the
+    first of "response head arrived" and "upload done" (issue 7 A9; it hung on main)."""
+    stop = asyncio.Event()
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # the head only: the body is never read
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\n\r\nbig")
+        await writer.drain()
+        await stop.wait()
+
+    pool = pools(await raw_server(refuse), read_timeout_s=30.0)
+    try:
+        response = await asyncio.wait_for(pool.request("POST", "/", [], b"x" * BIG), BOUND_S)
+        assert response.status == 413
+        assert await read_all(response) == b"big"
+        response.release()  # the rest of the upload is still queued: never reused
+        assert (pool.active, pool.idle) == (0, 0)
+    finally:
+        stop.set()
