@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from proxy.core.errors import UpstreamError, UpstreamTimeout
 from proxy.upstream.connection import _HIGH_WATER, Response, _Connection
-from proxy.upstream.pool import ConnectionPool
+from proxy.upstream.pool import IDLE_EXPIRY_S, ConnectionPool
 
 
 class FakeTransport(asyncio.Transport):
@@ -461,3 +461,98 @@ def test_malformed_whatever_the_read_boundaries(case: str, cuts: list[int]) -> N
     asyncio.run(run())
 
 
+
+
+# -- guards against mutations of the timers and the pool (issue 7 part C) --------------------
+
+
+async def test_idle_connection_past_idle_expiry_is_not_reused() -> None:
+    loop = FakeLoop()
+    pool = ConnectionPool("http://replica:8000", limit=4, connect_timeout_s=1, read_timeout_s=30)
+    made: list[tuple[_Connection, FakeTransport]] = []
+
+    async def connect() -> _Connection:
+        conn = _Connection(pool, loop)  # type: ignore[arg-type]
+        transport = FakeTransport()
+        conn.connection_made(transport)
+        made.append((conn, transport))
+        return conn
+
+    pool._connect = connect  # type: ignore[method-assign]
+
+    async def get() -> _Connection:
+        task = asyncio.ensure_future(pool.request("GET", "/", [], b""))
+        await loop.advance_to(loop.now)
+        made[-1][0].data_received(CL)
+        response = await task
+        conn = response._conn
+        assert await response.readany() == b"hello"
+        response.release()
+        return conn
+
+    first = await get()
+    await loop.advance_to(IDLE_EXPIRY_S - 0.1)
+    assert await get() is first  # still warm: reused
+    await loop.advance_to(loop.now + IDLE_EXPIRY_S + 0.1)
+    assert await get() is not first  # too old: a new connection, the old one closed
+    assert made[0][1].closed and len(made) == 2
+    assert pool.pooling  # expiry is ours, not the replica closing early
+
+
+class PausingTransport(FakeTransport):
+    """Pauses the protocol's writing on a large write, as a full socket buffer does."""
+
+    protocol: _Connection | None = None
+
+    def write(self, data: Any) -> None:
+        super().write(data)
+        if len(data) > 1024 * 1024 and self.protocol is not None:
+            self.protocol.pause_writing()
+
+
+async def test_a_replica_taking_a_slow_upload_is_not_silent() -> None:
+    """Each resume_writing is a sign of life: an upload taken slowly, never stalled for
+    read_timeout_s, does not time out; once it stalls, it does."""
+    loop = FakeLoop()
+    pool = ConnectionPool("http://replica:8000", limit=2, connect_timeout_s=1, read_timeout_s=2)
+    conn = _Connection(pool, loop)  # type: ignore[arg-type]
+    transport = PausingTransport()
+    transport.protocol = conn
+    conn.connection_made(transport)
+
+    async def connect() -> _Connection:
+        return conn
+
+    pool._connect = connect  # type: ignore[method-assign]
+    task = asyncio.ensure_future(pool.request("POST", "/", [], b"x" * (2 << 20)))
+    await loop.advance_to(0.0)
+    for at in (1.5, 3.0, 4.5):  # the replica takes a little, the buffer fills again
+        await loop.advance_to(at)
+        conn.resume_writing()
+        conn.pause_writing()
+    await loop.advance_to(6.4)
+    assert not task.done()  # 1.9 s since the replica last took bytes
+    await loop.advance_to(6.6)
+    with pytest.raises(UpstreamTimeout):
+        await task
+
+
+async def test_resume_after_a_slow_reader_restarts_the_silence_clock() -> None:
+    """A reader that paused the socket for longer than read_timeout_s: the replica's
+    silence is counted from the resume, not from the last byte before the pause."""
+    loop = FakeLoop()
+    pool, conn, transport = fake_pool(loop, read_timeout_s=2.0)
+    task = asyncio.ensure_future(pool.request("GET", "/", [], b""))
+    await loop.advance_to(0.0)
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (4 * _HIGH_WATER))
+    response = await task
+    conn.data_received(b"x" * (_HIGH_WATER + 1))  # past high water: reading paused
+    assert transport.reading_paused
+    await loop.advance_to(5.0)  # the caller reads nothing for 5 s: not the replica's fault
+    assert len(await response.readany()) == _HIGH_WATER + 1  # resumes at t=5
+    assert not transport.reading_paused
+    await loop.advance_to(6.9)
+    assert conn.error is None  # 1.9 s of the replica's silence since the resume
+    await loop.advance_to(7.5)
+    with pytest.raises(UpstreamTimeout):
+        await response.readany()
