@@ -38,6 +38,10 @@ class Upstreams:
             for replica in replicas
         }
 
+    def set_limit(self, replica: str, max_concurrency: int) -> None:
+        """The replica's cap changed: its pool follows (see :meth:`ConnectionPool.set_limit`)."""
+        self._pools[replica].set_limit(pool_limit(max_concurrency))
+
     def pools(self) -> list[ConnectionPool]:
         return list(self._pools.values())
 

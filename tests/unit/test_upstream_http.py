@@ -321,7 +321,7 @@ def test_base_url_is_validated() -> None:
     with pytest.raises(ValueError, match="limit"):
         ConnectionPool("http://x", limit=0, connect_timeout_s=1, read_timeout_s=1)
     assert repr(ConnectionPool("http://x", limit=1, connect_timeout_s=1, read_timeout_s=1)) == (
-        "<ConnectionPool http://x active=0 idle=0>")
+        "<ConnectionPool http://x active=0 idle=0 limit=1>")
 
 
 # -- read timer on an injected clock ---------------------------------------------------------
@@ -556,3 +556,41 @@ async def test_resume_after_a_slow_reader_restarts_the_silence_clock() -> None:
     await loop.advance_to(7.5)
     with pytest.raises(UpstreamTimeout):
         await response.readany()
+
+
+async def test_set_limit_follows_the_replica_cap() -> None:
+    """The limit can change live (a replica's cap reloaded): idle connections beyond a lower
+    limit are closed at once (the coldest first), checked-out ones finish their request."""
+    loop = FakeLoop()
+    pool = ConnectionPool("http://replica:8000", limit=4, connect_timeout_s=1, read_timeout_s=30)
+    made: list[FakeTransport] = []
+
+    async def connect() -> _Connection:
+        conn = _Connection(pool, loop)  # type: ignore[arg-type]
+        transport = FakeTransport()
+        conn.connection_made(transport)
+        made.append(transport)
+        return conn
+
+    pool._connect = connect  # type: ignore[method-assign]
+    tasks = [asyncio.ensure_future(pool.request("GET", "/", [], b"", fresh=False))
+             for _ in range(3)]
+    await loop.advance_to(0.0)
+    assert pool.active == 3
+    pool.set_limit(2)  # lower than what is in flight: nothing is cut
+    assert (pool.limit, pool.active) == (2, 3)
+    with pytest.raises(RuntimeError, match="limit=2"):
+        await pool.request("GET", "/", [], b"")
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert (pool.active, pool.idle) == (0, 0)
+
+    pool.set_limit(4)
+    for _ in range(3):  # three warm connections back in the pool
+        pool._idle.append(await connect())
+    pool.set_limit(1)
+    assert pool.idle == 1 and [t.closed for t in made[-3:]] == [True, True, False]
+    with pytest.raises(ValueError, match="limit"):
+        pool.set_limit(0)
+    assert "limit=1" in repr(pool)
