@@ -122,7 +122,7 @@ the machine's noise moves far less than a rate.
 ## How it is measured
 
 - **Pinning.** The upstream and the proxy under test share core 0; the load generator (wrk,
-  and this harness's Python clients) has core 1 (`sched_setaffinity`, as `taskset` does).
+  and batchgate's own, `proxy/bench/`) has core 1 (`sched_setaffinity`, as `taskset` does).
   All four contestants stay up during a phase and take turns; the turn order rotates each round.
 - **Upstream** (`bench/upstream.py`): raw asyncio on uvloop, about 10 us of CPU per small
   request, so the proxies' costs dominate. It answers small JSON completions, `/sse` streams

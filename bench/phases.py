@@ -1,4 +1,6 @@
-"""P1, P2, P3 and P5: the raw-rate phases against the bench upstream.
+"""The measured phases: P1, P2, P3 and P5 against the bench upstream; P4 and the seed table
+against ``batchgate sim``. The load comes from the package's one load generator,
+:mod:`proxy.bench` (its raw-socket probes and ``batchgate bench``'s ``run_level``), and wrk.
 
 Every phase interleaves the contestants (the order rotates from round to round), so a burst
 of noise from elsewhere on the machine hits them all alike; figures are medians over rounds.
@@ -15,12 +17,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import contestants as cs
-import loadgen
 import uvloop
 import wrk
 from procs import Procs, fd_count, fd_hard_limit
 
-from proxy.bench.cli import BenchOptions, percentiles, run_level
+from proxy.bench import probes
+from proxy.bench.client import run_level
+from proxy.bench.core import BenchOptions, LevelResult, percentiles
 
 T = TypeVar("T")
 STREAM_INTERVAL_S = 0.05  # 20 events/s
@@ -98,9 +101,9 @@ def _brief(result: dict[str, Any]) -> str:
 
 
 def _latency_c1(run: Run, target: cs.Target) -> dict[str, Any]:
-    request = loadgen.http_request("POST", "/v1/completions", wrk.SMALL_POST.encode())
+    request = probes.http_request("POST", "/v1/completions", wrk.SMALL_POST.encode())
     count = 1000 if run.quick else 5000
-    res = aio(loadgen.latency_c1("127.0.0.1", target.port, request, count=count,
+    res = aio(probes.latency_c1("127.0.0.1", target.port, request, count=count,
                                  duration_s=run.wrk_s))
     lat = res.latencies_s
     pct = percentiles(lat)
@@ -205,7 +208,7 @@ def _stream_step(upstream: cs.Target, target: cs.Target, n: int, hold_s: float) 
             "rss_kib": float(proc.rss_kib()) if proc else 0.0,
         }
 
-    res = aio(loadgen.sse_streams("127.0.0.1", target.port, streams=n,
+    res = aio(probes.sse_streams("127.0.0.1", target.port, streams=n,
                                   interval_s=STREAM_INTERVAL_S, ramp_s=max(1.0, n / 1000),
                                   hold_s=hold_s, sample=sample))
     start, end = res.samples.get("start"), res.samples.get("end")
@@ -273,10 +276,10 @@ def _queued_one(run: Run, target: cs.Target, n: int) -> dict[str, Any]:
     time.sleep(0.3)
     idle = proc.rss_kib()
     idle_fds = fd_count(proc.pid)
-    request = loadgen.http_request("POST", "/hold", b"{}")
+    request = probes.http_request("POST", "/hold", b"{}")
 
     async def load() -> dict[str, Any]:
-        async with loadgen.hold("127.0.0.1", target.port, n, request) as held:
+        async with probes.hold("127.0.0.1", target.port, n, request) as held:
             settled = await _settle(proc.pid, idle_fds + len(held) - 5, proc.rss_kib)
             depth = await _queue_depth(target) if target.name == "batchgate" else None
             return {"opened": len(held), "settled": settled, "rss": proc.rss_kib(),
@@ -319,3 +322,110 @@ async def _queue_depth(target: cs.Target) -> int | None:
         if line.startswith("batchgate_queue_depth "):
             return int(float(line.split()[1]))
     return None
+
+
+# -- P4 and the seed table: `batchgate sim` (max-batch 32, the seed profile) on the system-
+# under-test core, loaded by `batchgate bench`'s generator directly and through batchgate,
+# alternately. ---------------------------------------------------------------------------
+
+#: The seed table: one replica, N callers at once, 100 tokens each, total time in ms.
+SEED_MS = {1: 1776, 2: 1981, 4: 2067, 8: 3767, 16: 4431, 32: 4942}
+SEED_TOLERANCE = 0.05
+P4_TARGET = 0.99
+
+
+def _level(url: str, concurrency: int, requests: int, options: BenchOptions) -> LevelResult:
+    return aio(run_level(url, concurrency=concurrency, rate=None, requests=requests,
+                         options=options))
+
+
+def phase_p4(run: Run, sim: cs.Target) -> dict[str, Any]:
+    """Tokens/s of 32 callers straight at the engine vs 200 callers through batchgate with
+    max_concurrency 32: the same number of 32-request rounds, so the same work. A gap between
+    one request finishing and the next starting shows as lost tokens/s."""
+    settings = cs.ProxySettings(max_concurrency=32, queue_max=1000, queue_timeout_s=600)
+    bg = cs.start_batchgate(run.procs, run.tmp, sim.port, settings, name="batchgate-p4")
+    max_tokens = 8 if run.quick else 32
+    requests = 32 * (7 if run.quick else 8)  # >= 200, so all 200 callers are waiting at once
+    options = BenchOptions(max_tokens=max_tokens, stream=True, model="batchgate-sim",
+                           timeout_s=600.0)
+    plan = {"direct": (sim.url, 32), "batchgate": (bg.url, 200)}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in plan}
+    try:
+        _level(bg.url, 32, 32, options)  # warm the pool; not recorded
+        for r in range(min(run.rounds, 2)):
+            for name in rotate(list(plan), r):
+                url, callers = plan[name]
+                level = _level(url, callers, requests, options)
+                runs[name].append({
+                    "tokens_per_s": level.tokens_per_s,
+                    "total_ms": level.total_time_s * 1000,
+                    "tokens": level.tokens,
+                    "errors": level.requests - level.ok,
+                    "callers": callers,
+                })
+            run.say("  round {}: direct {:.0f} tok/s, batchgate {:.0f} tok/s".format(
+                r + 1, runs["direct"][-1]["tokens_per_s"], runs["batchgate"][-1]["tokens_per_s"]))
+    finally:
+        assert bg.proc is not None
+        run.procs.stop(bg.proc)
+    direct = statistics.median(x["tokens_per_s"] for x in runs["direct"])
+    through = statistics.median(x["tokens_per_s"] for x in runs["batchgate"])
+    return {
+        "max_tokens": max_tokens,
+        "requests": requests,
+        "runs": runs,
+        "direct_tokens_per_s": direct,
+        "batchgate_tokens_per_s": through,
+        "ratio": through / direct if direct else None,
+        "met": bool(direct) and through / direct >= P4_TARGET,
+    }
+
+
+def phase_seed(run: Run, sim: cs.Target) -> dict[str, Any]:
+    """The seed table through batchgate: for each N one batchgate with max_concurrency N and
+    N callers sending one 100-token request each; total time from first send to last answer.
+    All six batchgates run at once (idle ones cost nothing); the engine is measured directly
+    too, so a miss can be told apart from the engine's own drift."""
+    levels = (1, 2, 4) if run.quick else tuple(SEED_MS)
+    targets = {
+        n: cs.start_batchgate(
+            run.procs, run.tmp, sim.port,
+            cs.ProxySettings(max_concurrency=n, queue_max=1000, queue_timeout_s=600),
+            name=f"batchgate-seed-{n}",
+        )
+        for n in levels
+    }
+    options = BenchOptions(max_tokens=100, stream=False, model="batchgate-sim", timeout_s=600.0)
+    rows: dict[int, dict[str, list[float]]] = {n: {"direct": [], "batchgate": []} for n in levels}
+    rounds = 1 if run.quick else max(1, run.rounds - 1)
+    try:
+        for r in range(rounds):
+            for n in levels:
+                for name in rotate(["direct", "batchgate"], r + n):
+                    url = sim.url if name == "direct" else targets[n].url
+                    level = _level(url, n, n, options)
+                    if level.ok != n:
+                        raise RuntimeError(f"seed level {n} via {name}: {level.errors}")
+                    rows[n][name].append(level.total_time_s * 1000)
+                run.say(f"  round {r + 1} N={n}: direct {rows[n]['direct'][-1]:.0f} ms, "
+                        f"batchgate {rows[n]['batchgate'][-1]:.0f} ms (seed {SEED_MS[n]})")
+    finally:
+        for target in targets.values():
+            assert target.proc is not None
+            run.procs.stop(target.proc)
+    table = []
+    for n in levels:
+        through = statistics.median(rows[n]["batchgate"])
+        direct = statistics.median(rows[n]["direct"])
+        table.append({
+            "concurrency": n,
+            "seed_ms": SEED_MS[n],
+            "batchgate_ms": through,
+            "direct_ms": direct,
+            "vs_seed": through / SEED_MS[n] - 1,
+            "vs_direct": through / direct - 1,
+            "met": abs(through / SEED_MS[n] - 1) <= SEED_TOLERANCE,
+            "runs": rows[n],
+        })
+    return {"rows": table, "met": all(row["met"] for row in table)}

@@ -34,7 +34,6 @@ from typing import Any
 
 import contestants as cs
 import docgen
-import llm
 import phases
 import report
 import spy
@@ -152,9 +151,9 @@ def _run_phases(run: phases.Run, only: list[str], results: dict[str, Any]) -> bo
     if "p4" in only or "seed" in only:
         sim = cs.start_sim(procs)
         if "p4" in only:
-            attempt("p4", lambda: llm.phase_p4(run, sim))
+            attempt("p4", lambda: phases.phase_p4(run, sim))
         if "seed" in only:
-            attempt("seed", lambda: llm.phase_seed(run, sim))
+            attempt("seed", lambda: phases.phase_seed(run, sim))
     return bool(results["errors"])
 
 

@@ -61,10 +61,27 @@ def profile(proc: Proc, url: str, script: Path, seconds: float, out: Path) -> di
     return summarise(folded.read_text(), load.rps, cpu_us)
 
 
-def _file(frame: str) -> str:
+#: The proxy package as this harness imports it: batchgate runs from the same checkout.
+PACKAGE = Path(cs.ROOT, "proxy").as_posix() + "/"
+
+
+def _path(frame: str) -> str:
     # py-spy raw frames: "function (path/to/file.py:line)"
     start = frame.rfind("(")
-    path = frame[start + 1 :].rsplit(":", 1)[0] if start >= 0 else frame
+    return frame[start + 1 :].rsplit(":", 1)[0] if start >= 0 else frame
+
+
+def _file(frame: str) -> str:
+    """Where a frame's code lives, short but unambiguous: ``proxy/upstream/client.py`` and
+    ``proxy/bench/client.py`` are different rooms; libraries as ``aiohttp/web_protocol.py``."""
+    path = _path(frame)
+    if path.startswith(PACKAGE):
+        return "proxy/" + path[len(PACKAGE) :]
+    if not path.startswith("/"):  # py-spy's short form is already package-relative
+        return path or "?"
+    _, marker, inside = path.rpartition("-packages/")
+    if marker:
+        return inside or "?"
     return path.rsplit("/", 1)[-1] or "?"
 
 
@@ -75,7 +92,7 @@ def _function(frame: str) -> str:
 
 def _own(frame: str) -> bool:
     """A frame of the proxy's own code: batchgate's package, or the floor's script."""
-    return "(proxy/" in frame or "/proxy/" in frame or "passthrough.py" in frame
+    return _file(frame).startswith("proxy/") or _path(frame).endswith("passthrough.py")
 
 
 def summarise(folded: str, rps: float, cpu_us: float) -> dict[str, Any]:

@@ -3,7 +3,7 @@ sends the request and prints the summary as one JSON line, and the CPU every pro
 
 wrk's latency percentiles are corrected for coordinated omission (it adds synthetic samples
 for every response slower than the mean interval), so they are kept as information only;
-latency figures come from :func:`loadgen.latency_c1` and ``batchgate bench``.
+latency figures come from :func:`proxy.bench.probes.latency_c1` and ``batchgate bench``.
 """
 
 from __future__ import annotations

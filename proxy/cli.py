@@ -6,7 +6,10 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import queue
+import resource
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -16,10 +19,10 @@ import uvloop
 import yaml
 
 from proxy import __version__
-from proxy.bench.cli import add_parser as add_bench_parser
 from proxy.config import Config, ConfigError, LoggingConfig, config_to_dict, load_config
 
 EXIT_CONFIG = 2
+BENCH_HELP = "load-test an OpenAI-compatible endpoint at several concurrency levels"
 
 
 class JsonFormatter(logging.Formatter):
@@ -72,14 +75,50 @@ def _load(path: str) -> Config:
         raise SystemExit(EXIT_CONFIG) from None
 
 
+def raise_open_files_limit() -> tuple[int, int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; returns (soft before, soft now, hard).
+
+    The common default soft limit is 1,024: a proxy holding a caller's connection, an upstream
+    connection and a queued request per client runs out of descriptors long before the
+    machine does, and the failures then look like broken replicas.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # An unlimited hard limit cannot be the soft one for files on Linux (fs.nr_open caps it).
+    target = hard if hard != resource.RLIM_INFINITY else _NR_OPEN_FALLBACK
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            return soft, soft, hard
+        return soft, target, hard
+    return soft, soft, hard
+
+
+_NR_OPEN_FALLBACK = 1 << 20  # Linux's default fs.nr_open
+
+
+def _exit_now(sig: signal.Signals) -> None:
+    # Asked twice: the operator wants the process gone, not drained. Said on stderr directly
+    # (the logging thread would not get to write it), then gone without cleanup; the kernel
+    # closes every socket, so callers and replicas see their connections end.
+    sys.stderr.write(f"batchgate: second {sig.name} during the drain: exiting now\n")
+    sys.stderr.flush()
+    os._exit(128 + int(sig))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     listener = setup_logging(config.logging)
+    before, now, hard = raise_open_files_limit()
+    logging.getLogger("batchgate").info(
+        "open files limit: soft %s -> %s (hard %s)", before, now,
+        "unlimited" if hard == resource.RLIM_INFINITY else hard,
+    )
     from proxy.server import serve  # heavy imports only for the commands that need them
 
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve(config))
+            runner.run(serve(config, on_second_signal=_exit_now))
     except OSError as err:  # the listener could not bind: say so in one line
         host, port = config.server.host, config.server.port
         reason = err.strerror or err
@@ -140,7 +179,9 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The whole command line. ``bench`` gets its real arguments only when ``argv`` names it:
+    the load generator (and tqdm) stay unloaded for every other command, ``serve`` first."""
     parser = argparse.ArgumentParser(
         prog="batchgate",
         description="Async request-batching proxy for LLM inference servers.",
@@ -178,12 +219,18 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--model", default="batchgate-sim", help="model name it reports")
     sim.set_defaults(func=cmd_sim)
 
-    add_bench_parser(commands)
+    if list(argv[:1]) == ["bench"]:
+        from proxy.bench.cli import add_parser as add_bench_parser
+
+        add_bench_parser(commands, help=BENCH_HELP)
+    else:
+        commands.add_parser("bench", help=BENCH_HELP)  # listed in --help; never run as is
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     code: int = args.func(args)
     return code
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -125,8 +126,36 @@ def _url(value: object, path: str) -> str:
         # Not echoed: the value holds a secret and this message goes to logs.
         raise _Problem(path, "must not contain credentials (user:password@)")
     if parts.query or parts.fragment:
-        raise _bad(path, "must not have a query or fragment, only a path prefix", value)
+        raise _bad(path, "must not have a query or fragment", value)
+    if parts.path not in ("", "/"):
+        # The caller's path (/v1/chat/completions) is forwarded as is: a base URL ending in
+        # /v1, as the OpenAI SDKs want it, would send /v1/v1/chat/completions.
+        raise _bad(path, "must not have a path (the caller's path is forwarded as is)", value)
     return value.rstrip("/")
+
+
+def _boolean(value: object, path: str) -> bool:
+    if not isinstance(value, bool):  # `yes`/`no` are YAML booleans already; "1" is not one
+        raise _bad(path, "must be true or false", value)
+    return value
+
+
+def _ca_file(value: object, path: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise _bad(path, "must be the path of a PEM file of CA certificates", value)
+    try:
+        with open(value, "rb"):
+            pass
+    except OSError as err:
+        raise _bad(path, f"cannot read CA file: {err.strerror or err}", value) from None
+    try:
+        # Loaded once here too, so a file that is not PEM fails at check-config, not serve.
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=value)
+    except (ssl.SSLError, ValueError) as err:
+        raise _bad(path, f"not a PEM file of CA certificates ({err})", value) from None
+    return value
 
 
 def _section(cls: type[_T]) -> Callable[[object, str], _T]:
@@ -223,6 +252,8 @@ def _replicas(value: object, path: str) -> tuple[ReplicaConfig, ...]:
 class QueueConfig:
     max_size: int = _field(1000, _integer(0))  # 0: reject at once when every slot is taken
     timeout_s: float = _field(30.0, _POSITIVE)
+    # The sum of the bodies of queued requests: memory stays bounded whatever callers send.
+    max_bytes: int = _field(268435456, _integer(0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,11 +264,22 @@ class HealthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """How ``https://`` replicas are verified (health probes included)."""
+
+    # PEM bundle that replaces the system CAs for replicas (e.g. a cluster-internal CA).
+    ca_file: str | None = _field(None, _ca_file)
+    # Encrypt but verify nothing (no CA, no host name): for a lab, never for production.
+    insecure_skip_verify: bool = _field(False, _boolean)
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     connect_timeout_s: float = _field(5.0, _POSITIVE)
     # The longest silence between two bytes from a replica, not a whole-response deadline.
     read_timeout_s: float = _field(600.0, _POSITIVE)
     retries: int = _field(2, _integer(0))
+    tls: TlsConfig = TlsConfig()
 
 
 @dataclass(frozen=True, slots=True)

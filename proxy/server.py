@@ -67,12 +67,25 @@ async def serve(
     *,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[str, int], None] | None = None,
+    on_second_signal: Callable[[signal.Signals], None] | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or ``stop``), then drain and return."""
+    """Serve until SIGTERM/SIGINT (or ``stop``), then drain and return.
+
+    A second SIGTERM/SIGINT during the drain calls ``on_second_signal`` (the CLI exits the
+    process there and then: an operator who asks twice does not want to wait for the drain).
+    """
     loop = asyncio.get_running_loop()
     stop = stop if stop is not None else asyncio.Event()
+    stop_requested = stop
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop_requested.is_set() and on_second_signal is not None:
+            on_second_signal(sig)
+            return
+        stop_requested.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
 
     access_log = (
         AccessLog(sys.stdout.buffer, config.logging.format)
@@ -85,8 +98,11 @@ async def serve(
         app = create_app(config, access_log=access_log)
         # handler_cancellation: a caller that hangs up cancels its handler, which closes the
         # upstream connection, which makes the engine abort the generation.
+        # auto_decompress=False (a keyword of aiohttp's request handler, through AppRunner's
+        # kwargs): request bodies pass through byte for byte, Content-Encoding intact.
         runner = web.AppRunner(
-            app, handler_cancellation=True, access_log=None, shutdown_timeout=CUT_GRACE_S
+            app, handler_cancellation=True, access_log=None, shutdown_timeout=CUT_GRACE_S,
+            auto_decompress=False,
         )
         await runner.setup()
         try:

@@ -23,11 +23,11 @@ import math
 import os
 import resource
 import sys
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import uvloop
 
@@ -104,11 +104,14 @@ def _base_url(text: str) -> str:
     return text.rstrip("/")
 
 
-def add_parser(subparsers: Any) -> None:
+HELP = "load-test an OpenAI-compatible endpoint at several concurrency levels"
+
+
+def add_parser(subparsers: Any, *, help: str = HELP) -> None:
     """Register ``bench`` on an ``ArgumentParser.add_subparsers()`` object."""
     bench: argparse.ArgumentParser = subparsers.add_parser(
         "bench",
-        help="load-test an OpenAI-compatible endpoint at several concurrency levels",
+        help=help,
         description=(
             "Measure tokens/s, TTFT, inter-token latency and end-to-end latency of an "
             "OpenAI-compatible endpoint (an engine, or batchgate in front of one)."
@@ -288,8 +291,6 @@ class _Run:
         requests: int | None,
         progress: bool,
     ) -> None:
-        from tqdm import tqdm  # here, not at the top: `batchgate serve` never pays for it
-
         async with new_session() as session:
             if self.options.model is None:
                 model = await discover_model(session, url, self.options)
@@ -305,15 +306,7 @@ class _Run:
                 if count is None and level_c is not None and options.duration_s is None:
                     count = level_c  # one request per caller: the seed table's measure
                 label = f"rate {level_rate:g}/s" if level_rate else f"concurrency {level_c}"
-                with tqdm(
-                    total=count,
-                    desc=label,
-                    unit="req",
-                    file=sys.stderr,
-                    disable=not progress,
-                    leave=True,
-                    dynamic_ncols=True,
-                ) as bar:
+                with progress_bar(label, count, enabled=progress) as tick:
                     level = await run_level(
                         url,
                         concurrency=level_c,
@@ -321,10 +314,54 @@ class _Run:
                         requests=count,
                         options=options,
                         session=session,
-                        on_result=lambda _: _tick(bar),
+                        on_result=lambda _: tick(),
                     )
                 self.done.append(level)
 
 
-def _tick(bar: Any) -> None:
-    bar.update()
+@contextmanager
+def progress_bar(
+    label: str, total: int | None, *, enabled: bool, file: TextIO | None = None
+) -> Iterator[Callable[[], None]]:
+    """Yield a function to call once per finished request.
+
+    tqdm draws the bar when it is installed (``batchgate[bench]``); without it a plain
+    ``label: n/total req`` counter is rewritten in place. Disabled, nothing is written.
+    """
+    out = sys.stderr if file is None else file
+    if not enabled:
+        yield _nothing
+        return
+    try:
+        from tqdm import tqdm  # here, not at the top: an extra, and `serve` never needs it
+    except ImportError:
+        yield from _plain_counter(label, total, out)
+        return
+    with tqdm(total=total, desc=label, unit="req", file=out, leave=True,
+              dynamic_ncols=True) as bar:
+
+        def tick() -> None:
+            bar.update()
+
+        yield tick
+
+
+def _nothing() -> None:
+    pass
+
+
+def _plain_counter(label: str, total: int | None, out: TextIO) -> Iterator[Callable[[], None]]:
+    done = 0
+    of = "" if total is None else f"/{total}"
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        out.write(f"\r{label}: {done}{of} req")
+        out.flush()
+
+    try:
+        yield tick
+    finally:
+        if done:
+            out.write("\n")

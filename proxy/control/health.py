@@ -7,21 +7,15 @@ requests at that very moment.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+from ssl import SSLContext
 
 import aiohttp
-from aiohttp import web
-from yarl import URL
 
-from proxy.config import HealthConfig, UpstreamConfig
-from proxy.core.errors import UpstreamError
+from proxy.config import HealthConfig
 from proxy.core.replicas import Replica
 from proxy.core.scheduler import Scheduler
-from proxy.edge.headers import (
-    SKIP_AUTO_HEADERS,
-    downstream_response_headers,
-    upstream_request_headers,
-)
 
 log = logging.getLogger("batchgate.health")
 
@@ -29,25 +23,29 @@ log = logging.getLogger("batchgate.health")
 class HealthChecker:
     """One probe loop per replica, owned here and cancelled in :meth:`close`.
 
-    Its session also serves ``GET /v1/models``, which must not take a generation slot or
-    wait behind the replica's pooled connections.
+    Probes use aiohttp's client: they run once per ``interval_s``, off the hot path, and need
+    none of the lean pool's streaming. Requests that callers send (slot-free GETs included)
+    always go through :mod:`proxy.upstream`, so they are relayed byte for byte.
     """
 
     def __init__(
-        self, scheduler: Scheduler, config: HealthConfig, upstream: UpstreamConfig
+        self, scheduler: Scheduler, config: HealthConfig, *, ssl: SSLContext | None = None
     ) -> None:
         self._scheduler = scheduler
         self._config = config
         self._probe_timeout = aiohttp.ClientTimeout(total=config.timeout_s)
-        self._forward_timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=upstream.connect_timeout_s, sock_read=upstream.read_timeout_s
-        )
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, force_close=True),
+            # The same TLS context as the pools (proxy.upstream.tls); aiohttp sends the URL's
+            # host as SNI and checks the certificate against it.
+            connector=aiohttp.TCPConnector(limit=0, force_close=True,
+                                           ssl=ssl if ssl is not None else True),
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
         )
         self._tasks: list[asyncio.Task[None]] = []
+        #: Why each replica's last probe failed, for the log line when its state changes
+        #: (a certificate the CA does not know, a refused connection, a status code).
+        self.why: dict[str, str] = {}
 
     def start(self) -> None:
         for replica in self._scheduler.replicas:
@@ -62,41 +60,34 @@ class HealthChecker:
         self._tasks.clear()
         await self._session.close()
 
-    async def probe(self, replica: Replica) -> bool:
+    async def probe(self, replica: Replica) -> bool | None:
+        """True or False: the replica's verdict; None: we could not ask (out of descriptors)."""
         try:
             async with self._session.get(
                 replica.url + self._config.path, timeout=self._probe_timeout
             ) as response:
                 await response.read()
+                self.why[replica.name] = f"{self._config.path} answered {response.status}"
                 return 200 <= response.status < 300
-        except (aiohttp.ClientError, TimeoutError):
+        except aiohttp.ClientConnectorError as err:
+            if err.os_error.errno in (errno.EMFILE, errno.ENFILE):
+                return None  # our own exhaustion says nothing about the replica
+            self.why[replica.name] = str(err)
+            return False
+        except (aiohttp.ClientError, TimeoutError) as err:
+            self.why[replica.name] = str(err) or type(err).__name__
             return False
 
     async def _loop(self, replica: Replica) -> None:
         while True:
             healthy = await self.probe(replica)
-            if healthy != replica.healthy:
-                log.warning("replica %s is now %s", replica.name,
-                            "healthy" if healthy else "unhealthy")
-            self._scheduler.set_healthy(replica, healthy)
+            if healthy is None:
+                log.warning("replica %s not probed: batchgate is out of file descriptors",
+                            replica.name)
+            elif healthy != replica.healthy:
+                log.warning("replica %s is now %s%s", replica.name,
+                            "healthy" if healthy else "unhealthy",
+                            "" if healthy else f": {self.why.get(replica.name, '')}")
+            if healthy is not None:
+                self._scheduler.set_healthy(replica, healthy)
             await asyncio.sleep(self._config.interval_s)
-
-    async def forward_get(
-        self, replica: Replica, request: web.Request, request_id: str
-    ) -> web.Response:
-        """A small GET answered in full (``/v1/models``): relayed with status and headers."""
-        url = URL(replica.url + request.raw_path, encoded=True)
-        try:
-            async with self._session.get(
-                url,
-                timeout=self._forward_timeout,
-                headers=upstream_request_headers(request, request_id),
-                skip_auto_headers=SKIP_AUTO_HEADERS,
-            ) as upstream:
-                body = await upstream.read()
-                headers = downstream_response_headers(upstream.headers, request_id)
-                headers.popall("Content-Length", None)
-                return web.Response(status=upstream.status, body=body, headers=headers)
-        except (aiohttp.ClientError, TimeoutError) as err:
-            raise UpstreamError(f"replica {replica.name}: {err}", kind="connect",
-                                replica=replica.name) from err

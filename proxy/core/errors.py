@@ -61,6 +61,17 @@ class Draining(ProxyError):
     reason = "draining"
 
 
+class Overloaded(ProxyError):
+    """batchgate itself ran out of a local resource (file descriptors): not a replica's fault.
+
+    Shed like a full queue, but as 503: the caller should retry, ideally elsewhere.
+    """
+
+    status = 503
+    type = "service_unavailable"
+    reason = "overloaded"
+
+
 class BodyTooLarge(ProxyError):
     status = 413
     type = "invalid_request_error"

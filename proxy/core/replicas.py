@@ -1,40 +1,190 @@
-"""The state of one replica as the scheduler sees it: how many slots, how many in use, healthy.
+"""The replicas and their slots: who exists, who is healthy, how many slots each has in use.
 
-Mutated only by :class:`proxy.core.scheduler.Scheduler`, so that every change of capacity (a slot
-freed, a replica back to health) is also the moment waiters are served.
+:class:`ReplicaSet` is the one owner of that state. Its mutators return what they decided
+(whether capacity may have appeared, whether a replica is gone), and the scheduler, the only
+caller, turns appeared capacity into grants for waiters at that very moment. Nothing here does
+I/O or knows about the queue.
+
+Life of a replica: ``active`` (takes new work while healthy) -> ``draining`` (removed while it
+still held work: no new work, it finishes what it holds) -> ``removed`` (gone from the set, its
+last lease returned). Health is separate from that life: an unhealthy active replica keeps its
+slots and gets work again the moment it is healthy.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+
+ACTIVE = "active"
+DRAINING = "draining"
+REMOVED = "removed"
 
 
 class Replica:
     """One upstream engine and its slots.
 
-    Invariant (kept by the scheduler): ``0 <= in_flight <= max_concurrency``.
+    Invariant (kept by :class:`ReplicaSet`): ``0 <= in_flight``, and no lease is granted while
+    ``in_flight >= max_concurrency``. Lowering the limit below ``in_flight`` cuts nothing: the
+    work in flight finishes, and the replica gets new work once it is under the new limit.
     """
 
-    __slots__ = ("healthy", "in_flight", "index", "max_concurrency", "name", "url")
+    __slots__ = ("healthy", "in_flight", "index", "max_concurrency", "name", "state", "url")
 
     def __init__(self, name: str, url: str, max_concurrency: int, index: int = 0) -> None:
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        _check_limit(max_concurrency)
         self.name = name
         self.url = url
         self.max_concurrency = max_concurrency
         self.index = index
         self.in_flight = 0
+        self.state = ACTIVE
         # Healthy from startup until a probe says otherwise: a proxy that starts before its
         # engine answers should queue, not reject, and the first probe follows at once.
         self.healthy = True
 
     @property
     def free(self) -> int:
-        return self.max_concurrency - self.in_flight
+        return max(0, self.max_concurrency - self.in_flight)
+
+    @property
+    def takes_work(self) -> bool:
+        return self.healthy and self.state == ACTIVE
 
     def less_loaded_than(self, other: Replica) -> bool:
         """``in_flight / max_concurrency`` compared exactly, without floats."""
         return self.in_flight * other.max_concurrency < other.in_flight * self.max_concurrency
 
     def __repr__(self) -> str:
-        state = "up" if self.healthy else "down"
+        state = ("up" if self.healthy else "down") if self.state == ACTIVE else self.state
         return f"<Replica {self.name} {self.in_flight}/{self.max_concurrency} {state}>"
+
+
+def _check_limit(max_concurrency: int) -> None:
+    if max_concurrency < 1:
+        raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+
+
+class ReplicaSet:
+    """Every replica and its slots; the only code that changes ``in_flight`` or health."""
+
+    __slots__ = ("_next", "_replicas")
+
+    def __init__(self, replicas: Iterable[Replica] = ()) -> None:
+        self._replicas: tuple[Replica, ...] = ()
+        self._next = 0  # round-robin start for tie-breaking
+        for replica in replicas:
+            self._insert(replica)
+
+    # -- observation ---------------------------------------------------------------------
+
+    @property
+    def all(self) -> tuple[Replica, ...]:
+        """Active and draining replicas, in the order they were added."""
+        return self._replicas
+
+    def get(self, name: str) -> Replica | None:
+        for replica in self._replicas:
+            if replica.name == name:
+                return replica
+        return None
+
+    def any_healthy(self) -> bool:
+        return any(r.takes_work for r in self._replicas)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(r.in_flight for r in self._replicas)
+
+    def usable_slots(self) -> int:
+        """Slots of the replicas that take work: the capacity ``Retry-After`` divides by."""
+        return sum(r.max_concurrency for r in self._replicas if r.takes_work)
+
+    def __len__(self) -> int:
+        return len(self._replicas)
+
+    def __repr__(self) -> str:
+        return "[" + ", ".join(_brief(r) for r in self._replicas) + "]"
+
+    # -- slots (the hot path) ------------------------------------------------------------
+
+    def pick(self) -> Replica | None:
+        """The replica that takes work with a free slot and the lowest load; ties round-robin."""
+        replicas = self._replicas
+        count = len(replicas)
+        start = self._next
+        best: Replica | None = None
+        for offset in range(count):
+            replica = replicas[(start + offset) % count]
+            if (
+                not replica.healthy
+                or replica.state != ACTIVE
+                or replica.in_flight >= replica.max_concurrency
+            ):
+                continue
+            if best is None or replica.less_loaded_than(best):
+                best = replica
+        if best is not None:
+            best.in_flight += 1
+            self._next = (best.index + 1) % count
+        return best
+
+    def give_back(self, replica: Replica) -> bool:
+        """A slot comes back. True if that was a draining replica's last one (now removed)."""
+        replica.in_flight -= 1
+        if replica.state == DRAINING and replica.in_flight == 0:
+            self._drop(replica)
+            return True
+        return False
+
+    # -- changes (each returns what it decided) ------------------------------------------
+
+    def add(self, name: str, url: str, max_concurrency: int) -> Replica:
+        """A new replica, active and healthy until probed: capacity appears."""
+        if self.get(name) is not None:
+            raise ValueError(f"replica {name!r} already exists")
+        replica = Replica(name, url, max_concurrency)
+        self._insert(replica)
+        return replica
+
+    def remove(self, replica: Replica) -> bool:
+        """Drain first: no new work from now. True if gone at once (it held nothing)."""
+        if replica.state == REMOVED:
+            return True
+        if replica.in_flight == 0:
+            self._drop(replica)
+            return True
+        replica.state = DRAINING
+        return False
+
+    def set_limit(self, replica: Replica, max_concurrency: int) -> bool:
+        """Change a replica's slots live. True if slots appeared (raised on a usable replica)."""
+        _check_limit(max_concurrency)
+        grew = max_concurrency > replica.max_concurrency
+        replica.max_concurrency = max_concurrency
+        return grew and replica.takes_work
+
+    def set_healthy(self, replica: Replica, healthy: bool) -> bool:
+        """True if the replica's slots just became usable."""
+        if replica.healthy == healthy:
+            return False
+        replica.healthy = healthy
+        return healthy and replica.state == ACTIVE
+
+    def _insert(self, replica: Replica) -> None:
+        replica.index = len(self._replicas)
+        replica.state = ACTIVE
+        self._replicas = (*self._replicas, replica)
+
+    def _drop(self, replica: Replica) -> None:
+        replica.state = REMOVED
+        self._replicas = tuple(r for r in self._replicas if r is not replica)
+        for i, r in enumerate(self._replicas):
+            r.index = i
+        self._next = self._next % len(self._replicas) if self._replicas else 0
+
+
+def _brief(r: Replica) -> str:
+    state = "" if r.healthy else " down"
+    if r.state != ACTIVE:
+        state += f" {r.state}"
+    return f"{r.name} {r.in_flight}/{r.max_concurrency}{state}"

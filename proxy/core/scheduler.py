@@ -1,175 +1,256 @@
-"""Admission control: one bounded FIFO queue in front of per-replica concurrency slots.
+"""Admission control: one bounded wait queue in front of per-replica concurrency slots.
 
 This is the heart of batchgate and does no I/O (it must not import aiohttp; a test checks).
-Decisions are made synchronously, in :meth:`Scheduler._dispatch`, at the only moments capacity
-can appear: a request arrives, a slot is released, a replica turns healthy. The async
-:meth:`Scheduler.acquire` only waits for the decision, so there is no polling loop and no gap
-between one request finishing and the next starting.
+Decisions are synchronous and returned to the caller: :meth:`Scheduler.submit` (a lease now, or
+a place in the queue), :meth:`Scheduler.release` and :meth:`Scheduler.withdraw` (the grants they
+caused), :meth:`Scheduler.expire` (the waiters whose deadline passed), and the replica changes
+(:meth:`add_replica`, :meth:`remove_replica`, :meth:`set_limit`, :meth:`set_healthy`). Capacity
+can only appear at those moments, and waiters are served right then: there is no polling loop
+and no gap between one request finishing and the next starting. :meth:`Scheduler.acquire` is a
+thin async wrapper that waits for the decision.
+
+Who owns what: :class:`~proxy.core.replicas.ReplicaSet` the replicas and their slots;
+:class:`~proxy.core.queue.WaitQueue` the order of the waiters (FIFO today); this module the
+bounds of the queue, the deadlines and the estimate behind ``Retry-After``.
 
 Guarantees:
 
-* a replica never has more than ``max_concurrency`` leases out;
-* while anyone waits, every healthy replica has all of its slots leased (work conservation);
-* waiters are served in arrival order; a retried request may re-enter at the head;
+* a replica is never granted a lease while it holds ``max_concurrency`` of them;
+* while anyone waits, every healthy active replica has all of its slots leased (work
+  conservation);
+* waiters are served in the policy's order (arrival order with FIFO); a retried request may
+  re-enter at the head;
 * a waiter that is cancelled leaves the queue at once; a slot granted to a waiter that is
   cancelled in the same instant passes to the next waiter, never lost;
-* each :class:`Lease` gives its slot back exactly once, however often ``release`` is called.
+* each :class:`Lease` gives its slot back exactly once, however often ``release`` is called;
+* a removed replica gets no new work and leaves once the work it holds is done.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import random
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 from proxy.core.errors import NoHealthyReplica, ProxyError, QueueFull, QueueTimeout
-from proxy.core.replicas import Replica
+from proxy.core.estimate import RETRY_AFTER_MIN_S, ServiceTimes, retry_after_s
+from proxy.core.queue import FifoQueue, Notify, Waiter, WaitQueue
+from proxy.core.replicas import Replica, ReplicaSet
 
-#: How far back completions count towards the drain rate behind ``Retry-After``.
-DRAIN_WINDOW_S = 60.0
-RETRY_AFTER_MIN_S = 1
-RETRY_AFTER_MAX_S = 60
-
+__all__ = ["Grant", "Lease", "Replica", "Scheduler", "Waiter"]
 
 class Lease:
     """One slot on one replica, held for exactly as long as the request uses it."""
 
-    __slots__ = ("_scheduler", "released", "replica")
+    __slots__ = ("_scheduler", "released", "replica", "started")
 
-    def __init__(self, scheduler: Scheduler, replica: Replica) -> None:
+    def __init__(self, scheduler: Scheduler, replica: Replica, started: float) -> None:
         self._scheduler = scheduler
         self.replica = replica
         self.released = False
+        self.started = started  # on the scheduler's clock: service time for Retry-After
 
-    def release(self) -> None:
+    def release(self) -> Sequence[Grant]:
         """Give the slot back (idempotent). Safe to call from ``finally`` on any path."""
-        self._scheduler.release(self)
+        return self._scheduler.release(self)
 
     def __repr__(self) -> str:
         return f"<Lease {self.replica.name}{' released' if self.released else ''}>"
 
 
-#: Called with the lease when a queued waiter is granted a slot. Returns False when the waiter
-#: can no longer take it (its caller has just gone), so the slot goes to the next in line.
-GrantCallback = Callable[[Lease], bool]
+class Grant(NamedTuple):
+    """A decision: this waiter got this slot (it has been told)."""
+
+    waiter: Waiter
+    lease: Lease
 
 
-class Waiter:
-    """A queued request. Identity is the key in the queue."""
-
-    __slots__ = ("_on_grant", "lease")
-
-    def __init__(self, on_grant: GrantCallback) -> None:
-        self._on_grant = on_grant
-        self.lease: Lease | None = None
+NO_GRANTS: tuple[Grant, ...] = ()
 
 
 class Scheduler:
     """The bounded queue and the slots of every replica.
 
     ``max_queue`` bounds the waiters (0: no waiting, a request that finds no free slot is
-    refused at once). ``clock`` is injectable so ``Retry-After`` is testable without sleeping.
+    refused at once), ``max_bytes`` the sum of their bodies (a request that gets a slot at
+    once is never queued, so never counted). ``clock`` decides deadlines and the service-time
+    window behind ``Retry-After``, ``rng`` its randomised rounding (both injectable, so they
+    are tested without sleeping or luck); ``queue`` is the waiting policy (FIFO by default).
+    ``on_retired`` hears of a removed replica once its last lease has come back.
     """
 
     def __init__(
         self,
-        replicas: Sequence[Replica],
+        replicas: Iterable[Replica],
         max_queue: int,
         *,
+        max_bytes: float = math.inf,
+        queue: WaitQueue | None = None,
         clock: Callable[[], float] = time.monotonic,
+        rng: Callable[[], float] = random.random,
+        on_retired: Callable[[Replica], None] | None = None,
     ) -> None:
-        if not replicas:
+        self._set = ReplicaSet(replicas)
+        if not len(self._set):
             raise ValueError("at least one replica is required")
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
-        self.replicas: tuple[Replica, ...] = tuple(replicas)
-        for i, replica in enumerate(self.replicas):
-            replica.index = i
         self.max_queue = max_queue
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self.queued_bytes = 0
+        self._queue: WaitQueue = queue if queue is not None else FifoQueue()
         self._clock = clock
-        # An OrderedDict, not a deque: a cancelled waiter must leave in O(1) from anywhere,
-        # and a retried request must re-enter at the head.
-        self._waiters: OrderedDict[Waiter, None] = OrderedDict()
-        self._next = 0  # round-robin start for tie-breaking
-        self._completions: deque[float] = deque()
+        self._rng = rng
+        self._on_retired = on_retired
+        self._pick = self._set.pick  # bound once: the hot path calls it per request
+        self._service = ServiceTimes()
 
     # -- observation ---------------------------------------------------------------------
 
     @property
+    def replicas(self) -> tuple[Replica, ...]:
+        return self._set.all
+
+    def replica(self, name: str) -> Replica | None:
+        return self._set.get(name)
+
+    @property
     def queue_depth(self) -> int:
-        return len(self._waiters)
+        return len(self._queue)
 
     @property
     def in_flight(self) -> int:
-        return sum(r.in_flight for r in self.replicas)
+        return self._set.in_flight
+
+    def now(self) -> float:
+        """The scheduler's clock: deadlines passed to :meth:`acquire` are on it."""
+        return self._clock()
 
     def any_healthy(self) -> bool:
-        return any(r.healthy for r in self.replicas)
+        return self._set.any_healthy()
+
+    def position(self, waiter: Waiter) -> int | None:
+        return self._queue.position(waiter)
 
     def idle(self) -> bool:
         """No waiter and no slot held: what every test checks at its end."""
-        return not self._waiters and self.in_flight == 0
+        return not len(self._queue) and self._set.in_flight == 0
 
     def __repr__(self) -> str:
-        replicas = ", ".join(
-            f"{r.name} {r.in_flight}/{r.max_concurrency}{'' if r.healthy else ' down'}"
-            for r in self.replicas
-        )
-        return f"<Scheduler queued={len(self._waiters)}/{self.max_queue} [{replicas}]>"
+        size = ""
+        if self.max_bytes < math.inf:
+            size = f" {self.queued_bytes}/{self.max_bytes} bytes"
+        return f"<Scheduler queued={len(self._queue)}/{self.max_queue}{size} {self._set!r}>"
 
     # -- decisions (synchronous) ---------------------------------------------------------
 
-    def submit(self, on_grant: GrantCallback, *, front: bool = False) -> Lease | Waiter:
-        """Take a slot now, or join the queue.
+    def submit(
+        self,
+        notify: Notify,
+        *,
+        deadline: float = math.inf,
+        size: int = 0,
+        front: bool = False,
+    ) -> Lease | Waiter:
+        """Take a slot now, or join the queue until ``deadline`` (on :meth:`now`'s clock).
 
+        ``size`` is the request's body, counted against ``max_bytes`` while it waits.
         ``front`` puts a request back at the head: it was admitted once already and lost its
         slot through no fault of its own (the replica refused the connection), so it neither
-        goes to the back nor counts against the queue's bound.
+        goes to the back nor is refused by the queue's bounds (its bytes still count).
 
         Raises :class:`QueueFull`, or :class:`NoHealthyReplica` when waiting is not allowed
         and no replica is healthy.
         """
-        if not self._waiters:
+        queue = self._queue
+        if not len(queue):
             replica = self._pick()
             if replica is not None:
-                return self._lease(replica)
-        if not front and len(self._waiters) >= self.max_queue:
-            if self.max_queue == 0 and not self.any_healthy():
-                raise NoHealthyReplica("no healthy replica", retry_after_s=RETRY_AFTER_MIN_S)
-            raise QueueFull(
-                f"queue is full ({self.max_queue} waiting); retry later",
-                retry_after_s=self.retry_after_s(len(self._waiters) + 1),
-            )
-        waiter = Waiter(on_grant)
-        self._waiters[waiter] = None
-        if front:
-            self._waiters.move_to_end(waiter, last=False)
+                return Lease(self, replica, self._clock())
+        if not front:
+            if len(queue) >= self.max_queue:
+                if self.max_queue == 0 and not self.any_healthy():
+                    raise NoHealthyReplica(
+                        "no healthy replica", retry_after_s=RETRY_AFTER_MIN_S
+                    )
+                raise QueueFull(
+                    f"queue is full ({self.max_queue} waiting); retry later",
+                    retry_after_s=self.retry_after_s(len(queue) + 1),
+                )
+            if self.queued_bytes + size > self.max_bytes:
+                raise QueueFull(
+                    f"queue is full: this request's {size} bytes would take the queued "
+                    f"request bodies past queue.max_bytes ({self.max_bytes} bytes); "
+                    "retry later",
+                    retry_after_s=self.retry_after_s(len(queue) + 1),
+                )
+        waiter = Waiter(notify, deadline, size)
+        queue.push(waiter, front=front)
+        waiter.queued = True
+        self.queued_bytes += size
         return waiter
 
-    def withdraw(self, waiter: Waiter) -> bool:
-        """Remove a waiter that is still queued. False if it was not (already granted)."""
-        return self._waiters.pop(waiter, False) is None
-
-    def release(self, lease: Lease) -> None:
-        if lease.released:
-            return
+    def withdraw(self, waiter: Waiter) -> Sequence[Grant]:
+        """The waiter gives up. Queued: it leaves. Granted but its caller left before using
+        the slot: the slot passes on (not counted as a completion). Returns the grants."""
+        if waiter.queued:
+            self._unqueue(waiter)
+            return NO_GRANTS
+        lease = waiter.lease
+        if lease is None or lease.released:
+            return NO_GRANTS
+        waiter.lease = None
         lease.released = True
-        lease.replica.in_flight -= 1
-        now = self._clock()
-        completions = self._completions
-        completions.append(now)
-        # Keep only the window Retry-After looks at: bounded memory however long we run.
-        while now - completions[0] > DRAIN_WINDOW_S:
-            completions.popleft()
-        self._dispatch()
+        self._give_back(lease.replica)
+        return self._dispatch()
 
-    def set_healthy(self, replica: Replica, healthy: bool) -> None:
-        if replica.healthy == healthy:
-            return
-        replica.healthy = healthy
-        if healthy:
-            self._dispatch()
+    def release(self, lease: Lease) -> Sequence[Grant]:
+        """The work is done: the slot goes to the next waiter, if any (idempotent)."""
+        if lease.released:
+            return NO_GRANTS
+        lease.released = True
+        now = self._clock()
+        self._service.record(now, now - lease.started)
+        self._give_back(lease.replica)
+        if not len(self._queue):
+            return NO_GRANTS
+        return self._dispatch()
+
+    def expire(self, now: float | None = None) -> list[Waiter]:
+        """Tell every waiter whose deadline has passed (default: :meth:`now`) that it expired."""
+        now = self._clock() if now is None else now
+        due = [w for w in self._queue if w.deadline <= now]
+        for waiter in due:
+            self._expire(waiter)
+        return due
+
+    def add_replica(self, name: str, url: str, max_concurrency: int) -> Sequence[Grant]:
+        """A new replica: its slots go to waiters at once."""
+        self._set.add(name, url, max_concurrency)
+        return self._dispatch()
+
+    def remove_replica(self, replica: Replica) -> bool:
+        """No new work for it from now; it leaves once its work is done. True: gone now."""
+        gone = self._set.remove(replica)
+        if gone and self._on_retired is not None:
+            self._on_retired(replica)
+        return gone
+
+    def set_limit(self, replica: Replica, max_concurrency: int) -> Sequence[Grant]:
+        """Change a replica's slots live; work in flight above a lowered limit finishes."""
+        if self._set.set_limit(replica, max_concurrency):
+            return self._dispatch()
+        return NO_GRANTS
+
+    def set_healthy(self, replica: Replica, healthy: bool) -> Sequence[Grant]:
+        if self._set.set_healthy(replica, healthy):
+            return self._dispatch()
+        return NO_GRANTS
 
     def expired_error(self, waiter_position: int) -> ProxyError:
         """What a waiter whose time ran out is told: the likely cause, and when to retry."""
@@ -186,95 +267,106 @@ class Scheduler:
     def retry_after_s(self, position: int) -> int:
         """Seconds until a caller at ``position`` in the queue would likely be served.
 
-        Position over the recent drain rate (completions per second over the last minute),
-        clamped to 1..60. With no completion seen yet we cannot estimate, so say the most.
+        The usable slots over the mean service time measured in the last minute give the
+        rate the line moves at (see :mod:`proxy.core.estimate`); 1 s with no history.
+        With no replica usable, the slots they will have when back.
         """
+        slots = self._set.usable_slots() or sum(r.max_concurrency for r in self._set.all)
+        mean = self._service.mean(self._clock())
+        return retry_after_s(position, slots, mean, self._rng)
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _unqueue(self, waiter: Waiter) -> None:
+        self._queue.remove(waiter)
+        waiter.queued = False
+        self.queued_bytes -= waiter.size
+
+    def _expire(self, waiter: Waiter) -> None:
+        # Its own place in line (ask the policy), not the queue's length: the head of a long
+        # queue is told one service time, not the whole queue's.
+        error = self.expired_error(self._queue.position(waiter) or 1)
+        self._unqueue(waiter)
+        waiter.notify(error)
+
+    def _give_back(self, replica: Replica) -> None:
+        if self._set.give_back(replica) and self._on_retired is not None:
+            self._on_retired(replica)
+
+    def _dispatch(self) -> Sequence[Grant]:
+        """Give free slots to waiters in the policy's order, until one or the other runs out."""
+        queue = self._queue
+        grants: list[Grant] = []
         now = self._clock()
-        completions = self._completions
-        while completions and now - completions[0] > DRAIN_WINDOW_S:
-            completions.popleft()
-        if not completions:
-            return RETRY_AFTER_MAX_S
-        span = max(now - completions[0], 1.0)
-        rate = len(completions) / span
-        estimate = int(-(-position // rate))  # ceil without floats drifting below 1
-        return max(RETRY_AFTER_MIN_S, min(RETRY_AFTER_MAX_S, estimate))
-
-    def _lease(self, replica: Replica) -> Lease:
-        replica.in_flight += 1
-        return Lease(self, replica)
-
-    def _pick(self) -> Replica | None:
-        """The healthy replica with a free slot and the lowest load; ties round-robin."""
-        replicas = self.replicas
-        count = len(replicas)
-        best: Replica | None = None
-        for offset in range(count):
-            replica = replicas[(self._next + offset) % count]
-            if not replica.healthy or replica.in_flight >= replica.max_concurrency:
-                continue
-            if best is None or replica.less_loaded_than(best):
-                best = replica
-        if best is not None:
-            self._next = (best.index + 1) % count
-        return best
-
-    def _dispatch(self) -> None:
-        """Give free slots to waiters, head first, until one or the other runs out."""
-        waiters = self._waiters
-        while waiters:
+        while len(queue):
             replica = self._pick()
             if replica is None:
-                return
-            waiter, _ = waiters.popitem(last=False)
-            lease = self._lease(replica)
-            if waiter._on_grant(lease):
+                break
+            waiter = queue.pop()
+            assert waiter is not None
+            waiter.queued = False
+            self.queued_bytes -= waiter.size
+            lease = Lease(self, replica, now)
+            if waiter.notify(lease):
                 waiter.lease = lease
+                grants.append(Grant(waiter, lease))
             else:
                 # The caller left between queueing and now: undo without counting a
                 # completion, and offer the same slot to the next waiter.
                 lease.released = True
-                replica.in_flight -= 1
+                self._give_back(replica)
+        return grants if grants else NO_GRANTS
 
     # -- waiting (async) -----------------------------------------------------------------
 
-    async def acquire(self, deadline: float, *, front: bool = False) -> Lease:
-        """Wait for a slot until ``deadline`` (on the running loop's clock).
+    async def acquire(self, deadline: float, *, size: int = 0, front: bool = False) -> Lease:
+        """Wait for a slot until ``deadline`` (on :meth:`now`'s clock); ``size`` as in
+        :meth:`submit`.
 
         Cancel-safe: a caller cancelled while queued leaves the queue; one cancelled just as
         its slot was granted gives that slot to the next waiter before the error propagates.
         """
-        if not self._waiters:
+        if not len(self._queue):
             # The common case under capacity: a free slot now, no Future or closure needed.
             replica = self._pick()
             if replica is not None:
-                return self._lease(replica)
+                return Lease(self, replica, self._clock())
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Lease] = loop.create_future()
 
-        def grant(lease: Lease) -> bool:
+        def notify(result: Lease | ProxyError) -> bool:
             if future.done():
                 return False
-            future.set_result(lease)
+            if isinstance(result, Lease):
+                future.set_result(result)
+            else:
+                future.set_exception(result)
             return True
 
-        got = self.submit(grant, front=front)
+        got = self.submit(notify, deadline=deadline, size=size, front=front)
         if isinstance(got, Lease):
             return got
         waiter = got
+        clock = self._clock
 
-        def expire() -> None:
-            position = len(self._waiters)
-            if self.withdraw(waiter) and not future.done():
-                future.set_exception(self.expired_error(position))
+        def on_timer() -> None:
+            # The loop's timer is only a wake-up; the scheduler's clock decides.
+            if not waiter.queued:
+                return
+            remaining = waiter.deadline - clock()
+            if remaining > 0:
+                timer[0] = loop.call_later(remaining, on_timer)
+            else:
+                self._expire(waiter)
 
-        timer = loop.call_at(deadline, expire)
+        timer: list[asyncio.TimerHandle] = []
+        if deadline < math.inf:
+            timer.append(loop.call_later(max(0.0, deadline - clock()), on_timer))
         try:
             return await future
         except asyncio.CancelledError:
             self.withdraw(waiter)
-            if future.done() and not future.cancelled() and future.exception() is None:
-                future.result().release()
             raise
         finally:
-            timer.cancel()
+            for handle in timer:
+                handle.cancel()

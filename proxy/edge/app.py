@@ -14,10 +14,13 @@ from proxy.core.replicas import Replica
 from proxy.core.scheduler import Scheduler
 from proxy.edge.forward import Forwarder
 from proxy.edge.frame import Frame
+from proxy.edge.headers import origin_form
 from proxy.edge.keys import CONFIG, HEALTH, LIFECYCLE, METRICS, SCHEDULER, UPSTREAMS
+from proxy.edge.light import LIGHT, LIGHT_LIMIT_PER_REPLICA, LIGHT_METHODS, Light
 from proxy.observe.accesslog import AccessLog
 from proxy.observe.metrics import Metrics
 from proxy.upstream.client import Upstreams
+from proxy.upstream.tls import context_for
 
 __all__ = ["CONFIG", "HEALTH", "LIFECYCLE", "METRICS", "SCHEDULER", "UPSTREAMS", "create_app"]
 
@@ -29,6 +32,7 @@ class Handlers:
         self.app = app
         self.frame = Frame(app, access_log)
         self.forwarder = Forwarder(app)
+        self.light = app[LIGHT] = Light(app, self.forwarder)
 
     async def healthz(self, _request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -45,10 +49,17 @@ class Handlers:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def models(self, request: web.Request) -> web.StreamResponse:
-        """Answered by any healthy replica, without taking a slot: it costs the engine nothing."""
-        return await self.frame.serve(request, self.forwarder.models)
+        """The union of the healthy replicas' models, without a slot (proxy.edge.light)."""
+        return await self.frame.serve(request, self.light.models)
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "GET" and origin_form(request) == "/v1/models":
+            # aiohttp's router does not resolve dot-segments; the replica would ("/x/../").
+            return await self.models(request)
+        # Only work takes a slot: GET, HEAD and OPTIONS (probes, /version, /v1/models) go to
+        # a healthy replica at once, bounded per replica by proxy.edge.light.
+        if request.method in LIGHT_METHODS:
+            return await self.frame.serve(request, self.light.forwarded)
         return await self.frame.serve(request, self.forwarder.proxied)
 
 
@@ -64,7 +75,7 @@ def create_app(
         Replica(r.name, r.url or "", r.max_concurrency, index=i)
         for i, r in enumerate(config.replicas)
     ]
-    scheduler = Scheduler(replicas, config.queue.max_size)
+    scheduler = Scheduler(replicas, config.queue.max_size, max_bytes=config.queue.max_bytes)
     app[CONFIG] = config
     app[SCHEDULER] = scheduler
     app[METRICS] = metrics if metrics is not None else Metrics()
@@ -72,8 +83,12 @@ def create_app(
     app[LIFECYCLE] = Lifecycle()
 
     async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-        app[UPSTREAMS] = Upstreams(scheduler.replicas, config.upstream)
-        app[HEALTH] = HealthChecker(scheduler, config.health, config.upstream)
+        # One TLS context for every https:// replica, pools and probes alike.
+        tls = context_for(config.upstream.tls, [r.url for r in scheduler.replicas])
+        app[UPSTREAMS] = Upstreams(
+            scheduler.replicas, config.upstream, light_limit=LIGHT_LIMIT_PER_REPLICA, ssl=tls
+        )
+        app[HEALTH] = HealthChecker(scheduler, config.health, ssl=tls)
         app[HEALTH].start()
         try:
             yield
@@ -87,6 +102,6 @@ def create_app(
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.metrics)
-    app.router.add_get("/v1/models", handlers.models)
+    app.router.add_get("/v1/models", handlers.models, allow_head=False)  # HEAD: one replica
     app.router.add_route("*", "/{tail:.*}", handlers.proxy)
     return app

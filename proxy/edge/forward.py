@@ -9,20 +9,14 @@ import aiohttp
 from aiohttp import web
 
 from proxy.config import Config
-from proxy.core.errors import (
-    BadRequest,
-    BodyTooLarge,
-    NoHealthyReplica,
-    ProxyError,
-    UpstreamError,
-)
+from proxy.core.errors import BadRequest, BodyTooLarge, ProxyError, UpstreamError
 from proxy.core.replicas import Replica
 from proxy.core.retry import Decision, classify, is_idempotent
-from proxy.core.scheduler import Lease, Scheduler
+from proxy.core.scheduler import Scheduler
 from proxy.edge.headers import upstream_request_headers
-from proxy.edge.keys import CONFIG, HEALTH, LIFECYCLE, METRICS, SCHEDULER, UPSTREAMS
-from proxy.edge.relay import pipe
-from proxy.observe.exchange import Exchange
+from proxy.edge.keys import CONFIG, LIFECYCLE, METRICS, SCHEDULER, UPSTREAMS
+from proxy.edge.relay import is_event_stream, pipe
+from proxy.observe.exchange import Exchange, Outcome
 from proxy.upstream.connection import Response
 
 log = logging.getLogger("batchgate")
@@ -38,12 +32,12 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         return await request.read()
     except web.HTTPRequestEntityTooLarge as err:
         raise BodyTooLarge(f"request body exceeds server.max_body_bytes ({limit})") from err
-    except (aiohttp.ClientPayloadError, ValueError) as err:
+    except (aiohttp.ClientPayloadError, web.RequestPayloadError, ValueError) as err:
         raise BadRequest(f"could not read the request body: {err}") from err
 
 
 class Forwarder:
-    """The work inside the frame for proxied requests (``proxied``) and ``GET /v1/models``."""
+    """The work inside the frame for proxied requests, those that take a generation slot."""
 
     def __init__(self, app: web.Application) -> None:
         self.app = app
@@ -52,26 +46,6 @@ class Forwarder:
     def config(self) -> Config:
         return self.app[CONFIG]
 
-    async def models(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
-        metrics = self.app[METRICS]
-        for replica in [r for r in self.app[SCHEDULER].replicas if r.healthy]:
-            exchange.replica = replica.name
-            exchange.dispatched_at = time.monotonic()
-            exchange.stage = "waiting_first_byte"
-            try:
-                response = await self.app[HEALTH].forward_get(
-                    replica, request, exchange.request_id
-                )
-            except UpstreamError as err:
-                metrics.upstream_error(replica.name, err.kind)
-                continue
-            exchange.first_byte_at = exchange.last_byte_at = time.monotonic()
-            exchange.status = response.status
-            exchange.stage = "done"
-            metrics.answered(replica.name, exchange.route, response.status)
-            return response
-        exchange.replica = None
-        raise NoHealthyReplica("no healthy replica answered", retry_after_s=1)
     async def proxied(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         body = await _read_body(request, self.config.server.max_body_bytes)
         return await self.forward(request, body, exchange)
@@ -83,13 +57,17 @@ class Forwarder:
         upstreams = self.app[UPSTREAMS]
         metrics = self.app[METRICS]
         retries = self.config.upstream.retries
-        deadline = exchange.arrival + self.config.queue.timeout_s
+        # Counted from joining the queue, on the scheduler's clock (which decides deadlines):
+        # the body upload before it is the caller's time, not the queue's. A resend keeps it.
+        deadline = scheduler.now() + self.config.queue.timeout_s
         headers = upstream_request_headers(request, exchange.request_id)
         fresh = False
         exchange.enqueued_at = time.monotonic()
         while True:
             try:
-                lease = await scheduler.acquire(deadline, front=exchange.attempts > 0)
+                lease = await scheduler.acquire(
+                    deadline, size=len(body), front=exchange.attempts > 0
+                )
             except ProxyError as err:
                 if not err.waited:
                     exchange.enqueued_at = None  # refused at the door: it never waited
@@ -120,7 +98,7 @@ class Forwarder:
                     fresh = True
                     exchange.stage = "queued"
                     continue
-                return await self.relay(request, upstream, exchange, lease)
+                return await self.relay(request, upstream, exchange, replica)
             finally:
                 lease.release()
 
@@ -129,13 +107,15 @@ class Forwarder:
         request: web.Request,
         upstream: Response,
         exchange: Exchange,
-        lease: Lease,
+        replica: Replica,
     ) -> web.StreamResponse:
+        """Relay the answer; shared with the slot-free path (proxy.edge.light)."""
         metrics = self.app[METRICS]
-        replica = lease.replica.name
+        name = replica.name
         exchange.status = upstream.status
+        exchange.stream = is_event_stream(upstream.headers)
         # Counted now, before the body: a caller that hangs up cannot make it go missing.
-        metrics.answered(replica, exchange.route, upstream.status)
+        metrics.answered(name, exchange.route, upstream.status)
         completed = False
         lifecycle = self.app[LIFECYCLE]
         try:
@@ -147,11 +127,15 @@ class Forwarder:
             )
             completed = exchange.stage == "done"
             if exchange.upstream_error is not None:
-                metrics.upstream_error(replica, exchange.upstream_error)
-                exchange.outcome = f"upstream_error:{exchange.upstream_error}"
+                metrics.upstream_error(name, exchange.upstream_error)
+                exchange.end(Outcome.UPSTREAM_ERROR, exchange.upstream_error)
             if exchange.client_gone:
-                exchange.outcome = "client_disconnect"
+                exchange.end(Outcome.CLIENT_DISCONNECT)
             return response
+        except UpstreamError as err:
+            # Failed before its first body byte: nothing was sent, the frame answers 502/504.
+            metrics.upstream_error(name, err.kind)
+            raise
         finally:
             if completed:
                 upstream.release()  # back to the pool for the next request

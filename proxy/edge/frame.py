@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable
 
@@ -14,12 +15,16 @@ import aiohttp
 from aiohttp import web
 
 from proxy.core.errors import Draining, InternalError, ProxyError, UpstreamError, error_body
+from proxy.edge.headers import with_origin_form
 from proxy.edge.keys import LIFECYCLE, METRICS
 from proxy.observe.accesslog import AccessLog
-from proxy.observe.exchange import Exchange
-from proxy.observe.metrics import route_label
+from proxy.observe.exchange import Exchange, Outcome
+from proxy.observe.metrics import Metrics, route_label
 
 log = logging.getLogger("batchgate")
+
+#: A caller's X-Request-Id is kept only if it matches this (else a new one is generated).
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 Work = Callable[[web.Request, Exchange], Awaitable[web.StreamResponse]]
 
@@ -44,10 +49,11 @@ def json_error(err: ProxyError, request_id: str | None = None) -> web.Response:
     )
 
 
-def _outcome_of(err: ProxyError) -> str:
+def _end_with(exchange: Exchange, err: ProxyError) -> None:
     if isinstance(err, UpstreamError):
-        return f"upstream_error:{err.kind}"
-    return f"rejected:{err.reason or err.type}"
+        exchange.end(Outcome.UPSTREAM_ERROR, err.kind)
+    else:
+        exchange.end(Outcome.REJECTED, err.reason or err.type)
 
 
 class Frame:
@@ -56,11 +62,18 @@ class Frame:
     def __init__(self, app: web.Application, access_log: AccessLog | None) -> None:
         self.app = app
         self.access_log = access_log
+        if access_log is not None:
+            access_log.on_drop(app[METRICS].access_log_dropped.inc)
 
     async def serve(self, request: web.Request, work: Work) -> web.StreamResponse:
         """The frame around every relayed request: draining, error mapping, bookkeeping."""
         lifecycle = self.app[LIFECYCLE]
-        request_id = request.headers.get("X-Request-Id") or new_request_id()
+        request = with_origin_form(request)
+        request_id = request.headers.get("X-Request-Id")
+        if request_id is None or not _REQUEST_ID.fullmatch(request_id):
+            # A caller's id goes into logs, headers and the replica's logs: only a plain
+            # token, so it can neither forge log fields nor carry bytes that break a writer.
+            request_id = new_request_id()
         exchange = Exchange(
             request_id=request_id,
             method=request.method,
@@ -76,16 +89,16 @@ class Frame:
             return await work(request, exchange)
         except ProxyError as err:
             exchange.status = err.status
-            exchange.outcome = _outcome_of(err)
+            _end_with(exchange, err)
             return json_error(err, request_id)
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             # The caller's transport closed under a write outside the relay loop.
-            exchange.outcome = "client_disconnect"
+            exchange.end(Outcome.CLIENT_DISCONNECT)
             raise
         except Exception as err:  # a bug of ours: answer like an API, and say it in the log
             log.exception("request %s failed inside batchgate", request_id)
             exchange.status = 500
-            exchange.outcome = "error:internal"
+            exchange.end(Outcome.INTERNAL_ERROR)
             if exchange.prepared:
                 raise
             return json_error(InternalError(f"batchgate failed: {type(err).__name__}"),
@@ -93,13 +106,13 @@ class Frame:
         except asyncio.CancelledError:
             if not lifecycle.cutting:
                 # aiohttp cancels a handler when its caller disconnects.
-                exchange.outcome = "client_disconnect"
+                exchange.end(Outcome.CLIENT_DISCONNECT)
                 raise
             if exchange.prepared:
                 # The stream got its SSE error event; the connection just closes.
-                exchange.outcome = "drain_cut"
+                exchange.end(Outcome.DRAIN_CUT)
                 raise
-            exchange.outcome = "rejected:draining"
+            exchange.end(Outcome.REJECTED, Draining.reason)
             exchange.status = Draining.status
             return json_error(
                 Draining("batchgate is shutting down; request cut at the drain deadline",
@@ -107,9 +120,35 @@ class Frame:
                 request_id,
             )
         finally:
+            # Drain accounting first: nothing an observer does may make shutdown wait.
+            lifecycle.leave(task)
             # Synchronous, so no cancellation can skip it: a caller that closes its
             # connection the instant its answer is complete still gets counted.
-            self.app[METRICS].record(exchange)
-            if self.access_log is not None:
+            self._observe(exchange)
+
+    def _observe(self, exchange: Exchange) -> None:
+        """Usage, metrics, access log: each guarded on its own, so one bug skips no other."""
+        metrics = self.app[METRICS]
+        if exchange.usage is not None:
+            try:
+                usage = exchange.usage.usage()
+            except Exception:
+                self._observer_failed(metrics, "usage", exchange)
+            else:
+                if usage is not None:
+                    exchange.prompt_tokens = usage.prompt_tokens
+                    exchange.completion_tokens = usage.completion_tokens
+        try:
+            metrics.record(exchange)
+        except Exception:
+            self._observer_failed(metrics, "metrics", exchange)
+        if self.access_log is not None:
+            try:
                 self.access_log.record(exchange)
-            lifecycle.leave(task)
+            except Exception:
+                self._observer_failed(metrics, "access_log", exchange)
+
+    @staticmethod
+    def _observer_failed(metrics: Metrics, where: str, exchange: Exchange) -> None:
+        log.exception("observer %s failed for request %s", where, exchange.request_id)
+        metrics.internal_error(where)

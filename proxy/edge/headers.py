@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 #: RFC 9110 7.6.1 hop-by-hop fields, plus the legacy ones proxies must not forward either.
 HOP_BY_HOP = frozenset(
@@ -58,3 +59,48 @@ def downstream_response_headers(
         headers.popall("Content-Length", None)
     headers["X-Request-Id"] = request_id
     return headers
+
+
+def _resolve_dot_segments(path: str) -> str:
+    """RFC 3986 5.2.4 on a raw path; ``%2E`` counts as ``.`` (as aiohttp decodes it)."""
+    segments = path.split("/")[1:]
+    out: list[str] = []
+    last = len(segments) - 1
+    for i, segment in enumerate(segments):
+        dots = segment.lower().replace("%2e", ".") if "%" in segment else segment
+        if dots == "..":
+            if out:
+                out.pop()
+        elif dots != ".":
+            out.append(segment)
+            continue
+        if i == last:
+            out.append("")  # "/a/b/.." is "/a/", not "/a"
+    return "/" + "/".join(out)
+
+
+def origin_form(request: web.BaseRequest) -> str:
+    """The target a replica gets: path and query only (RFC 9112 3.2.1), dot-segments resolved.
+
+    An absolute-form target (``GET http://user:pw@host/v1/models``) loses its scheme and
+    authority, credentials included; a fragment is dropped. Percent-encoding is kept as
+    received: the replica decodes it, not us.
+    """
+    raw = request.raw_path
+    if raw[:1] == "/" and "/." not in raw and "#" not in raw and "%2" not in raw:
+        return raw  # the common case, already origin-form: no URL parsing on the hot path
+    if raw == "*":
+        return raw  # OPTIONS *
+    rel = request.rel_url
+    path = _resolve_dot_segments(rel.raw_path or "/")
+    query = rel.raw_query_string
+    return f"{path}?{query}" if query else path
+
+
+def with_origin_form(request: web.Request) -> web.Request:
+    """``request`` itself if its target is origin-form already, else a clone that is, so
+    routing, metrics, the access log and the replica all see the same path."""
+    target = origin_form(request)
+    if target == request.raw_path:
+        return request
+    return request.clone(rel_url=URL(target, encoded=True))

@@ -1,10 +1,13 @@
 """The byte-for-byte passthrough of a replica's answer to the caller.
 
-Bodies pass through untouched: the request body is sent as received, the response body is
-written to the caller chunk by chunk as it arrives (SSE events are never held back or merged
-by us), with ``auto_decompress=False`` so a ``Content-Encoding`` stays intact. When the caller
-goes away, the upstream connection is closed, not returned to the pool: vLLM and TGI abort a
-generation when their client disconnects, and a GPU must not generate for nobody.
+The response body is written to the caller chunk by chunk as it arrives (SSE events are
+never held back or merged by us) and never decoded: batchgate's own upstream client does no
+decompression, so a ``Content-Encoding`` stays intact. When the caller goes away, the upstream
+connection is closed, not returned to the pool: vLLM and TGI abort a generation when their
+client disconnects, and a GPU must not generate for nobody.
+
+Only public aiohttp API here: headers and a whole body go out in one write through
+``web.Response``; a streamed body through ``web.StreamResponse``.
 """
 
 from __future__ import annotations
@@ -15,25 +18,14 @@ import json
 import time
 from collections.abc import Callable
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.core.errors import UpstreamError, UpstreamTimeout
 from proxy.edge.headers import downstream_response_headers
 from proxy.observe.exchange import Exchange
 from proxy.observe.usage import UsageTail
-from proxy.upstream.connection import Response, UpstreamClosedError, UpstreamTimeoutError
-
-
-class _CoalescingResponse(web.StreamResponse):
-    """Sends its headers together with the first body chunk: one write instead of two.
-
-    Only for answers that are not event streams: a stream's headers go out at once, so its
-    caller knows it was accepted before the first token.
-    """
-
-    # aiohttp's own web.Response does the same; StreamResponse flushes headers in prepare().
-    _send_headers_immediately = False
-
+from proxy.upstream.connection import Response
 
 #: A write that may fill the caller's socket buffer (the transport pauses at 64 KiB and the
 #: write then waits for the caller) is bounded by the stall limit; smaller ones never wait.
@@ -61,6 +53,12 @@ async def pipe(
 ) -> web.StreamResponse:
     """Relay status, headers and body as they arrive; the caller closes ``upstream``.
 
+    An event stream's headers go out at once (its caller knows it was accepted before the
+    first token) and it is always re-framed chunked, so a cut stream can end with an error
+    event inside a properly ended body. Any other answer commits nothing before its first
+    body bytes (or its end): a replica failing before then raises :class:`UpstreamError`
+    (502, or :class:`UpstreamTimeout` 504), which the frame answers like any other error.
+
     Each chunk is written to the caller first; only then is it looked at (the usage tail,
     the gap since the previous chunk of an event stream), so observation never delays bytes.
     Returns normally when the caller hung up mid-body (``exchange.client_gone``) or the
@@ -68,39 +66,64 @@ async def pipe(
     there is no error status left to give, only a connection to close.
     """
     sse = is_event_stream(upstream.headers)
-    response_class = web.StreamResponse if sse else _CoalescingResponse
-    response = response_class(status=upstream.status, reason=upstream.reason)
-    response.headers.extend(downstream_response_headers(upstream.headers, exchange.request_id))
+    headers = downstream_response_headers(upstream.headers, exchange.request_id)
     tail = exchange.usage = UsageTail()
     clock = time.monotonic
+    chunk = b""
+    response: web.StreamResponse
+    if sse:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                      headers=headers)
+        # Re-framed chunked whatever the replica used: a declared length could not take the
+        # error event of a cut stream, and the caller's connection would fall out of sync.
+        # (An HTTP/1.0 caller gets a close-delimited body instead: aiohttp's default.)
+        response.headers.popall("Content-Length", None)
+        if request.version >= HttpVersion11:
+            response.enable_chunked_encoding()
+    else:
+        try:
+            chunk = await upstream.readany()
+        except UpstreamTimeout as err:
+            raise UpstreamTimeout(_before_body(exchange, "timeout", err),
+                                  replica=exchange.replica) from err
+        except (UpstreamError, OSError) as err:
+            kind = err.kind if isinstance(err, UpstreamError) else "reset"
+            raise UpstreamError(_before_body(exchange, kind, err), kind=kind,
+                                replica=exchange.replica) from err
+        if upstream.complete:
+            # The whole body in hand (most JSON answers): headers and body in one write.
+            response = web.Response(status=upstream.status, reason=upstream.reason,
+                                    headers=headers, body=chunk)
+        else:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                          headers=headers)
     try:
         await response.prepare(request)
         exchange.prepared = True
+        if not sse:
+            now = clock()
+            if chunk:
+                exchange.first_byte_at = exchange.last_byte_at = now
+                exchange.stage = "streaming"
+            if not await _write(request, response, chunk, exchange, stall_limit_s):
+                return response
+            tail.feed(chunk)
+            if isinstance(response, web.Response):  # ended by that write: the body was whole
+                exchange.stage = "done"
+                return response
         while True:
             try:
                 chunk = await upstream.readany()
-            except UpstreamTimeoutError as err:
+            except UpstreamTimeout as err:
                 return await _upstream_failed(request, response, exchange, sse, "timeout", err)
-            except (UpstreamClosedError, OSError) as err:
-                return await _upstream_failed(request, response, exchange, sse, "reset", err)
+            except (UpstreamError, OSError) as err:
+                kind = err.kind if isinstance(err, UpstreamError) else "reset"
+                return await _upstream_failed(request, response, exchange, sse, kind, err)
             if not chunk:
                 break
             now = clock()  # when it arrived, not when the caller took it
-            transport = request.transport
-            if transport is not None and (
-                transport.get_write_buffer_size() + len(chunk) > _STALL_CHECK_BYTES
-            ):
-                # The caller's socket is full. A caller that stays connected but stops
-                # reading would hold its slot (and the engine) forever: bound the wait.
-                try:
-                    async with asyncio.timeout(stall_limit_s):
-                        await response.write(chunk)
-                except TimeoutError:
-                    exchange.client_gone = True
-                    transport.close()
-                    return response
-            else:
-                await response.write(chunk)
+            if not await _write(request, response, chunk, exchange, stall_limit_s):
+                return response
             if exchange.last_byte_at is None:
                 exchange.first_byte_at = now
                 exchange.stage = "streaming"
@@ -122,6 +145,46 @@ async def pipe(
             )
         raise
     return response
+
+
+def _before_body(exchange: Exchange, kind: str, err: BaseException) -> str:
+    return f"replica {exchange.replica} failed before its first body byte ({kind}): {err}"
+
+
+async def _write(
+    request: web.BaseRequest,
+    response: web.StreamResponse,
+    chunk: bytes,
+    exchange: Exchange,
+    stall_limit_s: float,
+) -> bool:
+    """Write ``chunk`` (a :class:`web.Response` is ended: ``chunk`` is its body); False if
+    the caller stalled.
+
+    A caller that stays connected but stops reading would hold its slot (and the engine)
+    forever: a write that may fill its socket is bounded by the stall limit, and then its
+    connection is closed, so what it got never looks complete.
+    """
+    whole = isinstance(response, web.Response)
+    transport = request.transport
+    if transport is not None and (
+        transport.get_write_buffer_size() + len(chunk) > _STALL_CHECK_BYTES
+    ):
+        try:
+            async with asyncio.timeout(stall_limit_s):
+                if whole:
+                    await response.write_eof()
+                else:
+                    await response.write(chunk)
+        except TimeoutError:
+            exchange.client_gone = True
+            transport.close()
+            return False
+    elif whole:
+        await response.write_eof()
+    else:
+        await response.write(chunk)
+    return True
 
 
 async def _upstream_failed(

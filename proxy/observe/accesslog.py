@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
-from proxy.observe.exchange import Exchange
+from proxy.observe.exchange import ExchangeView, outcome_text
 
 FIELDS = (
     "time", "request_id", "method", "path", "replica", "status", "outcome",
@@ -41,7 +42,7 @@ def _timestamp(epoch: float) -> str:
     )
 
 
-def entry(exchange: Exchange) -> tuple[object, ...]:
+def entry(exchange: ExchangeView) -> tuple[object, ...]:
     """The fields of one line, in :data:`FIELDS` order (cheap: no formatting here)."""
     end = exchange.last_byte_at if exchange.stage == "done" else None
     return (
@@ -51,7 +52,7 @@ def entry(exchange: Exchange) -> tuple[object, ...]:
         exchange.path,
         exchange.replica,
         exchange.status,
-        exchange.outcome,
+        outcome_text(exchange.outcome, exchange.detail),
         _ms(exchange.enqueued_at, exchange.dispatched_at),
         _ms(exchange.dispatched_at, exchange.first_byte_at),
         _ms(exchange.started, end if end is not None else time.monotonic()),
@@ -66,31 +67,90 @@ def format_json(values: Sequence[object]) -> str:
     return json.dumps(fields, separators=(", ", ": "))
 
 
+#: Characters a text value may hold unquoted (logfmt): anything else is quoted and escaped.
+_PLAIN = re.compile(r"[A-Za-z0-9._:/@%+,\-]+")
+
+
+def _text(value: object) -> str:
+    text = str(value)
+    if _PLAIN.fullmatch(text):
+        return text
+    # A JSON string: quotes, backslashes, control bytes, non-ASCII and lone surrogates (a
+    # non-UTF-8 byte, as aiohttp decodes it) escaped; a value can never forge a field.
+    return json.dumps(text)
+
+
 def format_text(values: Sequence[object]) -> str:
-    head = (f"{_timestamp(float(values[0]))} {values[2]} {values[3]} {values[5]} "  # type: ignore[arg-type]
-            f"{values[6]}")
-    rest = " ".join(f"{name}={value}" for name, value in zip(FIELDS[4:], values[4:], strict=False)
+    head = (f"{_timestamp(float(values[0]))} {_text(values[2])} "  # type: ignore[arg-type]
+            f"{_text(values[3])} {values[5]} {_text(values[6])}")
+    rest = " ".join(f"{name}={_text(value)}"
+                    for name, value in zip(FIELDS[4:], values[4:], strict=False)
                     if name not in ("status", "outcome") and value is not None)
-    return f"{head} request_id={values[1]} {rest}"
+    return f"{head} request_id={_text(values[1])} {rest}"
+
+
+#: Lines waiting for the writer at most; past that, lines are dropped (and counted) rather
+#: than let a stalled stdout grow the proxy's memory without bound.
+MAX_PENDING = 65536
 
 
 class AccessLog:
-    """Writes access lines from a thread of its own; :meth:`close` flushes and stops it."""
+    """Writes access lines from a thread of its own; :meth:`close` flushes and stops it.
 
-    def __init__(self, stream: BinaryIO, fmt: str = "json") -> None:
+    Guarantees: the request path never blocks on the log (a full queue drops the line and
+    counts it, see :meth:`on_drop`); a line that cannot be formatted is dropped alone, never
+    the batch it is in; every line reaching the stream is ASCII (values are escaped).
+    """
+
+    def __init__(self, stream: BinaryIO, fmt: str = "json", *,
+                 max_pending: int = MAX_PENDING) -> None:
         self._stream = stream
         self._format = format_json if fmt == "json" else format_text
         self._queue: queue.SimpleQueue[tuple[object, ...] | None] = queue.SimpleQueue()
+        self._max_pending = max_pending
+        # Each written by one thread only (no lock, no lost update): queued by the request
+        # path, taken by the writer; their difference is what waits.
+        self._queued = 0
+        self._taken = 0
+        self._dropped_full = 0  # request path
+        self._dropped_bad = 0  # writer thread
+        self._on_drop: Callable[[int], None] | None = None
         self._thread = threading.Thread(target=self._run, name="batchgate-access-log",
                                         daemon=True)
         self._thread.start()
 
-    def record(self, exchange: Exchange) -> None:
+    @property
+    def dropped(self) -> int:
+        return self._dropped_full + self._dropped_bad
+
+    def on_drop(self, count: Callable[[int], None]) -> None:
+        """Call ``count(n)`` when lines are dropped (from either thread: must be thread-safe,
+        as a Prometheus counter's ``inc`` is)."""
+        self._on_drop = count
+
+    def _drop(self, n: int) -> None:
+        if self._on_drop is not None:
+            self._on_drop(n)
+
+    def record(self, exchange: ExchangeView) -> None:
+        if self._queued - self._taken >= self._max_pending:
+            self._dropped_full += 1
+            self._drop(1)
+            return
+        self._queued += 1
         self._queue.put(entry(exchange))
 
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=5)
+
+    def _line(self, item: tuple[object, ...]) -> bytes | None:
+        try:
+            return self._format(item).encode("ascii", "backslashreplace")
+        except Exception:  # one line's bad value costs that line only
+            self._dropped_bad += 1
+            self._drop(1)
+            return None
 
     def _run(self) -> None:
         get = self._queue.get
@@ -100,10 +160,13 @@ class AccessLog:
             # Let a batch gather: waking (and taking the GIL) once per line would cost the
             # event loop more than the formatting does.
             time.sleep(_LINGER_S)
-            lines: list[str] = []
+            lines: list[bytes] = []
             stop = item is None
             while item is not None:
-                lines.append(self._format(item))
+                self._taken += 1
+                line = self._line(item)
+                if line is not None:
+                    lines.append(line)
                 if len(lines) >= _BATCH:
                     break
                 try:
@@ -114,7 +177,7 @@ class AccessLog:
                     stop = True
             if lines:
                 try:
-                    self._stream.write(("\n".join(lines) + "\n").encode())
+                    self._stream.write(b"\n".join(lines) + b"\n")
                     self._stream.flush()
                 except (OSError, ValueError):
                     pass  # stdout gone: the proxy keeps serving

@@ -1,10 +1,76 @@
-"""What happened to one request: filled in by the edge as it goes, read by the observers."""
+"""What happened to one request: filled in by the edge as it goes, read by the observers.
+
+The edge (``proxy.edge``) is the only writer. Observers (metrics, the access log) are given an
+:class:`ExchangeView`, the read-only face of the same object: mypy refuses a write through
+it, so an observer can never change what the next observer sees.
+"""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+from typing import Protocol
 
 from proxy.observe.usage import UsageTail
+
+
+class Outcome(enum.Enum):
+    """How a request ended. ``detail`` on the exchange says more for two of them."""
+
+    OK = "ok"
+    REJECTED = "rejected"  # answered by batchgate itself; detail: the reason
+    CLIENT_DISCONNECT = "client_disconnect"
+    UPSTREAM_ERROR = "upstream_error"  # detail: the kind (connect, timeout, reset, ...)
+    DRAIN_CUT = "drain_cut"  # a stream cut at the drain deadline
+    INTERNAL_ERROR = "error"  # a bug of ours, answered 500
+
+
+def outcome_text(outcome: Outcome, detail: str | None) -> str:
+    """The access log's ``outcome`` field, as README documents it (``rejected:queue_full``)."""
+    if outcome is Outcome.REJECTED or outcome is Outcome.UPSTREAM_ERROR:
+        return f"{outcome.value}:{detail}"
+    if outcome is Outcome.INTERNAL_ERROR:
+        return "error:internal"
+    return str(outcome.value)
+
+
+class ExchangeView(Protocol):
+    """The read-only face of an :class:`Exchange`, the one observers get."""
+
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def method(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def route(self) -> str: ...
+    @property
+    def started(self) -> float: ...
+    @property
+    def stage(self) -> str: ...
+    @property
+    def outcome(self) -> Outcome: ...
+    @property
+    def detail(self) -> str | None: ...
+    @property
+    def replica(self) -> str | None: ...
+    @property
+    def status(self) -> int | None: ...
+    @property
+    def enqueued_at(self) -> float | None: ...
+    @property
+    def dispatched_at(self) -> float | None: ...
+    @property
+    def first_byte_at(self) -> float | None: ...
+    @property
+    def last_byte_at(self) -> float | None: ...
+    @property
+    def stream(self) -> bool: ...
+    @property
+    def prompt_tokens(self) -> int | None: ...
+    @property
+    def completion_tokens(self) -> int | None: ...
 
 
 @dataclass(slots=True)
@@ -22,7 +88,8 @@ class Exchange:
     arrival: float  # loop clock
     started: float
     stage: str = "queued"  # queued -> waiting_first_byte -> streaming -> done
-    outcome: str = "ok"  # ok | rejected:<reason> | client_disconnect | upstream_error:<kind>
+    outcome: Outcome = Outcome.OK
+    detail: str | None = None  # the rejection reason or upstream error kind of ``outcome``
     replica: str | None = None
     status: int | None = None
     attempts: int = 0
@@ -31,8 +98,13 @@ class Exchange:
     first_byte_at: float | None = None
     last_byte_at: float | None = None
     prepared: bool = False  # response headers sent to the caller
+    stream: bool = False  # the replica's answer is an event stream (TTFB is then TTFT)
     client_gone: bool = False
     upstream_error: str | None = None  # kind, when the replica failed mid-body
-    usage: UsageTail | None = None
+    usage: UsageTail | None = None  # fed by the relay; read by the frame, not by observers
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+
+    def end(self, outcome: Outcome, detail: str | None = None) -> None:
+        self.outcome = outcome
+        self.detail = detail

@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from proxy import __version__
 from proxy.core.scheduler import Scheduler
-from proxy.observe.exchange import Exchange
+from proxy.observe.exchange import ExchangeView, Outcome
 
 _M = TypeVar("_M", Counter, Histogram)
 
@@ -27,6 +27,17 @@ KNOWN_ROUTES = frozenset(
     {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models"}
 )
 
+#: Every ``reason`` of ``batchgate_rejected_requests_total`` (the ``reason`` of each
+#: :class:`~proxy.core.errors.ProxyError`; a test checks none is missing). Exported at 0 from
+#: startup, so ``increase()`` and alerts see the first one. Add a new reason here.
+REJECTION_REASONS: tuple[str, ...] = (
+    "queue_full", "queue_timeout", "no_healthy_replica", "draining", "overloaded",
+    "body_too_large", "bad_request",
+)
+#: Every ``kind`` of ``batchgate_upstream_errors_total``, exported at 0 for every replica.
+UPSTREAM_ERROR_KINDS: tuple[str, ...] = ("connect", "timeout", "reset", "status_5xx")
+#: Every ``stage`` of ``batchgate_client_disconnects_total``.
+DISCONNECT_STAGES: tuple[str, ...] = ("queued", "waiting_first_byte", "streaming")
 
 #: Buckets sized for LLM work, where one request can take minutes (base unit: seconds).
 QUEUE_WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -37,6 +48,10 @@ INTER_CHUNK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.07
                        0.5, 1.0, 2.5, 5.0, 10.0)
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
                     120.0, 300.0, 600.0, 1200.0, 1800.0)
+
+
+#: The `where` label of `batchgate_internal_errors_total`: the observers, each guarded alone.
+INTERNAL_ERROR_SITES = ("usage", "metrics", "access_log")
 
 
 def route_label(path: str) -> str:
@@ -143,8 +158,10 @@ class Metrics:
         )
         self.ttfb = Histogram(
             "batchgate_time_to_first_byte_seconds",
-            "Time from dispatch to a replica to the first body byte (TTFT for streams).",
-            ["route"], buckets=TTFB_BUCKETS, registry=r,
+            "Time from dispatch to a replica to the first body byte; stream=\"true\" (the "
+            "answer is an event stream) is time to first token, stream=\"false\" the whole "
+            "generation.",
+            ["route", "stream"], buckets=TTFB_BUCKETS, registry=r,
         )
         self.inter_chunk = Histogram(
             "batchgate_inter_chunk_seconds",
@@ -156,6 +173,20 @@ class Metrics:
             "Time from arrival to the last byte of an answer a replica completed.",
             ["route"], buckets=DURATION_BUCKETS, registry=r,
         )
+        self.internal_errors = Counter(
+            "batchgate_internal_errors",
+            "Failures inside batchgate's own observers (the request was still answered), by "
+            "where they happened.",
+            ["where"], registry=r,
+        )
+        self.access_log_dropped = Counter(
+            "batchgate_access_log_dropped",
+            "Access-log lines dropped: the log's queue was full (stdout slower than the "
+            "traffic), or a line could not be formatted.",
+            registry=r,
+        )
+        for where in INTERNAL_ERROR_SITES:
+            self.internal_errors.labels(where)  # exported at 0 from startup
         build = Gauge("batchgate_build_info", "batchgate version.", ["version"], registry=r)
         build.labels(__version__).set(1)
         self._requests = _Children(self.requests)
@@ -166,9 +197,22 @@ class Metrics:
         self._ttfb = _Children(self.ttfb)
         self._inter_chunk = _Children(self.inter_chunk)
         self._duration = _Children(self.duration)
+        # Every known label set exists from the start, at 0 (see REJECTION_REASONS).
+        for reason in REJECTION_REASONS:
+            self._rejected(reason)
+        for stage in DISCONNECT_STAGES:
+            self._client_disconnects(stage)
 
     def watch(self, scheduler: Scheduler) -> None:
         self.registry.register(SchedulerCollector(scheduler))
+        for replica in scheduler.replicas:
+            self.add_replica(replica.name)
+
+    def add_replica(self, name: str) -> None:
+        """Export the replica's error and retry counters at 0 (at startup, or when added)."""
+        for kind in UPSTREAM_ERROR_KINDS:
+            self._upstream_errors(name, kind)
+        self.retries.labels(name)
 
     def inter_chunk_observer(self, route: str) -> Callable[[float], None]:
         """The bound ``observe`` of one route's child: a label lookup per request, not per chunk."""
@@ -180,36 +224,36 @@ class Metrics:
         if status >= 500:
             self._upstream_errors(replica, "status_5xx").inc()
 
+    def internal_error(self, where: str) -> None:
+        self.internal_errors.labels(where).inc()
+
     def upstream_error(self, replica: str, kind: str) -> None:
         self._upstream_errors(replica, kind).inc()
 
-    def record(self, exchange: Exchange) -> None:
+    def record(self, exchange: ExchangeView) -> None:
         """Everything known once a request is over. Synchronous: no cancellation can skip it.
 
         ``requests_total`` and upstream errors are counted as they happen (in the relay);
-        rejections, client disconnects, waits, latencies and tokens here.
+        rejections, client disconnects, waits, latencies and tokens (read from the answer's
+        usage by the frame, before any observer runs) here.
         """
         outcome = exchange.outcome
-        if outcome.startswith("rejected:"):
+        if outcome is Outcome.REJECTED:
             # Cached children: under overload this path runs for most requests.
-            self._rejected(outcome.removeprefix("rejected:")).inc()
-        elif outcome == "client_disconnect":
+            self._rejected(exchange.detail or "unknown").inc()
+        elif outcome is Outcome.CLIENT_DISCONNECT:
             self._client_disconnects(exchange.stage).inc()
         if exchange.enqueued_at is not None:
             granted = exchange.dispatched_at
             waited_until = granted if granted is not None else time.monotonic()
             self.queue_wait.observe(waited_until - exchange.enqueued_at)
         if exchange.first_byte_at is not None and exchange.dispatched_at is not None:
-            self._ttfb(exchange.route).observe(
+            self._ttfb(exchange.route, "true" if exchange.stream else "false").observe(
                 exchange.first_byte_at - exchange.dispatched_at
             )
-        if exchange.stage == "done" and outcome == "ok":
+        if exchange.stage == "done" and outcome is Outcome.OK:
             end = exchange.last_byte_at if exchange.last_byte_at is not None else time.monotonic()
             self._duration(exchange.route).observe(end - exchange.started)
-        if exchange.usage is not None and exchange.replica is not None:
-            usage = exchange.usage.usage()
-            if usage is not None:
-                self._tokens(exchange.replica, "prompt").inc(usage.prompt_tokens)
-                self._tokens(exchange.replica, "completion").inc(usage.completion_tokens)
-                exchange.prompt_tokens = usage.prompt_tokens
-                exchange.completion_tokens = usage.completion_tokens
+        if exchange.replica is not None and exchange.prompt_tokens is not None:
+            self._tokens(exchange.replica, "prompt").inc(exchange.prompt_tokens)
+            self._tokens(exchange.replica, "completion").inc(exchange.completion_tokens or 0)

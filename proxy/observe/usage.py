@@ -66,7 +66,9 @@ def _decode_at(data: bytes, index: int) -> Usage | None:
         return None
     try:
         value, _ = _DECODER.raw_decode(stripped[1:].lstrip())
-    except ValueError:
+    except (ValueError, RecursionError):
+        # RecursionError: a value nested ~1,000 deep. Whatever a replica sends, it is at
+        # worst "no usage", never an exception in the request's bookkeeping.
         return None
     if not isinstance(value, dict):
         return None  # "usage": null, as in every chunk but the last

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from ssl import SSLContext
+
 from aiohttp import web
 
 from proxy.config import UpstreamConfig
 from proxy.core.replicas import Replica
 from proxy.upstream.connection import Response
 from proxy.upstream.pool import ConnectionPool
+from proxy.upstream.tls import server_hostname
 
 
 def pool_limit(max_concurrency: int) -> int:
@@ -25,28 +28,38 @@ class Upstreams:
     is decided by :mod:`proxy.core.retry`.
     """
 
-    def __init__(self, replicas: tuple[Replica, ...], config: UpstreamConfig) -> None:
+    def __init__(
+        self, replicas: tuple[Replica, ...], config: UpstreamConfig, *, light_limit: int,
+        ssl: SSLContext | None = None,
+    ) -> None:
         self._config = config
-        self._pools = {
-            replica.name: ConnectionPool(
-                replica.url,
-                name=replica.name,
-                limit=pool_limit(replica.max_concurrency),
-                connect_timeout_s=config.connect_timeout_s,
-                read_timeout_s=config.read_timeout_s,
-            )
-            for replica in replicas
-        }
+        self._ssl = ssl  # proxy.upstream.tls: for the https:// replicas, None if there are none
+        self._pools = {r.name: self._pool(r, pool_limit(r.max_concurrency)) for r in replicas}
+        # Slot-free requests (GET, HEAD, OPTIONS: proxy.edge.light) have pools of their own,
+        # so they never take, or wait for, a connection a generation could use.
+        self._light_pools = {r.name: self._pool(r, 2 * light_limit) for r in replicas}
+
+    def _pool(self, replica: Replica, limit: int) -> ConnectionPool:
+        https = replica.url.startswith("https://")
+        return ConnectionPool(
+            replica.url,
+            name=replica.name,
+            limit=limit,
+            connect_timeout_s=self._config.connect_timeout_s,
+            read_timeout_s=self._config.read_timeout_s,
+            ssl=self._ssl if https else None,
+            server_hostname=server_hostname(replica.url),
+        )
 
     def set_limit(self, replica: str, max_concurrency: int) -> None:
         """The replica's cap changed: its pool follows (see :meth:`ConnectionPool.set_limit`)."""
         self._pools[replica].set_limit(pool_limit(max_concurrency))
 
     def pools(self) -> list[ConnectionPool]:
-        return list(self._pools.values())
+        return [*self._pools.values(), *self._light_pools.values()]
 
     async def close(self) -> None:
-        for pool in self._pools.values():
+        for pool in self.pools():
             await pool.close()
 
     async def send(
@@ -57,10 +70,12 @@ class Upstreams:
         headers: list[tuple[str, str]],
         *,
         fresh: bool,
+        light: bool = False,
     ) -> Response:
         """Send the request; return once the replica's status line and headers are in.
 
         Raises :class:`proxy.core.errors.UpstreamError` (or its ``UpstreamTimeout``).
+        ``light``: a slot-free request, sent on the replica's pool for those.
         """
-        return await self._pools[replica.name].request(
-            request.method, request.raw_path, headers, body, fresh=fresh)
+        pool = (self._light_pools if light else self._pools)[replica.name]
+        return await pool.request(request.method, request.raw_path, headers, body, fresh=fresh)

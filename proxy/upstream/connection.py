@@ -41,11 +41,6 @@ _VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}
 # or until EOF; response ended.
 _IDLE, _HEAD, _LENGTH, _CHUNKED, _UNTIL_EOF, _DONE = range(6)
 
-#: Old names of the upstream failures, kept for importers (proxy.edge.relay).
-UpstreamClosedError = UpstreamError
-UpstreamTimeoutError = UpstreamTimeout
-
-
 class _Stray(Exception):
     """Bytes after the end of the response (raised inside llhttp to stop it)."""
 
@@ -356,6 +351,8 @@ class _Connection(asyncio.Protocol):
                 # We would have to decode it to relay it faithfully: refuse instead.
                 raise self.failure(f"unsupported Transfer-Encoding {codings!r}", "malformed")
             self._state = _CHUNKED
+            if "Content-Length" in headers:
+                keep_alive = False  # framing the replica got wrong once: not trusted again
             self._line, self._line_start, self._chunk_left, self._trailers = 0, b"", 0, False
         elif (length := headers.get("Content-Length")) is not None:  # llhttp validated it
             self._remaining = int(length)
@@ -470,7 +467,10 @@ class _Connection(asyncio.Protocol):
         assert transport is not None and self._state in (_IDLE, _DONE)
         self._state, self._is_head = _HEAD, is_head
         self._resp, self.error, self.keep_alive = None, None, False
-        self._parser = httptools.HttpResponseParser(self)  # ~0.5 us: one per response
+        parser = self._parser = httptools.HttpResponseParser(self)  # ~0.5 us: one per response
+        # RFC 9112 6.3: Transfer-Encoding overrides a Content-Length next to it; the edge
+        # drops that Content-Length toward the caller, and the connection is not reused.
+        parser.set_dangerous_leniencies(lenient_chunked_length=True)
         self._tail, self._head_fed, self._reason = b"", 0, []
         self._headers = CIMultiDict()
         waiter: asyncio.Future[Response] = self.loop.create_future()

@@ -10,13 +10,16 @@ its connections are then used for one request each.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ssl as ssl_
 from collections import deque
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
-from proxy.core.errors import UpstreamError
+from proxy.core.errors import Overloaded, UpstreamError
 from proxy.upstream.connection import LARGE_BODY, Response, _Connection
+
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
 
 #: Idle pooled connections are not reused past this age: uvicorn (vLLM) closes idle
 #: keep-alive connections after 5 s, and reusing one just then races its close. A replica
@@ -175,6 +178,9 @@ class ConnectionPool:
                     lambda: _Connection(self, loop), self._host, self._port,
                     ssl=self._ssl, server_hostname=self._server_hostname)
         except (OSError, ssl_.SSLError) as err:  # refused, unreachable, DNS, TLS; timeouts
+            if err.errno in _OUT_OF_DESCRIPTORS:
+                # Our own process (or the host) is out of sockets: the replica is fine.
+                raise Overloaded(f"batchgate is out of file descriptors: {err}") from err
             detail = str(err) or type(err).__name__
             raise UpstreamError(f"replica {self.name}: connect to {self.base_url}: {detail}",
                                 kind="connect", replica=self.name, unsent=True) from err

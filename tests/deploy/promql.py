@@ -53,7 +53,7 @@ CATALOGUE: dict[str, Labels] = {
     "batchgate_requests_total": {"replica": ANY, "route": _ROUTES, "code": ANY},
     "batchgate_rejected_requests_total": {
         "reason": frozenset({"queue_full", "queue_timeout", "no_healthy_replica", "draining",
-                             "body_too_large", "bad_request"}),
+                             "overloaded", "body_too_large", "bad_request"}),
     },
     "batchgate_upstream_errors_total": {
         "replica": ANY, "kind": frozenset({"connect", "timeout", "reset", "status_5xx"}),
@@ -63,10 +63,15 @@ CATALOGUE: dict[str, Labels] = {
         "stage": frozenset({"queued", "waiting_first_byte", "streaming"}),
     },
     **_histogram("batchgate_queue_wait_seconds", {}),
-    **_histogram("batchgate_time_to_first_byte_seconds", {"route": _ROUTES}),
+    **_histogram("batchgate_time_to_first_byte_seconds",
+                 {"route": _ROUTES, "stream": frozenset({"true", "false"})}),
     **_histogram("batchgate_inter_chunk_seconds", {"route": _ROUTES}),
     **_histogram("batchgate_request_duration_seconds", {"route": _ROUTES}),
     "batchgate_tokens_total": {"replica": ANY, "kind": frozenset({"prompt", "completion"})},
+    "batchgate_internal_errors_total": {
+        "where": frozenset({"usage", "metrics", "access_log"}),
+    },
+    "batchgate_access_log_dropped_total": {},
     "batchgate_build_info": {"version": ANY},
 }
 

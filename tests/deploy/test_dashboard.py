@@ -16,7 +16,15 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy.promql import CATALOGUE, ROOT, TARGET_LABELS, problems, run_promtool, scan
+from tests.deploy.promql import (
+    CATALOGUE,
+    ROOT,
+    TARGET_LABELS,
+    Matcher,
+    problems,
+    run_promtool,
+    scan,
+)
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "batchgate.json"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
@@ -191,3 +199,20 @@ def test_histograms_show_p50_p95_p99(histogram: str) -> None:
     )
     found = {float(q) for _, expr in _queries(_dashboard()) for q in quantile.findall(expr)}
     assert found == {0.5, 0.95, 0.99}
+
+
+def test_time_to_first_token_panel_reads_streams_only() -> None:
+    """Non-streamed answers send their first byte after the whole generation: not a TTFT."""
+    dashboard = _dashboard()
+    subs = _substitutions(dashboard)
+    ttft = [p for p in _panels(dashboard) if "first token" in p.get("title", "").lower()]
+    assert ttft
+    for panel in ttft:
+        for target in panel["targets"]:
+            selectors = [
+                sel for sel in scan(to_promql(target["expr"], subs)).selectors
+                if sel.name == "batchgate_time_to_first_byte_seconds_bucket"
+            ]
+            assert selectors, panel["title"]
+            for sel in selectors:
+                assert Matcher("stream", "=", "true") in sel.matchers, (panel["title"], sel)

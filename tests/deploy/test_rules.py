@@ -6,7 +6,7 @@ from typing import Any
 
 import yaml
 
-from tests.deploy.promql import ROOT, problems, run_promtool, scan
+from tests.deploy.promql import ROOT, Matcher, problems, run_promtool, scan
 
 RULES = ROOT / "deploy" / "prometheus" / "rules.yaml"
 RULES_TEST = ROOT / "deploy" / "prometheus" / "rules_test.yaml"
@@ -84,3 +84,16 @@ def test_unit_tests_cover_every_rule() -> None:
     assert alerts - quiet == set(), "alerts never shown not firing"
     recorded = {r["record"] for r in rules if "record" in r}
     assert recorded - evaluated == set(), "recorded series never evaluated"
+
+
+def test_ttft_alert_and_recording_rule_read_streams_only() -> None:
+    """A non-streamed answer's first byte comes after the whole generation: not a TTFT."""
+    rules = {r.get("record") or r.get("alert"): r for r in _rules()}
+    for name in ("BatchgateTTFTHigh", "batchgate:ttft_seconds:p95_5m"):
+        selectors = [
+            sel for sel in scan(rules[name]["expr"]).selectors
+            if sel.name == "batchgate_time_to_first_byte_seconds_bucket"
+        ]
+        assert selectors, name
+        for sel in selectors:
+            assert Matcher("stream", "=", "true") in sel.matchers, (name, sel)

@@ -154,7 +154,9 @@ def sse_usage_event(i: int, usage: dict[str, int]) -> bytes:
 
 
 async def start_app(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1)
+    # auto_decompress=False as proxy.server does: bodies pass through byte for byte.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1,
+                           auto_decompress=False)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     port = runner.addresses[0][1]

@@ -6,16 +6,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any, ClassVar, cast
 
+import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy.bench import probes
 from proxy.bench.cli import (
     BenchOptions,
     LevelResult,
@@ -30,6 +35,7 @@ from proxy.sim.engine import SimEngine
 from proxy.sim.server import SIM_ENGINE_KEY, create_sim_app
 from tests.integration.conftest import BOUND_S, start_app, until
 
+ROOT = Path(__file__).resolve().parents[2]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 FAST = SimulatedConfig(max_batch=4, time_scale=0.01)
 MAX_TOKENS = 12
@@ -331,3 +337,155 @@ def test_cli_without_a_model_to_find_exits_1() -> None:
     first_line = f"batchgate bench: GET http://127.0.0.1:{port}/v1/models failed"
     assert done.stderr.startswith(first_line) and done.stderr.count("\n") == 1
     assert done.stderr.rstrip().endswith("pass --model NAME")
+
+
+def test_cmd_bench_runs_without_tqdm(
+    sim_thread: tuple[str, SimEngine], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # tqdm is an extra: not installed
+    url, engine = sim_thread
+    parser = argparse.ArgumentParser(prog="batchgate")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", "--url", url, "--concurrency", "2",
+                              "--max-tokens", str(MAX_TOKENS)])  # fmt: skip
+    assert cmd_bench(args) == 0
+    out = capsys.readouterr()
+    row = out.out.splitlines()[2].split()  # heading, column names, the level
+    assert row[0] == "2" and row[2] == str(2 * MAX_TOKENS)
+    assert out.err == ""
+    assert engine.total_finished == 2
+
+
+# --- the serve path, as `batchgate serve` runs it -----------------------------------------------
+
+NOT_FOR_SERVE = ("proxy.bench", "proxy.sim", "tqdm", "matplotlib")
+
+
+def imported(importtime: str) -> list[str]:
+    """Module names from ``python -X importtime`` output (one line per first import)."""
+    names = []
+    for line in importtime.splitlines():
+        if line.startswith("import time:") and not line.endswith("imported package"):
+            names.append(line.rsplit("|", 1)[1].strip())
+    return names
+
+
+async def test_serve_loads_no_bench_sim_tqdm_or_matplotlib(
+    replicas: Callable[[str], Any], tmp_path: Path
+) -> None:
+    """A real `batchgate serve` process that proxies one request and drains on SIGTERM has
+    imported neither the load generator nor the simulator nor their optional libraries."""
+    replica = await replicas("r")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "server: {host: 127.0.0.1, port: 0}\n"
+        f"replicas: [{{name: r, url: '{replica.url}', max_concurrency: 2}}]\n"
+        "logging: {format: text, level: info}\n"
+    )
+    trace = tmp_path / "importtime.txt"
+    with trace.open("w") as err:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-X", "importtime", "-m", "proxy", "serve", "--config", str(config),
+            stdout=asyncio.subprocess.PIPE, stderr=err, cwd=ROOT,
+        )
+        try:
+            assert proc.stdout is not None
+            url = None
+            while url is None:
+                line = (await asyncio.wait_for(proc.stdout.readline(), BOUND_S)).decode()
+                assert line, "serve exited before listening"
+                if "batchgate listening on " in line:
+                    url = line.rsplit(" ", 1)[1].strip()
+            async with aiohttp.ClientSession() as session, session.post(
+                url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}
+            ) as resp:
+                assert resp.status == 200
+                await resp.read()
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), BOUND_S) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    names = imported(trace.read_text())
+    assert {"proxy.server", "proxy.edge.forward", "aiohttp"} <= set(names)  # the probe works
+    assert [name for name in names if name.startswith(NOT_FOR_SERVE)] == []
+
+
+# --- the raw-socket probes (proxy.bench.probes) against a loopback upstream ---------------------
+
+
+class ProbeUpstream(asyncio.Protocol):
+    """Enough of bench/upstream.py for the probes: a small JSON answer on keep-alive, a
+    stamped ``/sse`` stream, and ``/hold`` (never answered)."""
+
+    open: ClassVar[set[asyncio.Transport]] = set()
+    held: ClassVar[int] = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.buf = b""
+        ProbeUpstream.open.add(self.transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        ProbeUpstream.open.discard(self.transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while (end := self.buf.find(b"\r\n\r\n")) >= 0:
+            head, self.buf = self.buf[:end], self.buf[end + 4 :]
+            length = 2 if b"Content-Length: 2" in head else 0  # the probes send b"{}" or nothing
+            self.buf = self.buf[length:]
+            target = head.split(b" ", 2)[1]
+            if target.startswith(b"/sse"):
+                self.transport.write(sse_head())
+                for _ in range(3):  # three events at once, whatever the query asks
+                    event = b'data: {"t":%.6f}\n\n' % time.monotonic()
+                    self.transport.write(b"%x\r\n%s\r\n" % (len(event), event))
+                self.transport.write(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
+            elif target == b"/hold":
+                ProbeUpstream.held += 1
+            else:
+                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+
+
+def sse_head() -> bytes:
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+
+
+@pytest.fixture
+async def probe_port() -> AsyncIterator[int]:
+    ProbeUpstream.open.clear()
+    ProbeUpstream.held = 0
+    server = await asyncio.get_running_loop().create_server(ProbeUpstream, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+    for transport in list(ProbeUpstream.open):
+        transport.close()
+    await server.wait_closed()
+
+
+async def test_latency_probe_times_each_request(probe_port: int) -> None:
+    request = probes.http_request("POST", "/v1/completions", b"{}")
+    res = await probes.latency_c1("127.0.0.1", probe_port, request, count=50,
+                                  duration_s=BOUND_S, warmup=5)
+    assert res.errors == 0 and len(res.latencies_s) == 50 and min(res.latencies_s) > 0
+    await until(lambda: not ProbeUpstream.open, "the probe closed its connection")
+
+
+async def test_stream_probe_records_every_event(probe_port: int) -> None:
+    res = await probes.sse_streams("127.0.0.1", probe_port, streams=4, interval_s=0.01,
+                                   ramp_s=0.01, hold_s=0.01, sample=dict)
+    assert (res.streams, res.completed, res.errors, res.events) == (4, 4, 0, 12)
+    await until(lambda: not ProbeUpstream.open, "every stream closed")
+
+
+async def test_hold_probe_opens_n_and_closes_them_all(probe_port: int) -> None:
+    request = probes.http_request("POST", "/hold", b"{}")
+    async with probes.hold("127.0.0.1", probe_port, 20, request, parallel=5) as held:
+        assert len(held) == 20
+        await until(lambda: ProbeUpstream.held == 20, "all 20 requests arrived")
+    assert all(transport.is_closing() for transport in held)
+    await until(lambda: not ProbeUpstream.open, "the upstream saw every connection close")

@@ -93,7 +93,7 @@ BAD_CONFIGS = [
      "invalid YAML at line 3, column 1: expected ',' or '}', but got '<stream end>'..."),
     ("not-a-mapping", "- just\n- a list\n", "top level must be a mapping, got ['just', 'a list']"),
     ("unknown-key", _with("queue:\n  max_sise: 3\n"),
-     "queue.max_sise: unknown key (allowed: max_size, timeout_s)"),
+     "queue.max_sise: unknown key (allowed: max_size, timeout_s, max_bytes)"),
     ("missing-replicas", "server:\n  port: 8080\n", "replicas: required key is missing"),
     ("negative-concurrency", GOOD.replace("max_concurrency: 2", "max_concurrency: -3"),
      "replicas[0].max_concurrency: must be an integer >= 1, got -3"),
@@ -110,6 +110,12 @@ BAD_CONFIGS = [
      "replicas[0].url: must not contain credentials (user:password@)"),
     ("unset-env-var", GOOD.replace("http://127.0.0.1:9000", "${BATCHGATE_TEST_UNSET}"),
      "replicas[0].url: environment variable BATCHGATE_TEST_UNSET is not set"),
+    ("url-with-path", GOOD.replace("http://127.0.0.1:9000", "https://127.0.0.1:9443/v1"),
+     "replicas[0].url: must not have a path (the caller's path is forwarded as is), "
+     "got 'https://127.0.0.1:9443/v1'"),
+    ("missing-ca-file", _with("upstream:\n  tls:\n    ca_file: /nonexistent/ca.pem\n"),
+     "upstream.tls.ca_file: cannot read CA file: No such file or directory, "
+     "got '/nonexistent/ca.pem'"),
 ]
 
 
@@ -141,6 +147,55 @@ def test_bad_config_is_one_line_and_exit_2(
         assert lines[0].startswith(expected.removesuffix("...")), lines[0]
     else:
         assert lines[0] == expected
+
+
+def test_check_config_accepts_an_https_replica_and_the_tls_keys(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca_file = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca_file))
+    path = tmp_path / "tls.yaml"
+    path.write_text(GOOD.replace("http://127.0.0.1:9000", "https://vllm.internal:8443/")
+                    + f"upstream:\n  tls:\n    ca_file: {ca_file}\n")
+    done = run("check-config", "--config", str(path))
+    assert done.returncode == 0, done.stderr
+    effective = yaml.safe_load(done.stdout)
+    assert effective["replicas"][0]["url"] == "https://vllm.internal:8443"
+    assert effective["upstream"]["tls"] == {"ca_file": str(ca_file),
+                                            "insecure_skip_verify": False}
+
+
+def test_serve_with_an_https_replica_starts_and_stops(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"server: {{host: 127.0.0.1, port: {port}}}\n"
+        "replicas: [{name: r, url: 'https://127.0.0.1:9', max_concurrency: 1}]\n"
+        "logging: {format: text, level: info}\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        seen = []
+        for line in proc.stdout:  # bounded by the test timeout
+            seen.append(line)
+            if "listening" in line or proc.poll() is not None:
+                break
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=BOUND_S) as r:
+            assert r.status == 200
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=BOUND_S)
+        assert proc.returncode == 0
+        assert "Traceback" not in "".join(seen) + rest
+    finally:
+        proc.kill()
+        proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
 
 
 def test_port_in_use_is_one_line_not_a_traceback(tmp_path: Path) -> None:
@@ -191,3 +246,47 @@ def test_sim_command_serves_and_stops_on_sigterm() -> None:
         proc.wait()
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+def test_serve_raises_the_soft_open_files_limit_to_the_hard_one(tmp_path: Path) -> None:
+    """At a soft limit of 1,024 a busy proxy runs out of descriptors long before the machine."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"hard RLIMIT_NOFILE is {hard}: nothing to raise")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "server": {"host": "127.0.0.1", "port": 0},
+        "replicas": [{"name": "r", "url": "http://127.0.0.1:9", "max_concurrency": 1}],
+        "health": {"interval_s": 60},
+        "logging": {"format": "text"},
+    }))
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=low_soft_limit,
+    )
+    try:
+        assert proc.stdout is not None
+        seen: list[bytes] = []
+        for line in proc.stdout:  # bounded by the test timeout; serve logs then listens
+            seen.append(line)
+            if b"batchgate listening on" in line:
+                break
+        log = b"".join(seen).decode()
+        shown = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+        assert "open files limit: soft 256 -> " in log, log
+        assert f"(hard {shown})" in log, log
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        row = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+        soft_now = row.split()[3]
+        assert soft_now == (str(hard) if hard != resource.RLIM_INFINITY else str(1 << 20)), row
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        if proc.stdout is not None:
+            proc.stdout.close()

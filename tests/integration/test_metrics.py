@@ -103,8 +103,8 @@ async def test_series_match_the_traffic_sent(
     assert m("batchgate_tokens_total", replica="r", kind="completion") == 8 * 5 + 2 * 4 + 6 + 3
     # Histograms: every request that reached a replica has a TTFB; completed ones a duration.
     answered = 5 + 7 + 1  # completions 200s + chat 200s (incl. the hung-up one) + the 500
-    ttfb = sum(m("batchgate_time_to_first_byte_seconds_count", route=x)
-               for x in (COMPLETIONS, CHAT))
+    ttfb = sum(m("batchgate_time_to_first_byte_seconds_count", route=x, stream=y)
+               for x in (COMPLETIONS, CHAT) for y in ("true", "false"))
     assert ttfb == answered
     assert m("batchgate_request_duration_seconds_count", route=COMPLETIONS) == 5 + 1
     assert m("batchgate_request_duration_seconds_count", route=CHAT) == 2 + 2 + 1 + 1

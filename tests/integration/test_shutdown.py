@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import re
+import resource
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -57,12 +58,21 @@ def write_config(tmp_path: Path, replica: FakeReplica, *, drain_timeout_s: float
 
 
 @contextlib.asynccontextmanager
-async def serving(config: Path) -> AsyncIterator[Served]:
-    """Start ``python -m proxy serve``; learn its port from the log; kill it at the end."""
+async def serving(config: Path, *, open_files: int | None = None) -> AsyncIterator[Served]:
+    """Start ``python -m proxy serve``; learn its port from the log; kill it at the end.
+
+    ``open_files`` sets both RLIMIT_NOFILE limits of the process (so it cannot raise them).
+    """
+
+    def limit_files() -> None:
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "serve", "--config", str(config),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        preexec_fn=limit_files,
     )
     assert proc.stdout is not None
     lines: list[bytes] = []
@@ -307,5 +317,32 @@ async def test_sigterm_deadline_cuts_stream_and_queue_then_exits_0(
         assert served.logged("cutting 2 requests") and served.logged("batchgate stopped")
         assert not served.logged("Traceback"), b"".join(served.stdout).decode()
         # The upstream connection was closed, so the engine saw its client leave.
+        await until(lambda: replica.aborted == 1, "the replica to see its client leave")
+        assert replica.completed == 0
+
+
+async def test_second_sigterm_exits_at_once_without_waiting_for_the_drain(
+    tmp_path: Path, replicas: Factory
+) -> None:
+    replica: FakeReplica = await replicas("r")
+    # A drain far longer than the bound of every wait below: only a forced exit can pass.
+    config = write_config(tmp_path, replica, drain_timeout_s=BOUND_S * 6)
+    async with (
+        serving(config) as served,
+        fresh_connections() as probe,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        stream = await RawStream.post(
+            served.url, "/v1/completions", {"stream": True, "hold": True, "events": 4}
+        )
+        stack.push_async_callback(stream.close)
+        assert await stream.read_until_event() == sse_event(0)
+        await terminate_and_see_draining(served, probe)
+        assert served.proc.returncode is None  # draining: the held stream keeps it alive
+
+        served.proc.send_signal(signal.SIGTERM)
+        assert await served.exit_code() == 128 + signal.SIGTERM
+        assert served.logged("second SIGTERM during the drain: exiting now")
+        # Its sockets died with it: the engine saw its client leave.
         await until(lambda: replica.aborted == 1, "the replica to see its client leave")
         assert replica.completed == 0

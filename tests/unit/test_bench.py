@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import math
 import statistics
@@ -20,7 +21,8 @@ from aiohttp.base_protocol import BaseProtocol
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.bench.cli import add_parser, cmd_bench
+from proxy.bench import probes
+from proxy.bench.cli import add_parser, cmd_bench, progress_bar
 from proxy.bench.core import (
     BODY_ERROR,
     BenchOptions,
@@ -420,3 +422,166 @@ def test_unwritable_output_fails_before_any_request(
     args = parse("--url", "http://127.0.0.1:9", "--json", str(tmp_path / "no" / "such.json"))
     assert cmd_bench(args) == 1
     assert "--json: cannot write to" in capsys.readouterr().err
+
+
+# --- what the proxy's runtime does not load ------------------------------------------------------
+
+#: The load generator, the simulator and their optional libraries: `serve` never needs them.
+NOT_FOR_SERVE = ("proxy.bench", "proxy.sim", "tqdm", "matplotlib")
+
+LOADED_BY_SERVE = """
+import sys
+import proxy.cli, proxy.server
+from proxy.edge.app import create_app
+from proxy.config import Config, ReplicaConfig
+args = proxy.cli.build_parser().parse_args(["serve", "--config", "x.yaml"])
+assert args.func is proxy.cli.cmd_serve
+create_app(Config(replicas=(ReplicaConfig(name="r", url="http://127.0.0.1:9",
+                                          max_concurrency=1),)))
+print(" ".join(sorted(m for m in sys.modules if m.split(".")[0] in ("proxy", "tqdm",
+                                                                  "matplotlib"))))
+"""
+
+
+def test_importing_the_serve_path_loads_no_bench_sim_tqdm_or_matplotlib() -> None:
+    out = subprocess.run([sys.executable, "-c", LOADED_BY_SERVE], capture_output=True,
+                         text=True, check=True)
+    loaded = out.stdout.split()
+    assert "proxy.server" in loaded and "proxy.edge.app" in loaded  # the probe itself works
+    assert [m for m in loaded if m.startswith(NOT_FOR_SERVE)] == []
+
+
+def test_bench_is_still_a_command_of_the_cli() -> None:
+    from proxy.cli import build_parser
+
+    args = build_parser(["bench"]).parse_args(["bench", "--url", "http://127.0.0.1:9"])
+    assert args.func is cmd_bench
+    assert "bench" in build_parser().format_help()  # listed, though not loaded
+
+
+def test_the_whole_core_folder_imports_no_aiohttp() -> None:
+    code = (
+        "import importlib, pkgutil, sys, proxy.core\n"
+        "names = [m.name for m in pkgutil.iter_modules(proxy.core.__path__, 'proxy.core.')]\n"
+        "for name in names: importlib.import_module(name)\n"
+        "print(len(names), 'aiohttp' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    count, aiohttp_loaded = out.stdout.split()
+    assert int(count) >= 3 and aiohttp_loaded == "False"
+
+
+# --- progress without tqdm ----------------------------------------------------------------------
+
+
+def test_progress_without_tqdm_is_a_plain_counter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # makes `import tqdm` fail
+    out = io.StringIO()
+    with progress_bar("concurrency 3", 3, enabled=True, file=out) as tick:
+        for _ in range(3):
+            tick()
+    assert out.getvalue() == (
+        "\rconcurrency 3: 1/3 req\rconcurrency 3: 2/3 req\rconcurrency 3: 3/3 req\n"
+    )
+
+
+def test_progress_with_tqdm_draws_its_bar() -> None:
+    pytest.importorskip("tqdm")  # the bench extra, which the test extra brings
+    out = io.StringIO()
+    with progress_bar("concurrency 3", 3, enabled=True, file=out) as tick:
+        for _ in range(3):
+            tick()
+    assert "concurrency 3" in out.getvalue() and "3/3" in out.getvalue()
+    assert "req" in out.getvalue()
+
+
+def test_progress_disabled_writes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    for blocked in (False, True):
+        if blocked:
+            monkeypatch.setitem(sys.modules, "tqdm", None)
+        out = io.StringIO()
+        with progress_bar("rate 5/s", None, enabled=False, file=out) as tick:
+            tick()
+        assert out.getvalue() == ""
+
+
+# --- the raw-socket probes' parsing (proxy.bench.probes), fed by hand ---------------------------
+
+
+def sse_response(events: int) -> bytes:
+    """What the bench upstream's ``/sse`` route sends: chunked, each event stamped ``"t"``."""
+    head = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    out = [head]
+    for i in range(events):
+        event = b'data: {"choices":[{"text":" tok"}],"t":%.6f}\n\n' % (100.0 + i * 0.05)
+        out.append(b"%x\r\n%s\r\n" % (len(event), event))
+    out.append(b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
+    return b"".join(out)
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def feed_stream(raw: bytes, cuts: list[int]) -> tuple[probes._Recorder, FakeTransport]:
+    rec = probes._Recorder(-math.inf, math.inf)
+    rec.expected = 1
+    stream = probes._Stream(rec, b"GET /sse HTTP/1.1\r\n\r\n")
+    transport = FakeTransport()
+    stream.connection_made(transport)  # type: ignore[arg-type]
+    at = 0
+    for cut in [*sorted(set(cuts)), len(raw)]:
+        if cut > at:
+            stream.data_received(raw[at:cut])
+            at = cut
+    return rec, transport
+
+
+@given(st.lists(st.integers(0, len(sse_response(5))), max_size=30))
+def test_stream_probe_counts_the_same_events_however_reads_split(cuts: list[int]) -> None:
+    rec, transport = feed_stream(sse_response(5), cuts)
+    assert (rec.completed, rec.errors, rec.events) == (1, 0, 5)
+    assert len(rec.gaps) == len(rec.added) == 4 and len(rec.delays) == 5
+    assert transport.written == [b"GET /sse HTTP/1.1\r\n\r\n"] and transport.closed
+    assert rec.finished.is_set()
+
+
+def test_stream_probe_counts_a_non_200_as_an_error() -> None:
+    rec, transport = feed_stream(b"HTTP/1.1 503 Service Unavailable\r\n\r\n", [5])
+    assert (rec.completed, rec.errors, rec.events) == (0, 1, 0) and transport.closed
+
+
+@pytest.mark.parametrize(
+    ("raw", "complete"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", True),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n{}", False),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 0", False),  # head not ended
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", True),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n", False),
+    ],
+)
+def test_latency_probe_knows_when_a_response_is_whole(raw: bytes, complete: bool) -> None:
+    assert probes._response_complete(bytearray(raw)) is complete
+
+
+def test_http_request_frames_a_body() -> None:
+    assert probes.http_request("POST", "/x", b"{}", close=True) == (
+        b"POST /x HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 2\r\nConnection: close\r\n\r\n{}"
+    )
+
+
+def test_probes_import_no_aiohttp() -> None:
+    code = "import sys, proxy.bench.probes; print('aiohttp' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

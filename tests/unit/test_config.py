@@ -17,6 +17,7 @@ from proxy.config import (
     ReplicaConfig,
     ServerConfig,
     SimulatedConfig,
+    TlsConfig,
     UpstreamConfig,
     config_to_dict,
     load_config,
@@ -44,7 +45,8 @@ replicas:
     simulated: {}
 queue: {max_size: 0, timeout_s: 3}
 health: {path: /healthz, interval_s: 1.5, timeout_s: 0.5}
-upstream: {connect_timeout_s: 2, read_timeout_s: 60, retries: 0}
+upstream: {connect_timeout_s: 2, read_timeout_s: 60, retries: 0,
+           tls: {insecure_skip_verify: true}}
 logging: {format: text, level: WARNING}
 """
 
@@ -67,7 +69,8 @@ FULL_CONFIG = Config(
     server=ServerConfig(host="127.0.0.1", port=0, max_body_bytes=1048576, drain_timeout_s=0.0),
     queue=QueueConfig(max_size=0, timeout_s=3.0),
     health=HealthConfig(path="/healthz", interval_s=1.5, timeout_s=0.5),
-    upstream=UpstreamConfig(connect_timeout_s=2.0, read_timeout_s=60.0, retries=0),
+    upstream=UpstreamConfig(connect_timeout_s=2.0, read_timeout_s=60.0, retries=0,
+                            tls=TlsConfig(insecure_skip_verify=True)),
     logging=LoggingConfig(format="text", level="warning"),
 )
 
@@ -82,7 +85,7 @@ def test_only_replicas_gives_every_default() -> None:
         server=ServerConfig(
             host="0.0.0.0", port=8080, max_body_bytes=67108864, drain_timeout_s=30.0
         ),
-        queue=QueueConfig(max_size=1000, timeout_s=30.0),
+        queue=QueueConfig(max_size=1000, timeout_s=30.0, max_bytes=268435456),
         health=HealthConfig(path="/health", interval_s=5.0, timeout_s=2.0),
         upstream=UpstreamConfig(connect_timeout_s=5.0, read_timeout_s=600.0, retries=2),
         logging=LoggingConfig(format="json", level="info"),
@@ -175,10 +178,10 @@ def test_env_default_applies_when_unset_or_empty() -> None:
 def test_env_embedded_in_a_string_stays_a_string() -> None:
     text = (
         "replicas:\n"
-        "  - {name: 'vllm-${IDX}', max_concurrency: 4, url: 'http://${HOST}:${PORT:-8000}/v1/'}\n"
+        "  - {name: 'vllm-${IDX}', max_concurrency: 4, url: 'http://${HOST}:${PORT:-8000}/'}\n"
     )
     replica = parse(text, {"IDX": "0", "HOST": "gpu-1"}).replicas[0]
-    assert (replica.name, replica.url) == ("vllm-0", "http://gpu-1:8000/v1")
+    assert (replica.name, replica.url) == ("vllm-0", "http://gpu-1:8000")
 
 
 def test_env_text_cannot_add_structure() -> None:
@@ -327,6 +330,11 @@ BAD_CONFIGS: list[tuple[str, str | bytes | None, str]] = [
         "queue.max_size: must be an integer >= 0, got -1",
     ),
     (
+        "fractional max_bytes",
+        REPLICA + "queue: {max_bytes: 1.5}\n",
+        "queue.max_bytes: must be an integer >= 0, got 1.5",
+    ),
+    (
         "zero timeout",
         REPLICA + "health: {timeout_s: 0}\n",
         "health.timeout_s: must be a number > 0, got 0",
@@ -410,9 +418,46 @@ BAD_CONFIGS: list[tuple[str, str | bytes | None, str]] = [
     ),
     (
         "url with query",
-        _URL % "http://h/v1?x=1",
-        "replicas[0].url: must not have a query or fragment, only a path prefix,"
-        " got 'http://h/v1?x=1'",
+        _URL % "http://h?x=1",
+        "replicas[0].url: must not have a query or fragment, got 'http://h?x=1'",
+    ),
+    (
+        "url with a path (the SDK habit)",
+        _URL % "https://h:8443/v1",
+        "replicas[0].url: must not have a path (the caller's path is forwarded as is),"
+        " got 'https://h:8443/v1'",
+    ),
+    (
+        "url with a deeper path",
+        _URL % "http://h/api/v1/",
+        "replicas[0].url: must not have a path (the caller's path is forwarded as is),"
+        " got 'http://h/api/v1/'",
+    ),
+    (
+        "missing ca_file",
+        REPLICA + "upstream: {tls: {ca_file: /nonexistent/ca.pem}}\n",
+        "upstream.tls.ca_file: cannot read CA file: No such file or directory,"
+        " got '/nonexistent/ca.pem'",
+    ),
+    (
+        "ca_file is a directory",
+        REPLICA + "upstream: {tls: {ca_file: .}}\n",
+        "upstream.tls.ca_file: cannot read CA file: Is a directory, got '.'",
+    ),
+    (
+        "empty ca_file",
+        REPLICA + "upstream: {tls: {ca_file: ''}}\n",
+        "upstream.tls.ca_file: must be the path of a PEM file of CA certificates, got ''",
+    ),
+    (
+        "insecure_skip_verify not a boolean",
+        REPLICA + "upstream: {tls: {insecure_skip_verify: 'false'}}\n",
+        "upstream.tls.insecure_skip_verify: must be true or false, got 'false'",
+    ),
+    (
+        "unknown tls key",
+        REPLICA + "upstream: {tls: {verify: false}}\n",
+        "upstream.tls.verify: unknown key (allowed: ca_file, insecure_skip_verify)",
     ),
     (
         "url with credentials is not echoed",
@@ -468,6 +513,40 @@ def test_bad_config_is_one_exact_line(
     assert "Traceback" not in text
 
 
+def test_https_replica_and_tls_keys(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca_file = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca_file))
+    config = parse(
+        "replicas: [{name: r, max_concurrency: 1, url: 'https://vllm.internal:8443/'}]\n"
+        f"upstream: {{tls: {{ca_file: '{ca_file}'}}}}\n"
+    )
+    assert config.replicas[0].url == "https://vllm.internal:8443"
+    assert config.upstream.tls == TlsConfig(ca_file=str(ca_file), insecure_skip_verify=False)
+    assert parse_config(yaml.safe_load(yaml.safe_dump(config_to_dict(config))), env={}) == config
+    assert parse(REPLICA).upstream.tls == TlsConfig(ca_file=None, insecure_skip_verify=False)
+
+
+def test_ca_file_that_is_not_pem_is_a_config_error(tmp_path: Path) -> None:
+    bogus = tmp_path / "ca.pem"
+    bogus.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    with pytest.raises(ConfigError) as caught:
+        parse(REPLICA + f"upstream: {{tls: {{ca_file: '{bogus}'}}}}\n")
+    text = str(caught.value)
+    assert text.startswith("config.yaml: upstream.tls.ca_file: not a PEM file of CA certificates")
+    assert text.endswith(f"got '{bogus}'") and "\n" not in text
+
+
+def test_a_path_in_a_replica_url_is_refused_by_parse_config() -> None:
+    data = {"replicas": [{"name": "r", "max_concurrency": 1, "url": "http://10.0.0.5:8000/v1"}]}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, env={})
+    assert str(caught.value) == (
+        "config: replicas[0].url: must not have a path (the caller's path is forwarded as is),"
+        " got 'http://10.0.0.5:8000/v1'"
+    )
+
+
 def test_unreadable_path_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(tmp_path, env={})
@@ -486,6 +565,7 @@ def test_parse_config_prefixes_the_source() -> None:
     [
         ("queue: {max_size: 0}", QueueConfig(max_size=0)),
         ("queue: {timeout_s: 3}", QueueConfig(timeout_s=3.0)),
+        ("queue: {max_bytes: 0}", QueueConfig(max_bytes=0)),
         ("server: {port: 0}", ServerConfig(port=0)),
         ("logging: {level: DeBuG}", LoggingConfig(level="debug")),
         ("health: {path: /}", HealthConfig(path="/")),

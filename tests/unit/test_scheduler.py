@@ -3,24 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.core.errors import NoHealthyReplica, QueueFull, QueueTimeout
+from proxy.core.queue import FifoQueue
 from proxy.core.replicas import Replica
 from proxy.core.scheduler import Lease, Scheduler, Waiter
 
+CORE = Path(__file__).resolve().parents[2] / "proxy" / "core"
 
-def make(*caps: int, max_queue: int = 100, clock: list[float] | None = None) -> Scheduler:
+
+def make(
+    *caps: int,
+    max_queue: int = 100,
+    clock: list[float] | None = None,
+    rng: Callable[[], float] = random.random,
+) -> Scheduler:
     now = clock if clock is not None else [0.0]
     replicas = [Replica(f"r{i}", f"http://127.0.0.1:{9000 + i}", c) for i, c in enumerate(caps)]
-    return Scheduler(replicas, max_queue, clock=lambda: now[0])
+    return Scheduler(replicas, max_queue, clock=lambda: now[0], rng=rng)
 
 
 @pytest.fixture
@@ -33,7 +43,14 @@ def leak_checked() -> Iterator[list[Scheduler]]:
 
 
 def test_core_imports_no_aiohttp() -> None:
-    code = "import sys, proxy.core.scheduler, proxy.core.replicas; print('aiohttp' in sys.modules)"
+    """Every module of proxy/core, imported together, pulls in no aiohttp."""
+    names = sorted(p.stem for p in CORE.glob("*.py") if p.stem != "__init__")
+    assert {"errors", "queue", "replicas", "scheduler"} <= set(names)
+    code = (
+        "import importlib, sys\n"
+        f"for name in {names!r}: importlib.import_module('proxy.core.' + name)\n"
+        "print('aiohttp' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -96,8 +113,9 @@ def test_queue_full_and_zero_queue(leak_checked: list[Scheduler]) -> None:
     assert isinstance(w, Waiter)
     with pytest.raises(QueueFull) as info:
         s.submit(lambda _: True)
-    assert info.value.retry_after_s == 60  # no completion seen yet: no estimate
-    assert s.withdraw(w)
+    assert info.value.retry_after_s == 1  # no completion seen yet: no estimate, 1 s
+    assert w.queued and s.withdraw(w) == ()
+    assert not w.queued and s.queue_depth == 0
     assert isinstance(lease, Lease)
     lease.release()
 
@@ -135,19 +153,91 @@ def test_unhealthy_replica_is_skipped_and_recovery_serves_waiters(
     granted[0].release()
 
 
-def test_retry_after_follows_drain_rate() -> None:
-    now = [0.0]
-    s = make(1, clock=now)
-    for t in range(10):  # 10 completions over 9 s (clamped span 9): ~1.1/s
-        now[0] = float(t)
+def served(s: Scheduler, now: list[float], count: int, service_s: float) -> None:
+    """``count`` requests, one after another, each holding its slot ``service_s``."""
+    for _ in range(count):
         lease = s.submit(lambda _: True)
         assert isinstance(lease, Lease)
+        now[0] += service_s
         lease.release()
+
+
+def test_retry_after_is_one_second_without_history() -> None:
+    """A cold proxy cannot estimate: it says 1 s, not 60 (callers obey it exactly)."""
+    s = make(1)
     assert s.retry_after_s(1) == 1
-    assert s.retry_after_s(20) == 18
-    assert s.retry_after_s(10_000) == 60
-    now[0] = 1000.0  # the window forgot them all
-    assert s.retry_after_s(1) == 60
+    assert s.retry_after_s(500) == 1
+
+
+def test_retry_after_is_position_times_mean_service_over_slots() -> None:
+    now = [0.0]
+    s = make(2, 2, clock=now, rng=lambda: 0.5)  # 4 slots
+    served(s, now, 10, 2.0)  # mean service 2 s: capacity 4 slots / 2 s = 2 per second
+    assert s.retry_after_s(8) == 4  # 8 ahead at 2/s
+    assert s.retry_after_s(1) == 1  # 0.5 s, clamped up to 1
+    assert s.retry_after_s(10_000) == 60  # clamped down
+    s.set_healthy(s.replicas[1], False)  # half the slots: twice the wait
+    assert s.retry_after_s(8) == 8
+    now[0] += 1000.0  # the window forgot every measurement: no history again
+    assert s.retry_after_s(8) == 1
+
+
+def test_retry_after_rounds_at_random_so_callers_spread() -> None:
+    now = [0.0]
+    draws = [0.0]
+    s = make(2, 2, clock=now, rng=lambda: draws[0])
+    served(s, now, 10, 2.0)
+    # 5 ahead at 2/s: 2.5 s, rounded up with probability 0.5.
+    draws[0] = 0.49
+    assert s.retry_after_s(5) == 3
+    draws[0] = 0.5
+    assert s.retry_after_s(5) == 2
+    rng = random.Random(7)
+    s2 = make(2, 2, clock=now, rng=rng.random)
+    served(s2, now, 10, 2.0)
+    values = [s2.retry_after_s(5) for _ in range(1000)]
+    assert set(values) == {2, 3}
+    assert 2.4 < sum(values) / len(values) < 2.6  # the mean stays the estimate
+
+
+def test_queue_full_retry_after_uses_the_estimate() -> None:
+    now = [0.0]
+    s = make(1, max_queue=2, clock=now, rng=lambda: 0.5)
+    served(s, now, 3, 3.0)
+    lease = s.submit(lambda _: True)
+    w1, w2 = s.submit(lambda _: True), s.submit(lambda _: True)
+    with pytest.raises(QueueFull) as info:
+        s.submit(lambda _: True)
+    assert info.value.retry_after_s == 9  # third in line at one per 3 s
+    for w in (w1, w2):
+        assert isinstance(w, Waiter)
+        s.withdraw(w)
+    assert isinstance(lease, Lease)
+    lease.release()
+
+
+def test_queue_timeout_retry_after_uses_the_waiters_own_position() -> None:
+    """The head of a long queue that times out is told its own wait, not the queue's length."""
+    now = [0.0]
+    s = make(1, clock=now, rng=lambda: 0.5)
+    served(s, now, 3, 2.0)  # one slot, 2 s per request
+    lease = s.submit(lambda _: True)
+    told: list[object] = []
+    head = s.submit(told.append, deadline=now[0] + 1)  # type: ignore[arg-type]
+    for _ in range(9):
+        s.submit(lambda _: True, deadline=now[0] + 60)
+    now[0] += 1
+    assert s.expire() == [head]
+    (err,) = told
+    assert isinstance(err, QueueTimeout)
+    assert err.retry_after_s == 2  # first in line: one service time, not 10 of them
+    middle = list(s._queue)[4]  # fifth in line
+    s.withdraw(next(iter(s._queue)))
+    assert s.position(middle) == 4
+    for w in list(s._queue):
+        s.withdraw(w)
+    assert isinstance(lease, Lease)
+    lease.release()
 
 
 def test_front_requeue_goes_first_and_ignores_bound(leak_checked: list[Scheduler]) -> None:
@@ -183,9 +273,8 @@ def _drain_kept() -> None:
 async def test_cancel_while_queued_leaves_at_once(leak_checked: list[Scheduler]) -> None:
     s = make(1)
     leak_checked.append(s)
-    loop = asyncio.get_running_loop()
-    held = await s.acquire(loop.time() + 60)
-    task = asyncio.create_task(s.acquire(loop.time() + 60))
+    held = await s.acquire(s.now() + 60)
+    task = asyncio.create_task(s.acquire(s.now() + 60))
     await asyncio.sleep(0)  # one turn: the task runs up to its await
     assert s.queue_depth == 1
     task.cancel()
@@ -198,10 +287,9 @@ async def test_cancel_while_queued_leaves_at_once(leak_checked: list[Scheduler])
 async def test_cancel_while_granted_passes_slot_on(leak_checked: list[Scheduler]) -> None:
     s = make(1)
     leak_checked.append(s)
-    loop = asyncio.get_running_loop()
-    held = await s.acquire(loop.time() + 60)
-    a = asyncio.create_task(s.acquire(loop.time() + 60))
-    b = asyncio.create_task(s.acquire(loop.time() + 60))
+    held = await s.acquire(s.now() + 60)
+    a = asyncio.create_task(s.acquire(s.now() + 60))
+    b = asyncio.create_task(s.acquire(s.now() + 60))
     await asyncio.sleep(0)
     assert s.queue_depth == 2
     held.release()  # grants a's future synchronously ...
@@ -217,10 +305,9 @@ async def test_cancelled_future_is_skipped_by_dispatch(leak_checked: list[Schedu
     """A waiter whose future is cancelled but whose handler has not run yet refuses grants."""
     s = make(1)
     leak_checked.append(s)
-    loop = asyncio.get_running_loop()
-    held = await s.acquire(loop.time() + 60)
-    a = asyncio.create_task(s.acquire(loop.time() + 60))
-    b = asyncio.create_task(s.acquire(loop.time() + 60))
+    held = await s.acquire(s.now() + 60)
+    a = asyncio.create_task(s.acquire(s.now() + 60))
+    b = asyncio.create_task(s.acquire(s.now() + 60))
     await asyncio.sleep(0)
     a.cancel()  # a's future is cancelled now; its except-block runs on the next turn
     held.release()
@@ -233,10 +320,9 @@ async def test_cancelled_future_is_skipped_by_dispatch(leak_checked: list[Schedu
 async def test_queue_timeout(leak_checked: list[Scheduler]) -> None:
     s = make(1)
     leak_checked.append(s)
-    loop = asyncio.get_running_loop()
-    held = await s.acquire(loop.time() + 60)
+    held = await s.acquire(s.now() + 60)
     with pytest.raises(QueueTimeout) as info:
-        await s.acquire(loop.time())  # deadline already reached: the timer fires next turn
+        await s.acquire(s.now())  # deadline already reached: the timer fires next turn
     assert info.value.retry_after_s is not None and 1 <= info.value.retry_after_s <= 60
     assert s.queue_depth == 0
     held.release()
@@ -246,9 +332,8 @@ async def test_timeout_with_no_healthy_replica_says_so(leak_checked: list[Schedu
     s = make(1)
     leak_checked.append(s)
     s.set_healthy(s.replicas[0], False)
-    loop = asyncio.get_running_loop()
     with pytest.raises(NoHealthyReplica):
-        await s.acquire(loop.time())
+        await s.acquire(s.now())
 
 
 # -- property: caps, conservation, FIFO, under random sequences ---------------------------
@@ -275,7 +360,7 @@ OPS = st.lists(
     st.tuples(
         st.sampled_from(
             ["arrive", "arrive", "arrive", "finish", "finish", "cancel", "vanish",
-             "reap", "timeout", "health", "requeue"]
+             "reap", "timeout", "health", "requeue", "limit", "add", "remove"]
         ),
         st.integers(min_value=0, max_value=10_000),
     ),
@@ -318,7 +403,8 @@ def test_property_cap_conservation_fifo(
         else:
             c.waiter = got
 
-    for op, k in ops:
+    for step, (op, k) in enumerate(ops):
+        before = {r.name: r.in_flight for r in s.replicas}
         queued = [c for c in m.clients if c.waiter is not None and not c.gone]
         holding = [c for c in m.clients if c.lease is not None and not c.lease.released]
         vanished = [c for c in m.clients if c.gone and c.waiter is not None]
@@ -332,7 +418,9 @@ def test_property_cap_conservation_fifo(
             lease.release()
         elif op in ("cancel", "timeout") and queued:
             c = queued[k % len(queued)]
-            assert c.waiter is not None and s.withdraw(c.waiter)
+            assert c.waiter is not None and c.waiter.queued
+            assert s.withdraw(c.waiter) == ()  # leaving frees no slot
+            assert not c.waiter.queued
             c.waiter = None
         elif op == "vanish" and queued:
             queued[k % len(queued)].gone = True  # future cancelled, handler not yet run
@@ -344,16 +432,25 @@ def test_property_cap_conservation_fifo(
         elif op == "health":
             r = s.replicas[k % len(s.replicas)]
             s.set_healthy(r, not r.healthy)
+        elif op == "limit":
+            s.set_limit(s.replicas[k % len(s.replicas)], 1 + k % 4)
+        elif op == "add" and len(s.replicas) < 5:
+            s.add_replica(f"n{step}", "http://127.0.0.1:1", 1 + k % 3)
+        elif op == "remove" and len(s.replicas) > 1:
+            s.remove_replica(s.replicas[k % len(s.replicas)])
 
         # -- invariants after every step --
         holding = [c for c in m.clients if c.lease is not None and not c.lease.released]
         for r in s.replicas:
-            assert 0 <= r.in_flight <= r.max_concurrency, repr(s)
+            # A lowered limit cuts nothing, but no step may grant past it.
+            assert 0 <= r.in_flight <= max(r.max_concurrency, before.get(r.name, 0)), repr(s)
+            assert r.state in ("active", "draining"), repr(s)
+            assert r.state == "active" or r.in_flight > 0, repr(s)
             assert r.in_flight == sum(1 for c in holding if c.lease and c.lease.replica is r)
         live_waiting = [c for c in m.clients if c.waiter is not None and not c.gone]
         if live_waiting:
             for r in s.replicas:
-                assert not r.healthy or r.in_flight == r.max_concurrency, repr(s)
+                assert not r.takes_work or r.in_flight >= r.max_concurrency, repr(s)
         assert s.queue_depth <= max(max_queue, 0) + sum(1 for c in m.clients if c.front)
 
     # FIFO: among plain arrivals that were queued, grants follow arrival order.
@@ -380,4 +477,202 @@ def test_drain_rate_window_is_bounded_however_long_it_runs() -> None:
         lease = s.submit(lambda _: True)
         assert isinstance(lease, Lease)
         lease.release()
-    assert len(s._completions) <= 61  # one minute of completions, not all of them
+    assert len(s._service) <= 13  # one minute of buckets, not every completion
+
+
+# -- the wait queue ------------------------------------------------------------------------
+
+
+def test_fifo_queue_order_positions_and_front() -> None:
+    q = FifoQueue()
+    a, b, c = (Waiter(lambda _: True, deadline=0.0) for _ in range(3))
+    q.push(a)
+    q.push(b)
+    q.push(c, front=True)
+    assert [q.position(w) for w in (c, a, b)] == [1, 2, 3]
+    assert q.remove(a) and not q.remove(a)
+    assert q.position(a) is None and q.position(b) == 2
+    assert [q.pop(), q.pop(), q.pop()] == [c, b, None]
+    assert len(q) == 0
+
+
+def test_scheduler_tells_a_waiters_position() -> None:
+    s = make(1)
+    lease = s.submit(lambda _: True)
+    first, second = s.submit(lambda _: True), s.submit(lambda _: True)
+    again = s.submit(lambda _: True, front=True)
+    assert isinstance(first, Waiter) and isinstance(second, Waiter)
+    assert isinstance(again, Waiter)
+    assert [s.position(w) for w in (again, first, second)] == [1, 2, 3]
+    for w in (first, second, again):
+        s.withdraw(w)
+    assert isinstance(lease, Lease)
+    lease.release()
+
+
+# -- decisions: grants ---------------------------------------------------------------------
+
+
+def test_release_returns_the_grant_it_made(leak_checked: list[Scheduler]) -> None:
+    s = make(1)
+    leak_checked.append(s)
+    lease = s.submit(lambda _: True)
+    w = s.submit(lambda _: True)
+    assert isinstance(lease, Lease) and isinstance(w, Waiter)
+    grants = lease.release()
+    assert [(g.waiter, g.lease.replica.name) for g in grants] == [(w, "r0")]
+    assert w.lease is grants[0].lease and not w.queued
+    assert lease.release() == ()  # idempotent: no second grant
+    grants[0].lease.release()
+
+
+def test_withdraw_after_grant_passes_the_slot_on(leak_checked: list[Scheduler]) -> None:
+    """A caller cancelled in the instant it was granted: its withdraw hands the slot on."""
+    s = make(1)
+    leak_checked.append(s)
+    lease = s.submit(lambda _: True)
+    a, b = s.submit(lambda _: True), s.submit(lambda _: True)
+    assert isinstance(lease, Lease) and isinstance(a, Waiter) and isinstance(b, Waiter)
+    (grant,) = lease.release()
+    assert grant.waiter is a
+    (passed,) = s.withdraw(a)
+    assert passed.waiter is b and a.lease is None
+    assert repr(s) == "<Scheduler queued=0/100 [r0 1/1]>"
+    passed.lease.release()
+
+
+def test_add_replica_serves_waiters_at_once(leak_checked: list[Scheduler]) -> None:
+    s = make(1)
+    leak_checked.append(s)
+    lease = s.submit(lambda _: True)
+    waiters = [s.submit(lambda _: True) for _ in range(3)]
+    grants = s.add_replica("r1", "http://127.0.0.1:9100", 2)
+    assert [g.waiter for g in grants] == waiters[:2]
+    assert {g.lease.replica.name for g in grants} == {"r1"}
+    assert repr(s) == "<Scheduler queued=1/100 [r0 1/1, r1 2/2]>"
+    with pytest.raises(ValueError, match="already exists"):
+        s.add_replica("r1", "http://127.0.0.1:9100", 2)
+    assert isinstance(waiters[2], Waiter)
+    s.withdraw(waiters[2])
+    for g in grants:
+        g.lease.release()
+    assert isinstance(lease, Lease)
+    lease.release()
+
+
+def test_remove_drains_first_then_the_replica_is_gone(leak_checked: list[Scheduler]) -> None:
+    retired: list[str] = []
+    now = [0.0]
+    replicas = [Replica("r0", "http://a", 2), Replica("r1", "http://b", 2)]
+    s = Scheduler(replicas, 100, clock=lambda: now[0], on_retired=lambda r: retired.append(r.name))
+    leak_checked.append(s)
+    held = s.submit(lambda _: True)
+    assert isinstance(held, Lease) and held.replica.name == "r0"
+    assert s.remove_replica(s.replicas[0]) is False  # it holds work: draining
+    assert repr(s) == "<Scheduler queued=0/100 [r0 1/2 draining, r1 0/2]>"
+    more = [s.submit(lambda _: True) for _ in range(2)]
+    assert [x.replica.name for x in more if isinstance(x, Lease)] == ["r1", "r1"]
+    queued = s.submit(lambda _: True)
+    assert isinstance(queued, Waiter)  # r0 has a free slot, but takes no new work
+    assert held.release() == () and retired == ["r0"]  # its last work done: gone
+    assert [r.name for r in s.replicas] == ["r1"]
+    assert repr(s) == "<Scheduler queued=1/100 [r1 2/2]>"
+    (grant,) = more[0].release()  # type: ignore[union-attr]
+    assert grant.waiter is queued and grant.lease.replica.name == "r1"
+    grant.lease.release()
+    more[1].release()  # type: ignore[union-attr]
+    assert s.remove_replica(s.replicas[0]) is True and retired == ["r0", "r1"]  # idle: at once
+
+
+def test_set_limit_up_grants_down_cuts_nothing(leak_checked: list[Scheduler]) -> None:
+    s = make(1)
+    leak_checked.append(s)
+    r0 = s.replicas[0]
+    first = s.submit(lambda _: True)
+    waiters = [s.submit(lambda _: True) for _ in range(3)]
+    grants = s.set_limit(r0, 3)
+    assert [g.waiter for g in grants] == waiters[:2]
+    assert s.set_limit(r0, 1) == ()  # three in flight over a limit of one: none is cut
+    assert repr(s) == "<Scheduler queued=1/100 [r0 3/1]>"
+    assert isinstance(first, Lease)
+    assert first.release() == () and grants[0].lease.release() == ()  # still at the limit
+    (last,) = grants[1].lease.release()  # under the limit now: the next waiter goes
+    assert last.waiter is waiters[2]
+    last.lease.release()
+    with pytest.raises(ValueError, match="max_concurrency"):
+        s.set_limit(r0, 0)
+
+
+def test_set_healthy_returns_grants(leak_checked: list[Scheduler]) -> None:
+    s = make(1)
+    leak_checked.append(s)
+    r0 = s.replicas[0]
+    assert s.set_healthy(r0, False) == ()
+    w = s.submit(lambda _: True)
+    assert isinstance(w, Waiter)
+    assert s.set_healthy(r0, False) == ()  # no change, no decision
+    (grant,) = s.set_healthy(r0, True)
+    assert grant.waiter is w
+    grant.lease.release()
+
+
+# -- deadlines on the injected clock -------------------------------------------------------
+
+
+async def test_deadline_is_decided_by_the_injected_clock(leak_checked: list[Scheduler]) -> None:
+    now = [100.0]
+    s = make(1, clock=now)
+    leak_checked.append(s)
+    held = await s.acquire(s.now() + 5)
+    task = asyncio.create_task(s.acquire(s.now() + 5))  # the loop timer is 5 real seconds away
+    await asyncio.sleep(0)
+    assert s.expire() == [] and s.queue_depth == 1  # not yet on the scheduler's clock
+    now[0] = 105.0
+    (expired,) = s.expire()
+    assert not expired.queued and s.queue_depth == 0
+    with pytest.raises(QueueTimeout):
+        await task
+    held.release()
+
+
+# -- the byte bound ------------------------------------------------------------------------
+
+
+def test_queued_bodies_are_bounded_in_bytes(leak_checked: list[Scheduler]) -> None:
+    s = Scheduler([Replica("r0", "http://a", 1)], 100, max_bytes=100)
+    leak_checked.append(s)
+    lease = s.submit(lambda _: True, size=10_000)  # a free slot: never queued, never counted
+    assert isinstance(lease, Lease) and s.queued_bytes == 0
+    big = s.submit(lambda _: True, size=60)
+    assert isinstance(big, Waiter) and s.queued_bytes == 60
+    with pytest.raises(QueueFull, match=r"queue\.max_bytes \(100 bytes\)") as info:
+        s.submit(lambda _: True, size=41)
+    assert info.value.reason == "queue_full" and info.value.retry_after_s is not None
+    fits = s.submit(lambda _: True, size=40)  # exactly at the limit: not past it
+    assert isinstance(fits, Waiter) and s.queued_bytes == 100
+    again = s.submit(lambda _: True, size=50, front=True)  # admitted once: not refused now
+    assert isinstance(again, Waiter) and s.queued_bytes == 150
+    assert repr(s) == "<Scheduler queued=3/100 150/100 bytes [r0 1/1]>"
+    s.withdraw(fits)
+    assert s.queued_bytes == 110
+    (grant,) = lease.release()  # the head leaves the queue with its body
+    assert grant.waiter is again and s.queued_bytes == 60
+    (grant2,) = grant.lease.release()
+    assert grant2.waiter is big and s.queued_bytes == 0
+    grant2.lease.release()
+
+
+async def test_acquire_counts_the_body_while_it_waits(leak_checked: list[Scheduler]) -> None:
+    s = Scheduler([Replica("r0", "http://a", 1)], 100, max_bytes=100)
+    leak_checked.append(s)
+    held = await s.acquire(s.now() + 60, size=500)
+    task = asyncio.create_task(s.acquire(s.now() + 60, size=70))
+    await asyncio.sleep(0)
+    assert s.queued_bytes == 70
+    with pytest.raises(QueueFull):
+        await s.acquire(s.now() + 60, size=31)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert s.queued_bytes == 0
+    held.release()

@@ -44,3 +44,10 @@ def test_no_usage_or_malformed() -> None:
     assert find_usage(b'{"usage": {"prompt_tokens": true, "completion_tokens": 1}}') is None
     assert find_usage(b'{"usage": {"prompt_tokens": 1, "completion_tokens": 2') is None
     assert find_usage(b'"usage" is a word, {"usage": {"completion_tokens": 2}}') == Usage(0, 2)
+
+
+def test_usage_nested_too_deep_for_the_decoder_is_no_usage() -> None:
+    deep = b'{"usage": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    assert find_usage(deep) is None
+    nested = b'{"usage": ' + b'{"a": ' * 1000 + b"1" + b"}" * 1001
+    assert find_usage(nested) is None

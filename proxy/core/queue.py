@@ -1,0 +1,118 @@
+"""Who waits, and in which order: the waiting policy behind one interface.
+
+The scheduler decides *when* a slot is free; a :class:`WaitQueue` decides *who* gets it. FIFO
+is the policy today; priority classes and tenant fairness (issue 8) are further implementations
+of the same interface, so the scheduler, its bounds and its guarantees do not change with them.
+
+A policy must:
+
+* give every queued waiter a position (1: served next), which ``Retry-After`` uses;
+* remove any waiter in O(1) or close (a cancelled caller leaves at once, from anywhere);
+* honour ``front`` (a request that lost its slot through no fault of its own, e.g. a refused
+  connection, goes back ahead of everyone who arrived after it).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxy.core.errors import ProxyError
+    from proxy.core.scheduler import Lease
+
+#: How a waiter is told its fate: a :class:`Lease` (granted) or a ``ProxyError`` (expired).
+#: Returns False when the waiter can no longer take a lease (its caller has just gone), so the
+#: slot goes to the next in line within the same decision, never held by nobody.
+Notify = Callable[["Lease | ProxyError"], bool]
+
+
+class Waiter:
+    """A queued request: its deadline (on the scheduler's clock), its body size, how to wake it.
+
+    ``lease`` is set when the waiter is granted a slot; ``queued`` is True while it waits.
+    """
+
+    __slots__ = ("deadline", "lease", "notify", "queued", "size")
+
+    def __init__(self, notify: Notify, deadline: float, size: int = 0) -> None:
+        self.notify = notify
+        self.deadline = deadline
+        self.size = size
+        self.lease: Lease | None = None
+        self.queued = False
+
+    def __repr__(self) -> str:
+        state = "queued" if self.queued else ("granted" if self.lease is not None else "out")
+        return f"<Waiter {state} deadline={self.deadline:g} size={self.size}>"
+
+
+class WaitQueue(ABC):
+    """The order in which waiters are served. Mutated only by the scheduler."""
+
+    @abstractmethod
+    def push(self, waiter: Waiter, *, front: bool = False) -> None:
+        """Add a waiter: at its place by policy, or ahead of the others with ``front``."""
+
+    @abstractmethod
+    def pop(self) -> Waiter | None:
+        """Remove and return the waiter to serve next (None: nobody waits)."""
+
+    @abstractmethod
+    def remove(self, waiter: Waiter) -> bool:
+        """Take a waiter out from wherever it is. False if it was not queued."""
+
+    @abstractmethod
+    def position(self, waiter: Waiter) -> int | None:
+        """1-based place in line (1: served next); None if not queued."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def __iter__(self) -> Iterator[Waiter]:
+        """Waiters in serving order."""
+
+
+class FifoQueue(WaitQueue):
+    """First come, first served; ``front`` re-enters at the head.
+
+    An ``OrderedDict`` rather than a deque: a cancelled waiter leaves in O(1) from anywhere,
+    and the head is as cheap to reach as the tail.
+    """
+
+    __slots__ = ("_waiters",)
+
+    def __init__(self) -> None:
+        self._waiters: OrderedDict[Waiter, None] = OrderedDict()
+
+    def push(self, waiter: Waiter, *, front: bool = False) -> None:
+        self._waiters[waiter] = None
+        if front:
+            self._waiters.move_to_end(waiter, last=False)
+
+    def pop(self) -> Waiter | None:
+        if not self._waiters:
+            return None
+        return self._waiters.popitem(last=False)[0]
+
+    def remove(self, waiter: Waiter) -> bool:
+        return self._waiters.pop(waiter, False) is None
+
+    def position(self, waiter: Waiter) -> int | None:
+        # O(n), asked only when a caller is told to come back (bounded by queue.max_size).
+        for place, queued in enumerate(self._waiters, start=1):
+            if queued is waiter:
+                return place
+        return None
+
+    def __len__(self) -> int:
+        return len(self._waiters)
+
+    def __iter__(self) -> Iterator[Waiter]:
+        return iter(self._waiters)
+
+    def __repr__(self) -> str:
+        return f"<FifoQueue {len(self._waiters)} waiting>"
