@@ -51,6 +51,10 @@ class Upstreams:
             server_hostname=server_hostname(replica.url),
         )
 
+    def set_limit(self, replica: str, max_concurrency: int) -> None:
+        """The replica's cap changed: its pool follows (see :meth:`ConnectionPool.set_limit`)."""
+        self._pools[replica].set_limit(pool_limit(max_concurrency))
+
     def pools(self) -> list[ConnectionPool]:
         return [*self._pools.values(), *self._light_pools.values()]
 

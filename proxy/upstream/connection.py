@@ -1,25 +1,28 @@
-"""A lean HTTP/1.1 client for the upstream hop: a keep-alive pool and streamed response bodies.
+"""One upstream HTTP/1.1 connection: the request write, llhttp framing, flow control, timer.
 
 Built directly on ``asyncio.Protocol`` (uvloop-friendly) with exactly what the relay needs:
-one write per request, an incremental pure-Python parser, body bytes handed over through a
-deque and one waiter Future (no Task per chunk), one read-timeout timer per request that is
-re-armed only when it fires. It replaces aiohttp's ClientSession, whose per-request objects,
-tracing hooks and per-read timer rescheduling cost more CPU than the proxy's own work.
+one write per request, response heads and chunked bodies framed by llhttp (``httptools``),
+``Content-Length`` and close-delimited bodies passed straight through, body bytes handed
+over through a deque and one waiter Future (no Task per chunk), one read timer per
+connection (:class:`~proxy.upstream.timer.ReadTimer`).
 
 What always holds: a connection goes back to the pool only after a response body was read to
 its end on an HTTP/1.1 keep-alive connection; any cancellation, error or early ``close()``
 closes it instead, so a replica sees its client leave and the pool never hands out a
-connection with half a response left on it.
+connection with half a response left on it. A response batchgate cannot relay faithfully
+(malformed, oversized head or chunk line, a transfer coding other than ``chunked``) fails
+with kind ``malformed``, whatever the read boundaries: the head is cut at its end before it
+is parsed, and chunk lines are measured across reads.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
+import httptools
 from multidict import CIMultiDict
 
 from proxy.core.errors import UpstreamError, UpstreamTimeout
@@ -30,24 +33,16 @@ if TYPE_CHECKING:
 
 _HIGH_WATER = 256 * 1024  # unread body bytes above which we stop reading the socket
 LARGE_BODY = 1024 * 1024  # above this, head and body go out as two writes (no big copy)
-_MAX_HEAD = 64 * 1024
-_MAX_LINE = 8 * 1024  # chunk-size and trailer lines
-_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-# All header lines at once (one C-level match instead of one per name): `token:value`, no bare
-# CR or LF in a value, no obs-fold (a line starting with whitespace is not a token).
-_HEADER_BLOCK = re.compile(rf"(?:{_TOKEN}:[^\r\n]*\r\n)*{_TOKEN}:[^\r\n]*")
-_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
-_VERSIONS = {"HTTP/1.1": (1, 1), "HTTP/1.0": (1, 0)}
+MAX_HEAD = 64 * 1024
+MAX_LINE = 8 * 1024  # chunk-size and trailer lines
+_VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}
 
-# Parser states of a connection.
-_IDLE, _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_EOF, _DONE = (
-    range(9)
-)
+# States of a connection: no request; head expected; body by Content-Length, chunked (llhttp)
+# or until EOF; response ended.
+_IDLE, _HEAD, _LENGTH, _CHUNKED, _UNTIL_EOF, _DONE = range(6)
 
-
-#: Old names of the upstream failures, kept for importers (proxy.edge.relay).
-UpstreamClosedError = UpstreamError
-UpstreamTimeoutError = UpstreamTimeout
+class _Stray(Exception):
+    """Bytes after the end of the response (raised inside llhttp to stop it)."""
 
 
 class Response:
@@ -116,7 +111,7 @@ class Response:
 
 
 class _Connection(asyncio.Protocol):
-    """One TCP connection and the parser of the response currently expected on it."""
+    """One TCP connection and the framing of the response currently expected on it."""
 
     def __init__(self, pool: ConnectionPool, loop: asyncio.AbstractEventLoop) -> None:
         self.pool = pool
@@ -134,12 +129,21 @@ class _Connection(asyncio.Protocol):
         self._head_waiter: asyncio.Future[Response] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
-        self._buf = bytearray()
         self._state = _IDLE
+        self._parser: httptools.HttpResponseParser | None = None
         self._remaining = 0
         self._is_head = False
-        self._got_bytes = False
         self._resp: Response | None = None
+        self._reason: list[bytes] = []
+        self._headers: CIMultiDict[str] = CIMultiDict()
+        self._codings: list[str] = []
+        self._length: str | None = None
+        self._tail = b""  # the last bytes of a head cut across reads (to find its end)
+        self._head_fed = 0
+        self._line = 0  # bytes of the chunk-size or trailer line being read, across reads
+        self._line_start = b""  # its first bytes (the size)
+        self._chunk_left = 0  # chunk data and its CRLF still to come
+        self._trailers = False
         self.timer = ReadTimer(loop, pool.read_timeout_s, self._on_silent, self._is_paused)
         self.idle_since = 0.0  # loop time it went back to the pool
 
@@ -156,8 +160,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.usable = False
         self.timer.stop()
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
+        self._wake_drain()
         state = self._state
         if state == _UNTIL_EOF and exc is None:
             self._finish()
@@ -177,130 +180,181 @@ class _Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._write_paused = False
         self.timer.last = self.loop.time()  # the replica is taking the upload: not silent
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
+        self._wake_drain()
 
     def data_received(self, data: bytes) -> None:
         self.timer.last = self.loop.time()
         state = self._state
-        if state in (_LENGTH, _CHUNK_DATA) and not self._buf:
-            n = len(data)  # fast path: body bytes straight through, no copy into _buf
-            if n <= self._remaining:
+        if state == _LENGTH:
+            n = len(data)  # fast path: body bytes straight through, no parser, no copy
+            if n < self._remaining:
                 self._remaining -= n
                 self._deliver(data)
-                if not self._remaining:
-                    if state == _LENGTH:
-                        self._finish()
-                    else:
-                        self._state = _CHUNK_CRLF
                 return
+            self._deliver(data[: self._remaining] if n > self._remaining else data)
+            self._finish()
+            if n > self._remaining:
+                self._stray()
+            self._remaining = 0
+        elif state == _CHUNKED:
+            self._feed(data)
         elif state == _UNTIL_EOF:
             self._deliver(data)
-            return
-        elif state in (_IDLE, _DONE):
+        elif state == _HEAD:
+            self._feed_head(data)
+        else:
             self._stray()
-            return
-        self._got_bytes = True
-        self._buf += data
+
+    # -- framing ---------------------------------------------------------------------------
+
+    def _feed_head(self, data: bytes) -> None:
+        # The head is cut at its end before llhttp sees it, so its size is measured the same
+        # whatever the reads, and a body after it takes the fast path from its first byte.
+        # The head is handed over after the rest of this read was framed: a body that is
+        # malformed from its first bytes on fails the request itself (a clean 502).
         try:
-            self._parse()
+            self._frame_head(data)
+        finally:
+            waiter = self._head_waiter
+            if self._resp is not None and waiter is not None and not waiter.done():
+                waiter.set_result(self._resp)
+
+    def _frame_head(self, data: bytes) -> None:
+        while self._state == _HEAD:
+            buf = self._tail + data if self._tail else data
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                self._head_fed += len(data)
+                if self._head_fed > MAX_HEAD:
+                    self._fail(self.failure(f"response head over {MAX_HEAD} bytes", "malformed"))
+                    return
+                self._tail = buf[-3:]
+                self._feed(data)
+                return
+            cut = end + 4 - len(self._tail)
+            self._tail = b""
+            self._head_fed += cut
+            if self._head_fed > MAX_HEAD:
+                self._fail(self.failure(f"response head over {MAX_HEAD} bytes", "malformed"))
+                return
+            head, data = data[:cut], data[cut:]
+            if not self._feed(head):
+                return
+            self._head_fed = 0  # an interim response (1xx): the final head follows
+            if not data:
+                return
+        if data:
+            self.data_received(data)
+
+    def _feed(self, data: bytes) -> bool:
+        """Feed llhttp; False when the response failed (the connection is discarded)."""
+        parser = self._parser
+        assert parser is not None
+        try:
+            if self._state == _CHUNKED:
+                self._measure_chunk_lines(data)
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(self.failure("unexpected protocol upgrade", "malformed"))
+            return False
+        except httptools.HttpParserError as err:
+            cause = err.__context__
+            if isinstance(cause, _Stray):
+                self._stray()
+                return False
+            if isinstance(cause, UpstreamError):
+                self._fail(cause)
+            else:
+                self._fail(self.failure(f"malformed response: {err}", "malformed"))
+            return False
         except UpstreamError as err:
             self._fail(err)
+            return False
+        return True
 
-    # -- parsing -------------------------------------------------------------------------
+    def _measure_chunk_lines(self, data: bytes) -> None:
+        # llhttp does not bound chunk-size lines (extensions) or trailer lines: measure them
+        # here, across reads, from the sizes the lines themselves give.
+        pos, n = 0, len(data)
+        while pos < n:
+            if self._chunk_left:
+                take = min(self._chunk_left, n - pos)
+                self._chunk_left -= take
+                pos += take
+                continue
+            end = data.find(b"\n", pos)
+            stop = n if end < 0 else end
+            if self._line < 20:
+                self._line_start += data[pos : min(stop, pos + 20)]
+            self._line += stop - pos
+            if self._line > MAX_LINE:
+                raise self.failure(f"chunk-size or trailer line over {MAX_LINE} bytes",
+                                   "malformed")
+            if end < 0:
+                return
+            pos = end + 1
+            line = self._line_start.rstrip(b"\r")
+            self._line, self._line_start = 0, b""
+            if self._trailers:
+                if not line:
+                    self._chunk_left = 1 << 62  # the end: llhttp reports anything after it
+                continue
+            try:
+                size = int(line.split(b";", 1)[0], 16)
+            except ValueError:
+                return  # llhttp rejects the line
+            if size:
+                self._chunk_left = size + 2
+            else:
+                self._trailers = True
 
-    def _parse(self) -> None:
-        buf = self._buf
-        while buf:
-            state = self._state
-            if state == _HEAD:
-                end = buf.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(buf) > _MAX_HEAD:
-                        raise self.failure("response head too large")
-                    return
-                head = buf[:end].decode("utf-8", "surrogateescape")
-                del buf[: end + 4]
-                self._on_head(head)
-            elif state in (_LENGTH, _CHUNK_DATA):
-                take = bytes(buf[: self._remaining])
-                del buf[: len(take)]
-                self._remaining -= len(take)
-                self._deliver(take)
-                if not self._remaining:
-                    if state == _LENGTH:
-                        self._finish()
-                    else:
-                        self._state = _CHUNK_CRLF
-            elif state in (_CHUNK_SIZE, _TRAILERS):
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > _MAX_LINE:
-                        raise self.failure("chunk-size or trailer line too long")
-                    return
-                line = bytes(buf[:end])
-                del buf[: end + 2]
-                if state == _TRAILERS:
-                    if not line:
-                        self._finish()
-                    continue
-                size = line.split(b";", 1)[0].strip(b" \t")  # chunk extensions are ignored
-                if not _HEX.fullmatch(size):
-                    raise self.failure(f"bad chunk size line {line[:40]!r}")
-                self._remaining = int(size, 16)
-                self._state = _CHUNK_DATA if self._remaining else _TRAILERS
-            elif state == _CHUNK_CRLF:
-                if len(buf) < 2:
-                    return
-                if buf[:2] != b"\r\n":
-                    raise self.failure("chunk data not followed by CRLF")
-                del buf[:2]
-                self._state = _CHUNK_SIZE
-            elif state == _UNTIL_EOF:
-                self._deliver(bytes(buf))
-                buf.clear()
-            else:  # bytes beyond the end of the response: the connection is not trustworthy
-                buf.clear()
-                self._stray()
+    # llhttp callbacks (httptools calls them from feed_data)
 
-    def _on_head(self, head: str) -> None:
-        status_line, _, block = head.partition("\r\n")
-        proto, _, rest = status_line.partition(" ")
-        code, _, reason = rest.partition(" ")
-        version = _VERSIONS.get(proto)
-        if version is None or len(code) != 3 or not code.isdigit() or not code.isascii():
-            raise self.failure(f"malformed status line {status_line[:80]!r}")
-        status = int(code)
+    def on_message_begin(self) -> None:
+        if self._state != _HEAD:
+            raise _Stray
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason.append(reason)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # Bytes >= 0x80 are relayed, not dropped: UTF-8 as such, anything else as Latin-1
+        # (aiohttp's writer would drop surrogates).
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            text = value.decode("latin-1")
+        self._headers.add(name.decode("latin-1"), text.strip(" \t"))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        assert parser is not None
+        status = parser.get_status_code()
+        version = _VERSIONS.get(parser.get_http_version())
+        headers, self._headers = self._headers, CIMultiDict()
+        reason = b"".join(self._reason).decode("utf-8", "surrogateescape")
+        self._reason = []
+        if version is None or not 100 <= status <= 999:
+            raise self.failure(f"malformed status line (HTTP/{parser.get_http_version()} "
+                               f"{status})", "malformed")
         if status < 200:
             if status == 101:  # we never ask for an upgrade
-                raise self.failure("unexpected 101 Switching Protocols")
+                raise self.failure("unexpected 101 Switching Protocols", "malformed")
             return  # interim response (100 Continue, 103 Early Hints): the final one follows
-        headers: CIMultiDict[str] = CIMultiDict()
-        if block:
-            if not _HEADER_BLOCK.fullmatch(block):
-                raise self.failure(f"malformed header lines {block[:200]!r}")
-            add = headers.add
-            for line in block.split("\r\n"):
-                name, _, value = line.partition(":")
-                add(name, value.strip(" \t"))
-        keep_alive = version == (1, 1)
-        if keep_alive and headers.get("Connection") is not None:
-            tokens = ",".join(headers.getall("Connection")).lower().split(",")
-            keep_alive = "close" not in [t.strip() for t in tokens]
-        resp = self._resp = Response(self, status, reason, headers, version)
+        codings = headers.getall("Transfer-Encoding", None)
+        keep_alive = parser.should_keep_alive()
+        self._resp = Response(self, status, reason, headers, version)
         if self._is_head or status == 204 or status == 304:
             self._state = _DONE
-        elif headers.get("Transfer-Encoding") is not None:
-            codings = ",".join(headers.getall("Transfer-Encoding")).lower()
-            if codings.rsplit(",", 1)[-1].strip() == "chunked":
-                self._state = _CHUNK_SIZE
-            else:  # RFC 9112 6.3: any other final coding is delimited by the close
-                self._state = _UNTIL_EOF
-                keep_alive = False
-        elif (lengths := headers.getall("Content-Length", None)) is not None:
-            length = lengths[0] if len(set(lengths)) == 1 else ""
-            if not length.isdigit() or not length.isascii():
-                raise self.failure(f"bad Content-Length {lengths!r}")
+        elif codings is not None:
+            if ",".join(codings).strip(" \t").lower() != "chunked":
+                # We would have to decode it to relay it faithfully: refuse instead.
+                raise self.failure(f"unsupported Transfer-Encoding {codings!r}", "malformed")
+            self._state = _CHUNKED
+            if "Content-Length" in headers:
+                keep_alive = False  # framing the replica got wrong once: not trusted again
+            self._line, self._line_start, self._chunk_left, self._trailers = 0, b"", 0, False
+        elif (length := headers.get("Content-Length")) is not None:  # llhttp validated it
             self._remaining = int(length)
             self._state = _LENGTH if self._remaining else _DONE
         else:
@@ -309,14 +363,20 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = keep_alive
         if self._state == _DONE:
             self._finish()
-        waiter = self._head_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(resp)
+        self._wake_drain()  # an early answer ends the wait for the upload (A9)
+
+    def on_body(self, body: bytes) -> None:
+        if self._state != _CHUNKED:
+            raise _Stray  # a HEAD response has no body, whatever it says
+        self._deliver(body)
+
+    def on_message_complete(self) -> None:
+        if self._state == _CHUNKED:
+            self._finish()
 
     # -- body delivery and the end of a response -----------------------------------------
 
     def _deliver(self, data: bytes) -> None:
-        self._got_bytes = True
         self.body.append(data)
         self.buffered += len(data)
         if self.buffered > _HIGH_WATER and not self.paused and self.transport is not None:
@@ -359,6 +419,11 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+
+    def _wake_drain(self) -> None:
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
     # -- read timeout ---------------------------------------------------------------------
 
     def _is_paused(self) -> bool:
@@ -400,8 +465,14 @@ class _Connection(asyncio.Protocol):
         """
         transport = self.transport
         assert transport is not None and self._state in (_IDLE, _DONE)
-        self._state, self._is_head, self._got_bytes = _HEAD, is_head, False
+        self._state, self._is_head = _HEAD, is_head
         self._resp, self.error, self.keep_alive = None, None, False
+        parser = self._parser = httptools.HttpResponseParser(self)  # ~0.5 us: one per response
+        # RFC 9112 6.3: Transfer-Encoding overrides a Content-Length next to it; the edge
+        # drops that Content-Length toward the caller, and the connection is not reused.
+        parser.set_dangerous_leniencies(lenient_chunked_length=True)
+        self._tail, self._head_fed, self._reason = b"", 0, []
+        self._headers = CIMultiDict()
         waiter: asyncio.Future[Response] = self.loop.create_future()
         self._head_waiter = waiter
         if len(body) <= LARGE_BODY:

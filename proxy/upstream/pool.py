@@ -77,7 +77,7 @@ class ConnectionPool:
     def __repr__(self) -> str:
         pooling = "" if self.pooling else " pooling=off"
         return (f"<ConnectionPool {self.base_url} active={self._active} idle={len(self._idle)}"
-                f"{pooling}>")
+                f" limit={self._limit}{pooling}>")
 
     @property
     def idle(self) -> int:
@@ -90,6 +90,17 @@ class ConnectionPool:
     @property
     def limit(self) -> int:
         return self._limit
+
+    def set_limit(self, limit: int) -> None:
+        """Follow a new cap of the replica (live reload). Requests in flight finish; idle
+        connections beyond the new limit are closed now, the coldest first."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        self._limit = limit
+        while self._idle and self._active + len(self._idle) > limit:
+            victim = self._idle.popleft()
+            if victim.transport is not None:
+                victim.transport.close()
 
     def armed_timers(self) -> int:
         """Read timers running on this pool's connections (0 when nothing is in flight)."""
@@ -118,6 +129,7 @@ class ConnectionPool:
                 f"{lines}\r\n").encode("utf-8", "surrogateescape")
         conn = None if fresh else self._take_idle()
         if conn is None:
+            self._make_room()
             conn = await self._connect()
             conn.fresh = fresh or not self.pooling
         self._active += 1
@@ -149,13 +161,15 @@ class ConnectionPool:
         if idle_for < IDLE_EXPIRY_S:
             self.pooling = False
 
-    async def _connect(self) -> _Connection:
+    def _make_room(self) -> None:
         if self._active >= self._limit:
             raise RuntimeError(f"{self!r}: more than limit={self._limit} requests in flight")
         while self._idle and self._active + len(self._idle) >= self._limit:
             victim = self._idle.popleft()  # the coldest one makes room
             if victim.transport is not None:
                 victim.transport.close()
+
+    async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         self._active += 1  # a slot while connecting, so concurrent connects count too
         try:

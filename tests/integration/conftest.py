@@ -28,6 +28,7 @@ from proxy.config import (
 )
 from proxy.core.scheduler import Scheduler
 from proxy.edge.app import LIFECYCLE, METRICS, SCHEDULER, create_app
+from proxy.edge.keys import UPSTREAMS
 from proxy.observe.accesslog import AccessLog
 
 BOUND_S = 10.0  # deadlock guard for every wait: a failing test fails, it does not hang
@@ -217,7 +218,8 @@ def make_config(
 
 @pytest.fixture
 async def proxy() -> AsyncIterator[Callable[[Config], Any]]:
-    """Factory: the proxy app on a real socket. At the end: no slot, waiter or handler left."""
+    """Factory: the proxy app on a real socket. At the end: no slot, waiter, handler, checked-out
+    connection, armed read timer or background task of the proxy left."""
     started: list[Proxy] = []
 
     async def make(config: Config, access_log: AccessLog | None = None) -> Proxy:
@@ -231,7 +233,22 @@ async def proxy() -> AsyncIterator[Callable[[Config], Any]]:
     for handle in started:
         assert await handle.app[LIFECYCLE].wait_idle(BOUND_S), "a handler never finished"
         assert handle.scheduler.idle(), f"leak: {handle.scheduler!r}"
+        for pool in handle.app[UPSTREAMS].pools():
+            assert pool.active == 0, f"leak: a connection still checked out of {pool!r}"
+            assert pool.armed_timers() == 0, f"leak: a read timer still armed in {pool!r}"
         await handle.runner.cleanup()
+    if started:
+        await until(lambda: not proxy_tasks(), f"background tasks left: {proxy_tasks()}")
+
+
+def proxy_tasks() -> list[asyncio.Task[Any]]:
+    """Tasks still running code of the proxy package (after its app was cleaned up)."""
+    here = asyncio.current_task()
+    return [
+        task for task in asyncio.all_tasks()
+        if task is not here and not task.done()
+        and "/proxy/" in getattr(task.get_coro(), "cr_code", until.__code__).co_filename
+    ]
 
 
 @pytest.fixture

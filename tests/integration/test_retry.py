@@ -28,9 +28,9 @@ class RawReplica:
     """A minimal HTTP/1.1 server that misbehaves on purpose.
 
     It answers the first request on each connection with ``Connection: keep-alive``, then
-    closes the connection when the next request arrives, unanswered: to the client this is
-    exactly a pooled connection the server had already closed (llama.cpp's server does this
-    after every stream). A body containing ``"drop"`` is dropped even as a first request.
+    reads the next request on it, body included, and closes the connection unanswered: the
+    request may have reached the engine, so it must never be sent again (unless idempotent).
+    A body containing ``"drop"`` is dropped even as a first request.
     """
 
     answered: int = 0

@@ -14,6 +14,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
+import aiohttp
 import pytest
 import uvloop
 from aiohttp import web
@@ -21,7 +22,7 @@ from aiohttp import web
 from proxy.core.errors import UpstreamError, UpstreamTimeout
 from proxy.upstream.connection import _HIGH_WATER, Response
 from proxy.upstream.pool import ConnectionPool
-from tests.integration.conftest import BOUND_S, start_app, until
+from tests.integration.conftest import BOUND_S, Proxy, make_config, start_app, until
 
 BIG = 8 * 1024 * 1024
 
@@ -478,3 +479,92 @@ async def test_paused_reader_does_not_spin_the_read_timer(
         await pool.close()
         server.close()
         await server.wait_closed()
+
+
+# -- odd responses through the running proxy (issue 7 A8) --------------------------------------
+
+CHUNK_LINE = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;" + b"e" * (9 * 1024)
+ODD = {
+    "nul_in_header": b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 2\r\n\r\nok",
+    "control_byte_in_header": b"HTTP/1.1 200 OK\r\nX-A: a\x01b\r\nContent-Length: 2\r\n\r\nok",
+    "head_70k_one_write": (b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"p" * (70 * 1024)
+                           + b"\r\nContent-Length: 2\r\n\r\nok"),
+    "chunk_line_9k": CHUNK_LINE + b"\r\nok\r\n0\r\n\r\n",
+    "gzip_chunked": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                     b"2\r\nok\r\n0\r\n\r\n"),
+    "status_below_100": b"HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\nok",
+}
+
+
+def odd_replica(raw: bytes) -> Handler:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await read_request(reader)
+        # Health probes get a plain 200: only the request under test meets the odd bytes.
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                     if request.startswith(b"GET /health") else raw)
+        await writer.drain()
+        await reader.read()  # until the proxy hangs up
+
+    return handle
+
+
+@pytest.mark.parametrize("case", sorted(ODD))
+async def test_malformed_response_is_a_clean_502_through_the_proxy(
+    case: str, proxy: Callable[..., Awaitable[Proxy]], client: aiohttp.ClientSession,
+    raw_server: Callable[[Handler], Awaitable[str]],
+) -> None:
+    url = await raw_server(odd_replica(ODD[case]))
+    p = await proxy(make_config(("odd", url, 1), health_interval_s=60))
+    async with client.post(p.url + "/v1/completions", json={"n": 1}) as resp:
+        assert resp.status == 502, case
+        body = await resp.json()
+    assert body["error"]["type"] == "upstream_error"
+    assert body["error"]["code"] == "upstream_malformed"
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert p.metric("batchgate_upstream_errors_total", replica="odd", kind="malformed") == 1
+    assert p.metric("batchgate_requests_total", route="/v1/completions", code="200") == 0
+
+
+async def test_header_bytes_above_0x7f_are_relayed(
+    proxy: Callable[..., Awaitable[Proxy]], raw_server: Callable[[Handler], Awaitable[str]]
+) -> None:
+    raw = (b"HTTP/1.1 200 OK\r\nX-Utf: caf\xc3\xa9\r\nX-Raw: \x80\xff\r\n"
+           b"Content-Length: 2\r\n\r\nok")
+    url = await raw_server(odd_replica(raw))
+    p = await proxy(make_config(("odd", url, 1), health_interval_s=60))
+    host, port = p.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"GET /v1/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        response = await asyncio.wait_for(reader.read(), BOUND_S)
+    finally:
+        writer.close()
+    assert response.startswith(b"HTTP/1.1 200"), response[:200]
+    # Valid UTF-8 is relayed byte for byte; other bytes as their Latin-1 characters
+    # (aiohttp writes header values as UTF-8): never dropped.
+    assert b"\r\nX-Utf: caf\xc3\xa9\r\n" in response
+    assert b"\r\nX-Raw: \xc2\x80\xc3\xbf\r\n" in response
+
+
+async def test_early_answer_during_a_large_upload_does_not_hang(
+    raw_server: Callable[[Handler], Awaitable[str]], pools: Callable[..., ConnectionPool]
+) -> None:
+    """The replica answers 413 and stops reading an 8 MiB body: the request waits for the
+    first of "response head arrived" and "upload done" (issue 7 A9; it hung on main)."""
+    stop = asyncio.Event()
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # the head only: the body is never read
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\n\r\nbig")
+        await writer.drain()
+        await stop.wait()
+
+    pool = pools(await raw_server(refuse), read_timeout_s=30.0)
+    try:
+        response = await asyncio.wait_for(pool.request("POST", "/", [], b"x" * BIG), BOUND_S)
+        assert response.status == 413
+        assert await read_all(response) == b"big"
+        response.release()  # the rest of the upload is still queued: never reused
+        assert (pool.active, pool.idle) == (0, 0)
+    finally:
+        stop.set()

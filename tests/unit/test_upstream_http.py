@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from proxy.core.errors import UpstreamError, UpstreamTimeout
 from proxy.upstream.connection import _HIGH_WATER, Response, _Connection
-from proxy.upstream.pool import ConnectionPool
+from proxy.upstream.pool import IDLE_EXPIRY_S, ConnectionPool
 
 
 class FakeTransport(asyncio.Transport):
@@ -104,7 +104,7 @@ def byte_by_byte(raw: bytes) -> list[int]:
 CL = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello"
 CHUNKED = (
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-    b"5;name=value\r\nhello\r\n6 ; q=\"x;y\"\r\n world\r\nA\r\n0123456789\r\n"
+    b"5;name=value\r\nhello\r\n6;q=\"x;y\"\r\n world\r\nA\r\n0123456789\r\n"
     b"0\r\nX-Trailer: t\r\nX-Other: u\r\n\r\n"
 )
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + CL
@@ -142,9 +142,12 @@ async def test_valid_responses(
 @given(case=st.sampled_from(VALID), cuts=st.lists(st.integers(1, 40), max_size=60))
 def test_random_splits(case: tuple[bytes, int, bytes, bool], cuts: list[int]) -> None:
     raw, status, body, keep_alive = case
+    whole = asyncio.run(feed(raw))
     parsed = asyncio.run(feed(raw, cuts))
     assert (parsed.response.status, parsed.body, parsed.conn.keep_alive) == (
         status, body, keep_alive)
+    assert list(parsed.response.headers.items()) == list(whole.response.headers.items())
+    assert parsed.response.complete and whole.response.complete
 
 
 @settings(max_examples=60, deadline=None)
@@ -318,7 +321,7 @@ def test_base_url_is_validated() -> None:
     with pytest.raises(ValueError, match="limit"):
         ConnectionPool("http://x", limit=0, connect_timeout_s=1, read_timeout_s=1)
     assert repr(ConnectionPool("http://x", limit=1, connect_timeout_s=1, read_timeout_s=1)) == (
-        "<ConnectionPool http://x active=0 idle=0>")
+        "<ConnectionPool http://x active=0 idle=0 limit=1>")
 
 
 # -- read timer on an injected clock ---------------------------------------------------------
@@ -419,3 +422,175 @@ async def test_large_upload_then_next_request_is_judged_by_its_own_silence() -> 
         await second
     assert (pool.active, pool.idle) == (0, 0)
 
+
+
+ODD_RESPONSES = {
+    "nul_in_header": b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 2\r\n\r\nok",
+    "control_byte_in_header": b"HTTP/1.1 200 OK\r\nX-A: a\x01b\r\nContent-Length: 2\r\n\r\nok",
+    "head_70k": (b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"p" * (70 * 1024)
+                 + b"\r\nContent-Length: 2\r\n\r\nok"),
+    "many_headers_70k": (b"HTTP/1.1 200 OK\r\n" + b"X-P: 123456789\r\n" * 4600
+                         + b"Content-Length: 2\r\n\r\nok"),
+    "chunk_line_9k": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;"
+                      + b"e" * (9 * 1024) + b"\r\nok\r\n0\r\n\r\n"),
+    "trailer_line_9k": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n"
+                        b"0\r\nX-T: " + b"t" * (9 * 1024) + b"\r\n\r\n"),
+    "gzip_chunked": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                     b"2\r\nok\r\n0\r\n\r\n"),
+    "status_below_100": b"HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\nok",
+}
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=st.sampled_from(sorted(ODD_RESPONSES)),
+       cuts=st.lists(st.integers(1, 9000), max_size=30))
+def test_malformed_whatever_the_read_boundaries(case: str, cuts: list[int]) -> None:
+    """The same responses in any split across reads: always malformed, connection discarded."""
+    async def run() -> None:
+        _pool, conn, transport = new_conn(asyncio.get_running_loop())
+        waiter = conn.start(b"GET / HTTP/1.1\r\n\r\n", b"", False)
+        for piece in pieces(ODD_RESPONSES[case], cuts):
+            conn.data_received(piece)
+        with pytest.raises(UpstreamError) as info:
+            response = await waiter
+            while await response.readany():
+                pass
+        assert info.value.kind == "malformed"
+        assert transport.closed and not conn.usable  # discarded, never pooled
+
+    asyncio.run(run())
+
+
+
+
+# -- guards against mutations of the timers and the pool (issue 7 part C) --------------------
+
+
+async def test_idle_connection_past_idle_expiry_is_not_reused() -> None:
+    loop = FakeLoop()
+    pool = ConnectionPool("http://replica:8000", limit=4, connect_timeout_s=1, read_timeout_s=30)
+    made: list[tuple[_Connection, FakeTransport]] = []
+
+    async def connect() -> _Connection:
+        conn = _Connection(pool, loop)  # type: ignore[arg-type]
+        transport = FakeTransport()
+        conn.connection_made(transport)
+        made.append((conn, transport))
+        return conn
+
+    pool._connect = connect  # type: ignore[method-assign]
+
+    async def get() -> _Connection:
+        task = asyncio.ensure_future(pool.request("GET", "/", [], b""))
+        await loop.advance_to(loop.now)
+        made[-1][0].data_received(CL)
+        response = await task
+        conn = response._conn
+        assert await response.readany() == b"hello"
+        response.release()
+        return conn
+
+    first = await get()
+    await loop.advance_to(IDLE_EXPIRY_S - 0.1)
+    assert await get() is first  # still warm: reused
+    await loop.advance_to(loop.now + IDLE_EXPIRY_S + 0.1)
+    assert await get() is not first  # too old: a new connection, the old one closed
+    assert made[0][1].closed and len(made) == 2
+    assert pool.pooling  # expiry is ours, not the replica closing early
+
+
+class PausingTransport(FakeTransport):
+    """Pauses the protocol's writing on a large write, as a full socket buffer does."""
+
+    protocol: _Connection | None = None
+
+    def write(self, data: Any) -> None:
+        super().write(data)
+        if len(data) > 1024 * 1024 and self.protocol is not None:
+            self.protocol.pause_writing()
+
+
+async def test_a_replica_taking_a_slow_upload_is_not_silent() -> None:
+    """Each resume_writing is a sign of life: an upload taken slowly, never stalled for
+    read_timeout_s, does not time out; once it stalls, it does."""
+    loop = FakeLoop()
+    pool = ConnectionPool("http://replica:8000", limit=2, connect_timeout_s=1, read_timeout_s=2)
+    conn = _Connection(pool, loop)  # type: ignore[arg-type]
+    transport = PausingTransport()
+    transport.protocol = conn
+    conn.connection_made(transport)
+
+    async def connect() -> _Connection:
+        return conn
+
+    pool._connect = connect  # type: ignore[method-assign]
+    task = asyncio.ensure_future(pool.request("POST", "/", [], b"x" * (2 << 20)))
+    await loop.advance_to(0.0)
+    for at in (1.5, 3.0, 4.5):  # the replica takes a little, the buffer fills again
+        await loop.advance_to(at)
+        conn.resume_writing()
+        conn.pause_writing()
+    await loop.advance_to(6.4)
+    assert not task.done()  # 1.9 s since the replica last took bytes
+    await loop.advance_to(6.6)
+    with pytest.raises(UpstreamTimeout):
+        await task
+
+
+async def test_resume_after_a_slow_reader_restarts_the_silence_clock() -> None:
+    """A reader that paused the socket for longer than read_timeout_s: the replica's
+    silence is counted from the resume, not from the last byte before the pause."""
+    loop = FakeLoop()
+    pool, conn, transport = fake_pool(loop, read_timeout_s=2.0)
+    task = asyncio.ensure_future(pool.request("GET", "/", [], b""))
+    await loop.advance_to(0.0)
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (4 * _HIGH_WATER))
+    response = await task
+    conn.data_received(b"x" * (_HIGH_WATER + 1))  # past high water: reading paused
+    assert transport.reading_paused
+    await loop.advance_to(5.0)  # the caller reads nothing for 5 s: not the replica's fault
+    assert len(await response.readany()) == _HIGH_WATER + 1  # resumes at t=5
+    assert not transport.reading_paused
+    await loop.advance_to(6.9)
+    assert conn.error is None  # 1.9 s of the replica's silence since the resume
+    await loop.advance_to(7.5)
+    with pytest.raises(UpstreamTimeout):
+        await response.readany()
+
+
+async def test_set_limit_follows_the_replica_cap() -> None:
+    """The limit can change live (a replica's cap reloaded): idle connections beyond a lower
+    limit are closed at once (the coldest first), checked-out ones finish their request."""
+    loop = FakeLoop()
+    pool = ConnectionPool("http://replica:8000", limit=4, connect_timeout_s=1, read_timeout_s=30)
+    made: list[FakeTransport] = []
+
+    async def connect() -> _Connection:
+        conn = _Connection(pool, loop)  # type: ignore[arg-type]
+        transport = FakeTransport()
+        conn.connection_made(transport)
+        made.append(transport)
+        return conn
+
+    pool._connect = connect  # type: ignore[method-assign]
+    tasks = [asyncio.ensure_future(pool.request("GET", "/", [], b"", fresh=False))
+             for _ in range(3)]
+    await loop.advance_to(0.0)
+    assert pool.active == 3
+    pool.set_limit(2)  # lower than what is in flight: nothing is cut
+    assert (pool.limit, pool.active) == (2, 3)
+    with pytest.raises(RuntimeError, match="limit=2"):
+        await pool.request("GET", "/", [], b"")
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert (pool.active, pool.idle) == (0, 0)
+
+    pool.set_limit(4)
+    for _ in range(3):  # three warm connections back in the pool
+        pool._idle.append(await connect())
+    pool.set_limit(1)
+    assert pool.idle == 1 and [t.closed for t in made[-3:]] == [True, True, False]
+    with pytest.raises(ValueError, match="limit"):
+        pool.set_limit(0)
+    assert "limit=1" in repr(pool)
