@@ -180,6 +180,9 @@ class AccessLog:
                     self._stream.write(b"\n".join(lines) + b"\n")
                     self._stream.flush()
                 except (OSError, ValueError):
-                    pass  # stdout gone: the proxy keeps serving
+                    # stdout gone or broken: the proxy keeps serving, and the lines it could
+                    # not write are counted like any other dropped line.
+                    self._dropped_bad += len(lines)
+                    self._drop(len(lines))
             if stop:
                 return

@@ -78,3 +78,20 @@ def test_queue_is_bounded_and_drops_are_counted() -> None:
     log.close()
     ids = [json.loads(line)["request_id"] for line in stream.getvalue().decode().splitlines()]
     assert ids == ["first"] + [f"queued-{i}" for i in range(10)]
+
+
+class BrokenStream(io.BytesIO):
+    """A stdout whose reader went away: every write fails."""
+
+    def write(self, data: object) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_lines_a_broken_stdout_could_not_take_are_counted_as_dropped() -> None:
+    drops: list[int] = []
+    log = AccessLog(BrokenStream(), "json")
+    log.on_drop(drops.append)
+    for i in range(5):
+        log.record(exchange(request_id=f"rid-{i}"))
+    log.close()
+    assert sum(drops) == 5 and log.dropped == 5
