@@ -17,6 +17,7 @@ is parsed, and chunk lines are measured across reads.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import socket
 from collections import deque
@@ -383,7 +384,8 @@ class _Connection(asyncio.Protocol):
         syscall, before a single byte of the next request is written."""
         if self.fd < 0:
             return False
-        sock = socket.socket(self.family, socket.SOCK_STREAM, 0, fileno=self.fd)
+        # The C socket type: half the cost of socket.socket's Python-level wrapper.
+        sock = _socket.socket(self.family, socket.SOCK_STREAM, 0, self.fd)
         try:
             sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
