@@ -8,8 +8,8 @@ from aiohttp import web
 
 from proxy.config import UpstreamConfig
 from proxy.core.replicas import Replica
-from proxy.upstream.connection import Response
 from proxy.upstream.pool import ConnectionPool
+from proxy.upstream.response import Response
 from proxy.upstream.tls import server_hostname
 
 

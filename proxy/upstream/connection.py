@@ -17,6 +17,7 @@ is parsed, and chunk lines are measured across reads.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import socket
 from collections import deque
@@ -26,6 +27,7 @@ import httptools
 from multidict import CIMultiDict
 
 from proxy.core.errors import UpstreamError, UpstreamTimeout
+from proxy.upstream.response import Response as Response  # re-exported for the edge
 from proxy.upstream.timer import ReadTimer
 
 if TYPE_CHECKING:
@@ -43,71 +45,6 @@ _IDLE, _HEAD, _LENGTH, _CHUNKED, _UNTIL_EOF, _DONE = range(6)
 
 class _Stray(Exception):
     """Bytes after the end of the response (raised inside llhttp to stop it)."""
-
-
-class Response:
-    """Status line and headers of a final response; the body is read with :meth:`readany`.
-
-    The caller must end it with :meth:`release` (body read to its end) or :meth:`close`.
-    """
-
-    __slots__ = ("_conn", "_ended", "complete", "headers", "reason", "status", "version")
-
-    def __init__(
-        self, conn: _Connection, status: int, reason: str, headers: CIMultiDict[str],
-        version: tuple[int, int],
-    ) -> None:
-        self._conn = conn
-        self._ended = False  # released or closed: the connection is no longer ours
-        self.status = status
-        self.reason = reason
-        self.headers = headers
-        self.version = version
-        self.complete = False  # body fully received (set by the connection)
-
-    def __repr__(self) -> str:
-        return f"<Response {self.status} complete={self.complete} ended={self._ended}>"
-
-    async def readany(self) -> bytes:
-        """Next available body bytes (all that is buffered, joined); b"" at the end."""
-        conn = self._conn
-        while True:
-            if self._ended:
-                if self.complete:
-                    return b""
-                raise conn.failure("response was closed before its body was read")
-            body = conn.body
-            if body:
-                data = body.popleft() if len(body) == 1 else b"".join(body)
-                body.clear()
-                conn.buffered = 0
-                if conn.paused:
-                    conn.resume()
-                return data
-            if self.complete:
-                return b""
-            if conn.error is not None:
-                raise conn.error
-            waiter = conn.body_waiter = conn.loop.create_future()
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                self.close()  # half a body on it: never reusable
-                raise
-            finally:
-                conn.body_waiter = None
-
-    def release(self) -> None:
-        """Return the connection to the pool if the body is complete and it may be kept."""
-        if not self._ended:
-            self._ended = True
-            self._conn.checkin(self.complete and self._conn.keep_alive)
-
-    def close(self) -> None:
-        """Abort now: close the connection (the replica sees its client leave)."""
-        if not self._ended:
-            self._ended = True
-            self._conn.checkin(False)
 
 
 class _Connection(asyncio.Protocol):
@@ -447,7 +384,8 @@ class _Connection(asyncio.Protocol):
         syscall, before a single byte of the next request is written."""
         if self.fd < 0:
             return False
-        sock = socket.socket(self.family, socket.SOCK_STREAM, 0, fileno=self.fd)
+        # The C socket type: half the cost of socket.socket's Python-level wrapper.
+        sock = _socket.socket(self.family, socket.SOCK_STREAM, 0, self.fd)
         try:
             sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from proxy.core.errors import Overloaded, UpstreamError
-from proxy.upstream.connection import LARGE_BODY, Response, _Connection
+from proxy.upstream.connection import LARGE_BODY, _Connection
+from proxy.upstream.response import Response
 
 _OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
 

@@ -20,7 +20,7 @@ from multiprocessing.connection import Connection
 import aiohttp
 import uvloop
 
-from proxy.upstream.connection import ConnectionPool
+from proxy.upstream.pool import ConnectionPool
 
 BODY = b'{"model":"m","prompt":"hello","max_tokens":8}'
 ANSWER = b'{"id":"x","choices":[{"text":" hi"}]}'
