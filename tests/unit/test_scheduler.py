@@ -429,14 +429,15 @@ def test_property_cap_conservation_fifo(
             assert c.waiter is not None
             s.withdraw(c.waiter)  # may already be gone: dispatch skipped it
             c.waiter = None
-        elif op == "health":
+        elif op == "health" and s.replicas:
             r = s.replicas[k % len(s.replicas)]
             s.set_healthy(r, not r.healthy)
-        elif op == "limit":
+        elif op == "limit" and s.replicas:
             s.set_limit(s.replicas[k % len(s.replicas)], 1 + k % 4)
         elif op == "add" and len(s.replicas) < 5:
             s.add_replica(f"n{step}", "http://127.0.0.1:1", 1 + k % 3)
-        elif op == "remove" and len(s.replicas) > 1:
+        elif op == "remove" and sum(r.state == "active" for r in s.replicas) > 1:
+            # At least one replica stays: a draining one still listed does not count.
             s.remove_replica(s.replicas[k % len(s.replicas)])
 
         # -- invariants after every step --
