@@ -73,7 +73,7 @@ def phase_raw(run: Run, upstream: cs.Target, targets: dict[str, cs.Target]) -> d
         "p2_json_c32": lambda t: _wrk(run, upstream, t, "/v1/completions", "post", 32),
         "p2_json_c64": lambda t: _wrk(run, upstream, t, "/v1/completions", "post", 64),
         "p2_sse16_c32": lambda t: _wrk(
-            run, upstream, t, "/sse?events=16&interval_ms=0", "get", 32
+            run, upstream, t, "/sse?events=16&interval_ms=0", "stream", 32
         ),
     }
     for target in targets.values():  # warm pools, caches and code paths; not recorded

@@ -33,16 +33,24 @@ end
 
 
 def write_scripts(tmp: Path) -> dict[str, Path]:
-    """``post``: the small JSON completion request; ``get``: a plain GET (the SSE route)."""
+    """``post``: the small JSON completion request; ``stream``: a POST to the SSE route (work:
+    it takes a slot, as a generation does; a GET would take batchgate's slot-free path);
+    ``get``: a plain GET."""
     post = tmp / "post.lua"
     post.write_text(
         'wrk.method = "POST"\n'
         f"wrk.body = '{SMALL_POST}'\n"
         'wrk.headers["Content-Type"] = "application/json"\n' + _DONE
     )
+    stream = tmp / "stream.lua"
+    stream.write_text(
+        'wrk.method = "POST"\n'
+        "wrk.body = '{\"stream\":true}'\n"
+        'wrk.headers["Content-Type"] = "application/json"\n' + _DONE
+    )
     get = tmp / "get.lua"
     get.write_text(_DONE)
-    return {"post": post, "get": get}
+    return {"post": post, "stream": stream, "get": get}
 
 
 @dataclass

@@ -236,7 +236,9 @@ async def sse_streams(
     the time all are open, less a settling margin; ``sample()`` runs at its start and end."""
     loop = asyncio.get_running_loop()
     events = round((ramp_s + hold_s) / interval_s)
-    request = http_request("GET", f"/sse?events={events}&interval_ms={interval_s * 1000:g}")
+    # POST: a stream is work (a GET would take batchgate's slot-free path, bounded at 8).
+    request = http_request("POST", f"/sse?events={events}&interval_ms={interval_s * 1000:g}",
+                           b"{}")
     start = time.monotonic() + 0.05
     rec = _Recorder(start + ramp_s + 0.25, start + events * interval_s - 0.1)
     rec.expected = streams
