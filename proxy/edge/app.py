@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.config import Config
@@ -70,7 +71,20 @@ def create_app(
 
     ``access_log`` is owned by the caller (it outlives the app's connections).
     """
-    app = web.Application(client_max_size=config.server.max_body_bytes)
+    handlers: Handlers | None = None
+
+    @web.middleware
+    async def unrouted(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # aiohttp's router matches only targets that start with "/": an absolute-form target
+        # with an empty path ("GET http://host:8000", which is "/") and OPTIONS * would get
+        # its plain-text 404. Every target is proxied; the catch-all route never raises this.
+        try:
+            return await handler(request)
+        except web.HTTPNotFound:
+            assert handlers is not None
+            return await handlers.proxy(request)
+
+    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[unrouted])
     replicas = [
         Replica(r.name, r.url or "", r.max_concurrency, index=i)
         for i, r in enumerate(config.replicas)

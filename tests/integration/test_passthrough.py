@@ -60,8 +60,13 @@ async def test_encoded_request_body_reaches_the_replica_byte_for_byte(
         ("POST", "/a/../v1/./completions?q=%20", "/v1/completions?q=%20", "/v1/completions"),
         ("POST", "/v1/a/%2E%2e/completions", "/v1/completions", "/v1/completions"),
         ("POST", "/v1/completions#frag", "/v1/completions", "/v1/completions"),
+        # RFC 9112 3.2.1: an empty path in absolute-form is "/"; asterisk-form stays "*".
+        ("GET", "http://user:secret@example.com:8000", "/", "other"),
+        ("POST", "http://example.com:8000?x=1", "/?x=1", "other"),
+        ("OPTIONS", "*", "*", "other"),
     ],
-    ids=["absolute-models", "absolute-post", "dot-segments", "encoded-dots", "fragment"],
+    ids=["absolute-models", "absolute-post", "dot-segments", "encoded-dots", "fragment",
+         "absolute-empty-path", "absolute-empty-path-query", "asterisk"],
 )
 async def test_replicas_always_get_origin_form(
     proxy: Factory, method: str, target: str, seen_target: str, route: str
