@@ -1,0 +1,54 @@
+"""llama.cpp's server closes the connection after every stream while advertising keep-alive.
+
+Its close follows the last byte of the stream, so a request dispatched in that same instant
+(a waiter takes the freed slot at once) can be written onto the closing connection before its
+FIN arrives: no peek can see it, and a POST written there is lost. The replica here does
+exactly that, deterministically: it answers the first request of each connection and closes,
+without answering, when a second request arrives on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from tests.integration.conftest import Proxy, make_config
+from tests.integration.raw import Caller, Request, raw_replica, response
+
+Factory = Callable[..., Any]
+EVENTS = b'data: {"choices":[{"index":0,"text":" t"}]}\n\ndata: [DONE]\n\n'
+
+
+def one_answer_per_connection() -> Any:
+    served: set[int] = set()
+
+    async def script(request: Request, w: asyncio.StreamWriter) -> bool:
+        if id(w) in served:
+            return False  # the close that crosses the next request on the wire
+        served.add(id(w))
+        if b"stream" in request.body:
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n"
+                    + b"%x\r\n" % len(EVENTS) + EVENTS + b"\r\n0\r\n\r\n")
+        else:
+            w.write(response(200, b'{"ok": true}', ("Content-Type", "application/json")))
+        return True
+
+    return script
+
+
+async def test_a_post_after_a_stream_never_lands_on_the_connection_the_stream_used(
+    proxy: Factory,
+) -> None:
+    async with raw_replica(one_answer_per_connection()) as r:
+        p: Proxy = await proxy(make_config(("r", r.url, 1), retries=0))
+        caller = await Caller.open(p.url)
+        try:
+            stream = await caller.request("POST", "/v1/completions", b'{"stream": true}')
+            after = await caller.request("POST", "/v1/completions", b'{"n": 2}')
+        finally:
+            caller.close()
+    assert stream.status == 200 and stream.body == EVENTS
+    assert after.status == 200, after  # not 502: it went out on a connection of its own
+    assert p.metric("batchgate_upstream_errors_total", replica="r", kind="reset") == 0
