@@ -83,6 +83,7 @@ class _Connection(asyncio.Protocol):
         self._trailers = False
         self.timer = ReadTimer(loop, pool.read_timeout_s, self._on_silent, self._is_paused)
         self.idle_since = 0.0  # loop time it went back to the pool
+        self.after_stream = False  # its last response was an event stream
 
     # -- asyncio callbacks ---------------------------------------------------------------
 
@@ -433,8 +434,9 @@ class _Connection(asyncio.Protocol):
             finally:
                 self._drain_waiter = None
 
-    def checkin(self, reuse: bool) -> None:
+    def checkin(self, reuse: bool, *, after_stream: bool = False) -> None:
         self.timer.stop()
+        self.after_stream = after_stream
         # An upload the replica stopped taking (it answered early): the rest is still queued.
         if self._write_paused or (self.transport is not None
                                   and self.transport.get_write_buffer_size()):

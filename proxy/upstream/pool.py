@@ -26,6 +26,9 @@ _OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
 #: keep-alive connections after 5 s, and reusing one just then races its close. A replica
 #: that closes one sooner than this is one that closes after responses: pooling stops.
 IDLE_EXPIRY_S = 4.0
+#: How long a connection that just carried an event stream is held back before its first
+#: reuse, until the replica has shown it keeps such connections open (see _take_idle).
+STREAM_PROBATION_S = 0.1
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
@@ -71,6 +74,9 @@ class ConnectionPool:
         self._open: set[_Connection] = set()  # every connection not yet lost
         self._active = 0
         self._closed = False
+        #: True once a connection that carried an event stream was still open, unused,
+        #: STREAM_PROBATION_S later: then connections are reused at once after streams too.
+        self.streams_keep_alive = False
         #: False once the replica was seen closing a keep-alive connection before it
         #: expired: from then on each connection carries one request.
         self.pooling = True
@@ -144,17 +150,34 @@ class ConnectionPool:
             raise
 
     def _take_idle(self) -> _Connection | None:
-        while self._idle:
-            conn = self._idle.pop()  # LIFO: the warmest connection, least likely timed out
-            idle_for = conn.loop.time() - conn.idle_since
-            if (conn.usable and conn.transport is not None and not conn.transport.is_closing()
-                    and idle_for < IDLE_EXPIRY_S):
-                if not conn.peek_closed():
-                    return conn
-                self._closed_early(idle_for)
-            if conn.transport is not None:
-                conn.transport.close()
-        return None
+        held: list[_Connection] | None = None
+        try:
+            while self._idle:
+                conn = self._idle.pop()  # LIFO: the warmest connection, least likely timed out
+                idle_for = conn.loop.time() - conn.idle_since
+                if (conn.after_stream and not self.streams_keep_alive
+                        and idle_for < STREAM_PROBATION_S):
+                    # llama.cpp's server closes the connection right behind a stream's last
+                    # event while advertising keep-alive, too soon for a peek to see: a
+                    # request written now would be lost. Held back until the replica has
+                    # shown that it keeps connections open after streams.
+                    held = held or []
+                    held.append(conn)
+                    continue
+                if (conn.usable and conn.transport is not None
+                        and not conn.transport.is_closing() and idle_for < IDLE_EXPIRY_S):
+                    if not conn.peek_closed():
+                        if conn.after_stream:
+                            self.streams_keep_alive = True  # it survived: learnt for good
+                            conn.after_stream = False
+                        return conn
+                    self._closed_early(idle_for)
+                if conn.transport is not None:
+                    conn.transport.close()
+            return None
+        finally:
+            if held:
+                self._idle.extend(reversed(held))  # back in place, warmest last
 
     def _closed_early(self, idle_for: float) -> None:
         # Closed by the replica while idle, sooner than we would have retired it: it closes

@@ -72,13 +72,10 @@ class Response:
         """Return the connection to the pool if the body is complete and it may be kept."""
         if not self._ended:
             self._ended = True
-            # Not after an event stream: llama.cpp's server closes the connection after
-            # every stream while advertising keep-alive, and its close follows the last byte
-            # so closely that a request dispatched at once (a waiter takes the freed slot in
-            # the same instant) is written before the FIN arrives, where no peek can see it.
-            # A stream lasts seconds; a fresh connection for the next request costs ~0.1 ms.
+            # After an event stream the pool holds the connection back for a moment (see
+            # ConnectionPool._take_idle): llama.cpp closes right behind the last event.
             stream = self.headers.get("Content-Type", "").startswith("text/event-stream")
-            self._conn.checkin(self.complete and self._conn.keep_alive and not stream)
+            self._conn.checkin(self.complete and self._conn.keep_alive, after_stream=stream)
 
     def close(self) -> None:
         """Abort now: close the connection (the replica sees its client leave)."""
