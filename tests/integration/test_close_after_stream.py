@@ -20,6 +20,10 @@ from tests.integration.raw import Caller, Request, raw_replica, response
 
 Factory = Callable[..., Any]
 EVENTS = b'data: {"choices":[{"index":0,"text":" t"}]}\n\ndata: [DONE]\n\n'
+STREAM_ANSWER = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n"
+                 + b"%x\r\n" % len(EVENTS) + EVENTS + b"\r\n0\r\n\r\n")
+JSON_ANSWER = response(200, b'{"ok": true}', ("Content-Type", "application/json"))
 
 
 def one_answer_per_connection() -> Any:
@@ -30,11 +34,9 @@ def one_answer_per_connection() -> Any:
             return False  # the close that crosses the next request on the wire
         served.add(id(w))
         if b"stream" in request.body:
-            w.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                    b"Transfer-Encoding: chunked\r\n\r\n"
-                    + b"%x\r\n" % len(EVENTS) + EVENTS + b"\r\n0\r\n\r\n")
+            w.write(STREAM_ANSWER)
         else:
-            w.write(response(200, b'{"ok": true}', ("Content-Type", "application/json")))
+            w.write(JSON_ANSWER)
         return True
 
     return script
@@ -61,11 +63,9 @@ async def test_a_replica_that_keeps_connections_after_streams_gets_them_reused(
 ) -> None:
     async def keep_alive(request: Request, w: asyncio.StreamWriter) -> bool:
         if b"stream" in request.body:
-            w.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                    b"Transfer-Encoding: chunked\r\n\r\n"
-                    + b"%x\r\n" % len(EVENTS) + EVENTS + b"\r\n0\r\n\r\n")
+            w.write(STREAM_ANSWER)
         else:
-            w.write(response(200, b'{"ok": true}', ("Content-Type", "application/json")))
+            w.write(JSON_ANSWER)
         return True
 
     async with raw_replica(keep_alive) as r:
