@@ -19,6 +19,7 @@ from aiohttp import web
 
 from proxy.config import Config
 from proxy.edge.app import LIFECYCLE, SCHEDULER, create_app
+from proxy.edge.limits import LimitedRunner
 from proxy.observe.accesslog import AccessLog
 
 log = logging.getLogger("batchgate")
@@ -100,9 +101,10 @@ async def serve(
         # upstream connection, which makes the engine abort the generation.
         # auto_decompress=False (a keyword of aiohttp's request handler, through AppRunner's
         # kwargs): request bodies pass through byte for byte, Content-Encoding intact.
-        runner = web.AppRunner(
-            app, handler_cancellation=True, access_log=None, shutdown_timeout=CUT_GRACE_S,
-            auto_decompress=False,
+        # LimitedRunner: aiohttp's runner with server.*'s limits on callers (proxy.edge.limits).
+        runner = LimitedRunner(
+            app, config.server, handler_cancellation=True, access_log=None,
+            shutdown_timeout=CUT_GRACE_S, auto_decompress=False,
         )
         await runner.setup()
         try:
