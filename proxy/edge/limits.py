@@ -73,6 +73,9 @@ ALLOWED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 LINGER_S = 2.0
 _HOST = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=%]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{0,5})?")
 
+#: Distinct valid Host values remembered (see EdgeLimits.refusal); past it, forgotten at once.
+_GOOD_HOSTS_MAX = 256
+
 # The phases of one connection (plain ints: compared on every chunk).
 _HEAD = 0  # a head is arriving (or awaited on a fresh connection): the header deadline runs
 _PARSED = 1  # the head is complete; its handler has not started yet
@@ -80,10 +83,6 @@ _BODY = 2  # a handler started and its body is still arriving: the body deadline
 _HANDLING = 3  # the body is in (or there is none); the handler is working or answering
 _IDLE = 4  # between requests on a kept-alive connection: aiohttp's keep-alive timer runs
 _CUT = 5  # refused or timed out: whatever still arrives is dropped unread
-
-
-def header_count_ok(request: BaseRequest, max_headers: int) -> bool:
-    return len(request.raw_headers) <= max_headers
 
 
 def host_problem(request: BaseRequest) -> str | None:
@@ -129,8 +128,18 @@ class EdgeLimits:
     """
 
     __slots__ = (
-        "body_timeout_s", "header_timeout_answer", "header_timeout_s", "headers_too_large_answer",
-        "max_connections", "max_header_bytes", "max_headers", "metrics", "min_body_rate", "open",
+        "_good_hosts",
+        "body_timeout_s",
+        "header_timeout_answer",
+        "header_timeout_s",
+        "headers_too_large_answer",
+        "lingering",
+        "max_connections",
+        "max_header_bytes",
+        "max_headers",
+        "metrics",
+        "min_body_rate",
+        "open",
         "too_many_answer",
     )
 
@@ -143,6 +152,10 @@ class EdgeLimits:
         self.max_headers = server.max_headers
         self.metrics = metrics
         self.open = 0
+        # Connections in their lingering close (refused ones too, which aiohttp never saw):
+        # closed at once on shutdown, so none outlives the listener.
+        self.lingering: set[asyncio.Transport] = set()
+        self._good_hosts: set[str] = set()  # Host values that passed host_problem
         # Built once: these answers are written under attack, when cheap matters most.
         self.header_timeout_answer = raw_answer(HeaderTimeout(
             f"the request head did not arrive within server.header_timeout_s "
@@ -160,13 +173,23 @@ class EdgeLimits:
         """The error to answer instead of handling ``request``, or None (the common case)."""
         if request.method in REFUSED_METHODS:
             return MethodNotAllowed(f"{request.method} is not allowed through batchgate")
-        if not header_count_ok(request, self.max_headers):
+        if len(request.raw_headers) > self.max_headers:
             return HeadersTooLarge(
                 f"the request has {len(request.raw_headers)} header fields, over "
                 f"server.max_headers ({self.max_headers})")
+        # Callers send the same few Host values over and over: once one has passed the whole
+        # check, a set lookup does (a repeated Host never gets this far: aiohttp's parsers
+        # refuse it, and host_problem checks it again for every value not seen yet).
+        if request.headers.get("Host") in self._good_hosts:
+            return None
         problem = host_problem(request)
         if problem is not None:
             return BadHost(f"invalid Host header: {problem}")
+        host = request.headers.get("Host")
+        if host:  # an absent or empty one is fine on HTTP/1.0 only: not remembered
+            if len(self._good_hosts) >= _GOOD_HOSTS_MAX:
+                self._good_hosts.clear()  # bounded, whatever values callers make up
+            self._good_hosts.add(host)
         return None
 
     def __repr__(self) -> str:
@@ -178,8 +201,8 @@ class LimitedHandler(RequestHandler):
     :class:`EdgeLimits` (see the module docstring for what each one guarantees)."""
 
     __slots__ = (
-        "_admitted", "_deadline", "_head_bytes", "_in_handler", "_limits", "_lingering",
-        "_payload", "_phase", "_timer", "_timer_at",
+        "_admitted", "_deadline", "_head_bytes", "_head_tail", "_in_handler", "_limits",
+        "_lingering", "_payload", "_phase", "_timer", "_timer_at",
     )
 
     def __init__(self, manager: Server, limits: EdgeLimits, **kwargs: Any) -> None:
@@ -189,6 +212,7 @@ class LimitedHandler(RequestHandler):
         self._admitted = False
         self._in_handler = False
         self._head_bytes = 0
+        self._head_tail = b""  # the last 3 bytes of a head still arriving
         self._deadline = 0.0  # the header deadline, or the end of the head (body phase)
         self._payload: StreamReader | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -215,7 +239,9 @@ class LimitedHandler(RequestHandler):
             self._admitted = False
             self._limits.open -= 1
         self._phase = _CUT
-        self._lingering = None
+        if self._lingering is not None:
+            self._limits.lingering.discard(self._lingering)
+            self._lingering = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -240,11 +266,9 @@ class LimitedHandler(RequestHandler):
         size = self._head_bytes + len(data)
         self._head_bytes = size
         limit = self._limits.max_header_bytes
-        if size > limit and data.find(b"\r\n\r\n", 0, limit - size + len(data)) < 0:
-            # The head is over the limit: it would have ended within the bytes allowed. (A
-            # terminator split across two chunks right at the limit is not seen: 3 bytes of
-            # slack against a search of every chunk.) Nothing of this chunk reached the
-            # parser, so no request from it can be queued behind the answer.
+        if size > limit and not self._head_ends_by(limit - size + len(data), data):
+            # Nothing of this chunk reached the parser, so no request from it can be queued
+            # behind the answer.
             self._limits.count(HeadersTooLarge.reason)
             self._cut(self._limits.headers_too_large_answer)
             return
@@ -252,6 +276,14 @@ class LimitedHandler(RequestHandler):
         super().data_received(data)
         if len(self._messages) != queued:
             self._phase = _PARSED
+        else:  # a head in pieces: keep what a terminator split across two reads needs
+            self._head_tail = data[-3:] if len(data) >= 3 else (self._head_tail + data)[-3:]
+
+    def _head_ends_by(self, budget: int, data: bytes) -> bool:
+        """Whether the head's blank line ends within the first ``budget`` bytes of ``data``
+        (it may have begun in the previous read). Only run when a head reaches the limit."""
+        tail = self._head_tail
+        return (tail + data).find(b"\r\n\r\n", 0, len(tail) + max(budget, 0)) >= 0
 
     # -- requests (called by _LimitedServer around the app's handler) -----------------------
 
@@ -324,6 +356,7 @@ class LimitedHandler(RequestHandler):
     def _start_head(self) -> None:
         self._phase = _HEAD
         self._head_bytes = 0
+        self._head_tail = b""
         self._deadline = self._loop.time() + self._limits.header_timeout_s
         self._arm(self._deadline)
 
@@ -402,6 +435,7 @@ class LimitedHandler(RequestHandler):
             return
         transport.write_eof()
         self._lingering = transport
+        self._limits.lingering.add(transport)
         if self._timer is not None:  # a deadline of a phase that is over
             self._timer.cancel()
             self._timer = None
@@ -429,6 +463,11 @@ class _LimitedServer(Server):
 
     def __call__(self) -> RequestHandler:
         return LimitedHandler(self, self.limits, loop=self._loop, **self._kwargs)
+
+    def pre_shutdown(self) -> None:
+        for transport in list(self.limits.lingering):
+            transport.close()
+        super().pre_shutdown()
 
     async def _guarded(self, request: BaseRequest) -> StreamResponse:
         protocol = request.protocol

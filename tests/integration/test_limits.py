@@ -23,6 +23,7 @@ from aiohttp.http_parser import HttpRequestParserPy
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import Config, LoggingConfig
+from proxy.edge.limits import LINGER_S
 from proxy.server import serve
 from tests.integration.conftest import BOUND_S, FakeReplica, make_config, until
 
@@ -183,6 +184,63 @@ async def test_keepalive_timeout_closes_an_idle_connection(served: Factory) -> N
     assert await conn.closed() == b""
 
 
+async def test_pipelined_requests_behind_a_long_one_are_not_cut_by_the_head_timer(
+    served: Factory,
+) -> None:
+    """Heads already in are not timed while an earlier request on the connection works."""
+    s, replica = await served(header_timeout_s=0.2)
+    held = json.dumps({"hold": True}).encode()
+    conn = await s.connect()
+    try:
+        conn.send(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                  b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" % (len(held), held))
+        await until(lambda: replica.in_flight == 1, "the first request is at the replica")
+        await asyncio.sleep(0.5)  # the stimulus: longer than header_timeout_s
+        replica.gate.set()
+        first, second = await conn.answer(), await conn.answer()
+    finally:
+        conn.close()
+    assert (first[0], second[0], second[2]) == (200, 200, b"ok\n")
+
+
+async def test_a_connection_in_its_lingering_close_is_closed_at_shutdown(
+    replicas: Factory,
+) -> None:
+    """A trickler that got its 408 but never closes: the listener's shutdown closes its socket
+    at once (LINGER_S is 2 s here; it would outlive the server)."""
+    replica: FakeReplica = await replicas("r")
+    config = make_config(("r", replica.url, 1), drain_timeout_s=0, header_timeout_s=0.2)
+    config = dataclasses.replace(config, logging=LoggingConfig(level="warning"))
+    stop = asyncio.Event()
+    ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve(config, stop=stop,
+                                     on_ready=lambda _h, port: ready.set_result(port)))
+    conn = await Served("127.0.0.1", await asyncio.wait_for(ready, BOUND_S)).connect()
+    try:
+        conn.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        assert (await conn.answer())[0] == 408  # now lingering: our side stays open
+        stop.set()
+        await asyncio.wait_for(task, BOUND_S)
+
+        async def refused() -> bool:
+            # A lingering socket drops what it gets; a closed one answers with a reset, and
+            # the next write fails.
+            try:
+                conn.send(b"X")
+                await conn.writer.drain()
+            except ConnectionError:
+                return True
+            await asyncio.sleep(0.01)
+            return False
+
+        # Well before the linger would have ended on its own.
+        deadline = asyncio.get_running_loop().time() + LINGER_S / 2
+        while not await refused():
+            assert asyncio.get_running_loop().time() < deadline, "still lingering after shutdown"
+    finally:
+        conn.close()
+
+
 # -- body timeout -----------------------------------------------------------------------------
 
 async def test_a_trickled_body_is_cut_with_408(served: Factory, parser: str) -> None:
@@ -275,6 +333,32 @@ async def test_a_head_under_the_limit_with_a_large_body_in_the_same_read_is_serv
         conn.close()
     assert status == 200, answer
     assert json.loads(answer)["bytes"] == len(body) and replica.completed == 1
+
+
+@pytest.mark.parametrize(("over", "expected"), [(0, 200), (1, 431)])
+async def test_max_header_bytes_is_exact_when_the_blank_line_straddles_two_reads(
+    served: Factory, over: int, expected: int,
+) -> None:
+    """A head of exactly max_header_bytes whose final CRLF comes in the next read, with body
+    bytes behind it (so that read crosses the limit), is served; one byte more is not."""
+    s, _ = await served(max_header_bytes=2048)
+    body = b'{"pad": "' + b"x" * 100 + b'"}'
+    start = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n" % len(body)
+    pad = 2048 + over - len(start) - len(b"X-Pad: \r\n\r\n")
+    head = start + b"X-Pad: " + b"p" * pad + b"\r\n\r\n"
+    assert len(head) == 2048 + over
+    conn = await s.connect()
+    try:
+        conn.send(head[:-2])
+        await conn.writer.drain()
+        # Not a synchronisation: it only makes two reads likely. Coalesced into one read, the
+        # head is judged whole, and the answer must be the same.
+        await asyncio.sleep(0.05)
+        conn.send(head[-2:] + body)
+        status, _h, answer = await conn.answer()
+    finally:
+        conn.close()
+    assert status == expected, answer
 
 
 async def test_a_long_header_line_under_max_header_bytes_is_served(served: Factory) -> None:
@@ -370,7 +454,9 @@ async def test_connections_past_max_connections_get_503_unread(served: Factory) 
         b"POST /v1/completions HTTP/1.1\r\nHost: x@evil\r\nContent-Length: 2\r\n\r\n{}",
     ],
 )
-async def test_invalid_host_gets_400_and_is_not_forwarded(served: Factory, head: bytes) -> None:
+async def test_invalid_host_gets_400_and_is_not_forwarded(
+    served: Factory, head: bytes, parser: str,
+) -> None:
     s, replica = await served()
     conn = await s.connect()
     try:
@@ -381,6 +467,19 @@ async def test_invalid_host_gets_400_and_is_not_forwarded(served: Factory, head:
         conn.close()
     assert (status, error_code(body)) == (400, "bad_host")
     assert replica.arrivals == 0 and await s.rejected("bad_host") == 1
+
+
+async def test_a_valid_host_is_remembered_and_an_invalid_one_never_is(served: Factory) -> None:
+    """The set of Host values that passed (a fast path) holds only ones that passed."""
+    s, _ = await served()
+    for host, status in ((b"x", 200), (b"a b", 400), (b"x", 200), (b"a b", 400)):
+        conn = await s.connect()
+        try:
+            conn.send(b"GET /healthz HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+            assert (await conn.answer())[0] == status, host
+        finally:
+            conn.close()
+    assert await s.rejected("bad_host") == 2
 
 
 async def test_http10_without_host_is_served(served: Factory) -> None:
