@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.config import Config
@@ -71,20 +71,7 @@ def create_app(
 
     ``access_log`` is owned by the caller (it outlives the app's connections).
     """
-    handlers: Handlers | None = None
-
-    @web.middleware
-    async def unrouted(request: web.Request, handler: Handler) -> web.StreamResponse:
-        # aiohttp's router matches only targets that start with "/": an absolute-form target
-        # with an empty path ("GET http://host:8000", which is "/") and OPTIONS * would get
-        # its plain-text 404. Every target is proxied; the catch-all route never raises this.
-        try:
-            return await handler(request)
-        except web.HTTPNotFound:
-            assert handlers is not None
-            return await handlers.proxy(request)
-
-    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[unrouted])
+    app = web.Application(client_max_size=config.server.max_body_bytes)
     replicas = [
         Replica(r.name, r.url or "", r.max_concurrency, index=i)
         for i, r in enumerate(config.replicas)
@@ -117,5 +104,28 @@ def create_app(
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.metrics)
     app.router.add_get("/v1/models", handlers.models, allow_head=False)  # HEAD: one replica
-    app.router.add_route("*", "/{tail:.*}", handlers.proxy)
+    catch_all = app.router.add_route("*", "/{tail:.*}", handlers.proxy)
+    _route_every_target(app.router, catch_all)
     return app
+
+
+def _route_every_target(router: web.UrlDispatcher, catch_all: web.AbstractRoute) -> None:
+    """Send the targets aiohttp's router cannot match to the catch-all route.
+
+    The router matches only targets that start with "/": an absolute-form target with an
+    empty path ("GET http://host:8000", which is "/") and ``OPTIONS *`` would get its
+    plain-text 404. Every target is proxied. Done on the router rather than in a
+    middleware, which would cost every request an extra handler call (2.5 % of a small
+    request's instructions, measured with callgrind).
+    """
+    resolve = router.resolve
+
+    async def resolve_every_target(request: web.Request) -> UrlMappingMatchInfo:
+        match = await resolve(request)
+        # No isinstance: match infos are ABCs, whose instance check costs a Python call.
+        error = match.http_exception
+        if error is not None and error.status == 404:
+            return UrlMappingMatchInfo({"tail": ""}, catch_all)
+        return match
+
+    router.resolve = resolve_every_target  # type: ignore[method-assign]
