@@ -15,8 +15,8 @@ Guarantees:
   or the new one, never a mix, and a bad keys file leaves the old ring in force.
 
 Not guarded: ``/healthz``, ``/readyz`` (probes carry no key) and ``/metrics`` (off the public
-port once the admin listener is set). Admin handlers on the public port wrap themselves in
-:func:`require_key`.
+port once the admin listener is set). Admin handlers on the public port use :func:`denied`
+(a guard returning the 401 or None) or :func:`require_key` (the same as a decorator).
 """
 
 from __future__ import annotations
@@ -152,18 +152,25 @@ def unauthorized_response(err: Unauthorized, request_id: str | None = None) -> w
                         content_type="application/json", headers=headers)
 
 
+def denied(request: web.Request) -> web.Response | None:
+    """The 401 for a request without a valid key (counted as ``unauthorized``), or None to
+    let it in (a valid key, or auth off). For ``/admin/*`` on the public port: the admin
+    module's guard can return this as it is. The app must hold :data:`AUTH` and ``METRICS``.
+    """
+    try:
+        request.app[AUTH].authorize(request.headers)
+    except Unauthorized as err:
+        request.app[METRICS].rejected_request(err.reason or "unauthorized")
+        return unauthorized_response(err)
+    return None
+
+
 def require_key(handler: Handler) -> Handler:
-    """``handler`` guarded by the app's key ring (for ``/admin/*`` on the public port):
-    without a valid key, the 401 the proxied routes give, counted as ``unauthorized``; with
-    auth off, ``handler`` as it is. The app must hold :data:`AUTH` and ``METRICS``."""
+    """``handler`` behind :func:`denied`: the same guard as a decorator."""
 
     async def guarded(request: web.Request) -> web.StreamResponse:
-        try:
-            request.app[AUTH].authorize(request.headers)
-        except Unauthorized as err:
-            request.app[METRICS].rejected_request(err.reason or "unauthorized")
-            return unauthorized_response(err)
-        return await handler(request)
+        answer = denied(request)
+        return answer if answer is not None else await handler(request)
 
     return guarded
 

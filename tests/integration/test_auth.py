@@ -18,7 +18,7 @@ from aiohttp import web
 from prometheus_client import generate_latest
 
 from proxy.config import ApiKey, AuthConfig, Config, ReplicaConfig
-from proxy.edge.auth import AUTH, KeyRing, require_key
+from proxy.edge.auth import AUTH, KeyRing, denied, require_key
 from proxy.edge.keys import METRICS
 from proxy.observe.accesslog import AccessLog
 from proxy.observe.metrics import Metrics
@@ -223,7 +223,7 @@ async def test_a_key_never_reaches_logs_metrics_or_errors(
 async def test_require_key_guards_an_admin_handler(
     client: aiohttp.ClientSession
 ) -> None:
-    """The helper /admin/* handlers on the public port wrap themselves in."""
+    """The helpers /admin/* handlers on the public port use: a decorator, or a guard."""
     app = web.Application()
     app[AUTH] = KeyRing(TWO_TENANTS)
     app[METRICS] = Metrics()
@@ -231,7 +231,11 @@ async def test_require_key_guards_an_admin_handler(
     async def admin(_request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
 
+    async def replicas(request: web.Request) -> web.StreamResponse:
+        return denied(request) or web.json_response([])
+
     app.router.add_post("/admin/reload", require_key(admin))
+    app.router.add_get("/admin/replicas", replicas)
     runner, url = await start_app(app)
     try:
         async with client.post(url + "/admin/reload") as answer:
@@ -239,15 +243,59 @@ async def test_require_key_guards_an_admin_handler(
             assert (await answer.json())["error"]["code"] == "invalid_api_key"
         async with client.post(url + "/admin/reload", headers=bearer(KEY_B)) as answer:
             assert answer.status == 200
+        async with client.get(url + "/admin/replicas", headers=bearer(KEY_A[:-1])) as answer:
+            assert answer.status == 401
+        async with client.get(url + "/admin/replicas", headers={"x-api-key": KEY_A}) as answer:
+            assert answer.status == 200
         app[AUTH].replace(AuthConfig())  # auth off: as it is
         async with client.post(url + "/admin/reload") as answer:
             assert answer.status == 200
     finally:
         await runner.cleanup()
     assert app[METRICS].registry.get_sample_value(
-        "batchgate_rejected_requests_total", {"reason": "unauthorized"}) == 1
+        "batchgate_rejected_requests_total", {"reason": "unauthorized"}) == 2
 
 
 def test_replica_config_keeps_its_key_out_of_its_repr() -> None:
     replica = ReplicaConfig(name="r", max_concurrency=1, url="http://h:1", api_key="sk-rrr")
     assert "sk-rrr" not in repr(replica)
+
+
+async def test_the_openai_sdk_raises_authentication_error_and_works_with_a_key(
+    proxy: Factory,
+) -> None:
+    """What callers see: the SDK's own AuthenticationError for a wrong key (our 401 body is
+    OpenAI's), and a normal answer, with its model logged, for a right one."""
+    import openai
+    from openai import AsyncOpenAI
+
+    from proxy.config import ServerConfig, SimulatedConfig
+    from proxy.server import embedded_replicas
+
+    config = Config(
+        replicas=(ReplicaConfig(name="sim-0", max_concurrency=2,
+                                simulated=SimulatedConfig(max_batch=2, time_scale=0.01)),),
+        server=ServerConfig(host="127.0.0.1", port=0), auth=TWO_TENANTS,
+    )
+    out = io.BytesIO()
+    access = AccessLog(out, "json")
+    async with embedded_replicas(config) as resolved:
+        p: Proxy = await proxy(resolved, access)
+        for key in (KEY_A[:-1], KEY_B):
+            sdk = AsyncOpenAI(base_url=p.url + "/v1", api_key=key, max_retries=0)
+            try:
+                if key == KEY_B:
+                    answer = await sdk.completions.create(model="sim-0", prompt="hi",
+                                                          max_tokens=2)
+                    assert answer.usage is not None and answer.usage.completion_tokens == 2
+                else:
+                    with pytest.raises(openai.AuthenticationError) as caught:
+                        await sdk.completions.create(model="sim-0", prompt="hi", max_tokens=2)
+                    assert caught.value.status_code == 401
+                    assert caught.value.code == "invalid_api_key"
+            finally:
+                await sdk.close()
+    access.close()
+    refused, served = log_lines(out)
+    assert refused["outcome"] == "rejected:unauthorized" and refused["tenant"] is None
+    assert served["tenant"] == "team-b" and served["model"] == "sim-0"

@@ -123,6 +123,27 @@ def test_upstream_credentials() -> None:
     assert "up-" not in repr(keyed)
 
 
+def test_every_key_is_compared_whichever_matches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No early exit: a guess costs as many comparisons as there are keys, so the time of a
+    match says nothing about where in the list its key is."""
+    import proxy.edge.auth as auth
+
+    keys = [ApiKey(f"t{i}", f"key-{i:04d}-" + "k" * 20) for i in range(5)]
+    r = ring(*keys)
+    calls: list[int] = []
+    real = auth.hmac.compare_digest
+
+    def counted(a: bytes, b: bytes) -> bool:
+        calls.append(1)
+        return real(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", counted)
+    for guess, tenant in [(keys[0].key, "t0"), (keys[4].key, "t4"), ("nope", None)]:
+        calls.clear()
+        assert r.lookup(guess) == tenant
+        assert len(calls) == len(keys), guess
+
+
 # --- timing ----------------------------------------------------------------------------------
 
 #: Long keys make any length-dependent comparison (``==``, a loop that stops at the first
