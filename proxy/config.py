@@ -219,6 +219,10 @@ _TENANT_RULE = "must be 1 to 64 characters from A-Z a-z 0-9 _ . -"
 #: The `tenant` of requests that carry no key (auth off); no key may be named so.
 NO_TENANT = "none"
 _RESERVED = f"'{NO_TENANT}' is reserved (the tenant of requests without a key)"
+#: What check-config prints for a credential. Refused as one: output pasted back as a config
+#: would otherwise make this public word a working key.
+REDACTED = "<redacted>"
+_PLACEHOLDER_KEY = "is check-config's placeholder for a hidden key, not a key"
 
 
 def _secret(value: object, path: str, *, optional: bool = False) -> str | None:
@@ -230,6 +234,8 @@ def _secret(value: object, path: str, *, optional: bool = False) -> str | None:
         raise _Problem(path, "must be a string (quote it, or quote the variable's value)")
     if not _SECRET_TEXT.fullmatch(value):
         raise _Problem(path, _SECRET_RULE)
+    if value == REDACTED:
+        raise _Problem(path, _PLACEHOLDER_KEY)
     return value
 
 
@@ -261,11 +267,17 @@ def _api_keys(value: object, path: str) -> tuple[ApiKey, ...]:
     # prints it for the default).
     if not isinstance(value, list):
         raise _Problem(path, "must be a list of {name, key} mappings")
-    keys = []
+    keys: list[ApiKey] = []
     for i, item in enumerate(value):
         if not isinstance(item, dict):
             raise _Problem(f"{path}[{i}]", "must be a mapping with name and key")
-        keys.append(_API_KEY(item, f"{path}[{i}]"))
+        key = _API_KEY(item, f"{path}[{i}]")
+        # One key, one tenant: a key listed twice (under another name, or a copy-paste)
+        # would make whose requests they are depend on the order of the list.
+        for j, other in enumerate(keys):
+            if other.key == key.key:
+                raise _Problem(f"{path}[{i}].key", f"the same key as {path}[{j}]")
+        keys.append(key)
     return tuple(keys)
 
 
@@ -277,7 +289,7 @@ def _read_keys(path: str, where: str) -> tuple[ApiKey, ...]:
         raise _bad(where, f"cannot read keys file: {err.strerror or err}", path) from None
     except UnicodeDecodeError as err:
         raise _Problem(where, f"{path}: not valid UTF-8 at byte {err.start}") from None
-    keys = []
+    lines: list[tuple[int, ApiKey]] = []
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -293,10 +305,16 @@ def _read_keys(path: str, where: str) -> tuple[ApiKey, ...]:
             problem = f"name {_RESERVED}"
         elif not _SECRET_TEXT.fullmatch(key):
             problem = f"key {_SECRET_RULE}"
+        elif key == REDACTED:
+            problem = f"key {_PLACEHOLDER_KEY}"
+        else:
+            for earlier, other in lines:
+                if other.key == key:
+                    problem = f"the same key as line {earlier}"
         if problem is not None:
             raise _Problem(where, f"{path} line {number}: {problem}")
-        keys.append(ApiKey(name, key))
-    return tuple(keys)
+        lines.append((number, ApiKey(name, key)))
+    return tuple(key for _, key in lines)
 
 
 def read_keys_file(path: str) -> tuple[ApiKey, ...]:
@@ -489,9 +507,6 @@ def config_to_dict(config: Config) -> dict[str, object]:
     to an equal Config, except that every credential that is set reads "<redacted>".
     """
     return {f.name: _plain(getattr(config, f.name)) for f in fields(config)}
-
-
-REDACTED = "<redacted>"
 
 
 def _plain(value: object) -> object:

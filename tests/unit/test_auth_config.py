@@ -105,8 +105,11 @@ def test_an_empty_keys_file_keeps_auth_on(tmp_path: Path) -> None:
                                   " spaces"),
         (f"team-a:{SECRET}\u00e9", "key must be 1 to 4096 printable ASCII characters without"
                                    " spaces"),
+        ("team-a:<redacted>", "key is check-config's placeholder for a hidden key, not a key"),
+        (f"team-b:{'k' * 20}", "the same key as line 2"),
     ],
-    ids=["no-colon", "no-name", "bad-name", "reserved", "empty-key", "space", "non-ascii"],
+    ids=["no-colon", "no-name", "bad-name", "reserved", "empty-key", "space", "non-ascii",
+         "placeholder", "duplicate"],
 )
 def test_a_bad_keys_file_line_names_file_and_line_never_the_key(
     tmp_path: Path, line: str, problem: str
@@ -142,6 +145,12 @@ BAD_AUTH = [
      "auth.api_keys[0].name: 'none' is reserved (the tenant of requests without a key)"),
     (f"api_keys: [{{name: a, key: '{SECRET} x'}}]",
      "auth.api_keys[0].key: must be 1 to 4096 printable ASCII characters without spaces"),
+    ("api_keys: [{name: a, key: <redacted>}]",
+     "auth.api_keys[0].key: is check-config's placeholder for a hidden key, not a key"),
+    ("upstream_api_key: <redacted>",
+     "auth.upstream_api_key: is check-config's placeholder for a hidden key, not a key"),
+    (f"api_keys: [{{name: a, key: {SECRET}}}, {{name: b, key: {SECRET}}}]",
+     "auth.api_keys[1].key: the same key as auth.api_keys[0]"),
     ("api_keys: [{name: a, key: 12345678}]",
      "auth.api_keys[0].key: must be a string (quote it, or quote the variable's value)"),
     (f"upstream_api_key: '{SECRET} x'",
