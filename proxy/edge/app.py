@@ -13,6 +13,7 @@ from proxy.control.drain import Lifecycle
 from proxy.control.health import HealthChecker
 from proxy.core.replicas import Replica
 from proxy.core.scheduler import Scheduler
+from proxy.edge.auth import AUTH, KeyRing
 from proxy.edge.forward import Forwarder
 from proxy.edge.frame import Frame
 from proxy.edge.headers import origin_form
@@ -23,7 +24,8 @@ from proxy.observe.metrics import Metrics
 from proxy.upstream.client import Upstreams
 from proxy.upstream.tls import context_for
 
-__all__ = ["CONFIG", "HEALTH", "LIFECYCLE", "METRICS", "SCHEDULER", "UPSTREAMS", "create_app"]
+__all__ = ["AUTH", "CONFIG", "HEALTH", "LIFECYCLE", "METRICS", "SCHEDULER", "UPSTREAMS",
+           "create_app"]
 
 
 class Handlers:
@@ -82,12 +84,15 @@ def create_app(
     app[METRICS] = metrics if metrics is not None else Metrics()
     app[METRICS].watch(scheduler)
     app[LIFECYCLE] = Lifecycle()
+    # Always present (off without `auth`), so a reload can turn auth on: KeyRing.replace.
+    app[AUTH] = KeyRing(config.auth, config.replicas)
 
     async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         # One TLS context for every https:// replica, pools and probes alike.
         tls = context_for(config.upstream.tls, [r.url for r in scheduler.replicas])
         app[UPSTREAMS] = Upstreams(
-            scheduler.replicas, config.upstream, light_limit=LIGHT_LIMIT_PER_REPLICA, ssl=tls
+            scheduler.replicas, config.upstream, light_limit=LIGHT_LIMIT_PER_REPLICA, ssl=tls,
+            credentials=app[AUTH].upstream_headers,
         )
         app[HEALTH] = HealthChecker(scheduler, config.health, ssl=tls)
         app[HEALTH].start()

@@ -17,6 +17,7 @@ from proxy.edge.headers import upstream_request_headers
 from proxy.edge.keys import CONFIG, LIFECYCLE, METRICS, SCHEDULER, UPSTREAMS
 from proxy.edge.relay import is_event_stream, pipe
 from proxy.observe.exchange import Exchange, Outcome
+from proxy.observe.model import request_model
 from proxy.upstream.connection import Response
 
 log = logging.getLogger("batchgate")
@@ -48,6 +49,7 @@ class Forwarder:
 
     async def proxied(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         body = await _read_body(request, self.config.server.max_body_bytes)
+        exchange.model = request_model(body)
         return await self.forward(request, body, exchange)
 
     async def forward(
@@ -115,7 +117,7 @@ class Forwarder:
         exchange.status = upstream.status
         exchange.stream = is_event_stream(upstream.headers)
         # Counted now, before the body: a caller that hangs up cannot make it go missing.
-        metrics.answered(name, exchange.route, upstream.status)
+        metrics.answered(name, exchange.route, upstream.status, exchange.tenant)
         completed = False
         lifecycle = self.app[LIFECYCLE]
         try:

@@ -282,7 +282,7 @@ class Light:
                     if decision is not Decision.RESEND or fresh:
                         raise
                     fresh = True  # once more, on a connection of its own
-            metrics.answered(replica.name, exchange.route, upstream.status)
+            metrics.answered(replica.name, exchange.route, upstream.status, exchange.tenant)
             try:
                 chunks: list[bytes] = []
                 size = 0

@@ -200,6 +200,7 @@ async def _write(
                     await response.write_eof()
                 else:
                     await response.write(chunk)
+            exchange.bytes_out += len(chunk)
         except TimeoutError:
             exchange.client_gone = True
             transport.close()
@@ -208,6 +209,7 @@ async def _write(
         await response.write_eof()
     else:
         await response.write(chunk)
+    exchange.bytes_out += len(chunk)
     return True
 
 

@@ -17,6 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from proxy import __version__
+from proxy.config import NO_TENANT
 from proxy.core.scheduler import Scheduler
 from proxy.observe.exchange import ExchangeView, Outcome
 
@@ -32,7 +33,7 @@ KNOWN_ROUTES = frozenset(
 #: startup, so ``increase()`` and alerts see the first one. Add a new reason here.
 REJECTION_REASONS: tuple[str, ...] = (
     "queue_full", "queue_timeout", "no_healthy_replica", "draining", "overloaded",
-    "body_too_large", "bad_request",
+    "body_too_large", "bad_request", "unauthorized",
 )
 #: Every ``kind`` of ``batchgate_upstream_errors_total``, exported at 0 for every replica.
 UPSTREAM_ERROR_KINDS: tuple[str, ...] = ("connect", "timeout", "reset", "status_5xx")
@@ -122,8 +123,10 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "batchgate_requests", "Requests answered by a replica, by the replica's status code.",
-            ["replica", "route", "code"], registry=r,
+            "batchgate_requests",
+            "Requests answered by a replica, by the replica's status code and the caller's "
+            "tenant (the name of its API key; \"none\" without auth).",
+            ["replica", "route", "code", "tenant"], registry=r,
         )
         self.rejected = Counter(
             "batchgate_rejected_requests",
@@ -218,11 +221,18 @@ class Metrics:
         """The bound ``observe`` of one route's child: a label lookup per request, not per chunk."""
         return self._inter_chunk(route).observe
 
-    def answered(self, replica: str, route: str, status: int) -> None:
-        """A replica's status line arrived: counted now, before any body byte."""
-        self._requests(replica, route, str(status)).inc()
+    def answered(self, replica: str, route: str, status: int, tenant: str | None) -> None:
+        """A replica's status line arrived: counted now, before any body byte.
+
+        ``tenant`` is bounded: a key's name from the config, or None (auth off) as "none".
+        """
+        self._requests(replica, route, str(status), tenant or NO_TENANT).inc()
         if status >= 500:
             self._upstream_errors(replica, "status_5xx").inc()
+
+    def rejected_request(self, reason: str) -> None:
+        """A rejection answered outside the frame (a guarded admin handler)."""
+        self._rejected(reason).inc()
 
     def internal_error(self, where: str) -> None:
         self.internal_errors.labels(where).inc()

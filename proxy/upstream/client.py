@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from ssl import SSLContext
 
 from aiohttp import web
@@ -11,6 +12,11 @@ from proxy.core.replicas import Replica
 from proxy.upstream.pool import ConnectionPool
 from proxy.upstream.response import Response
 from proxy.upstream.tls import server_hostname
+
+#: ``(replica name, headers) -> headers`` as that replica gets them: the edge's credential
+#: policy (proxy.edge.auth.KeyRing.upstream_headers), applied per attempt, since a resend
+#: may go to a replica with another key.
+Credentials = Callable[[str, list[tuple[str, str]]], list[tuple[str, str]]]
 
 
 def pool_limit(max_concurrency: int) -> int:
@@ -30,9 +36,10 @@ class Upstreams:
 
     def __init__(
         self, replicas: tuple[Replica, ...], config: UpstreamConfig, *, light_limit: int,
-        ssl: SSLContext | None = None,
+        ssl: SSLContext | None = None, credentials: Credentials | None = None,
     ) -> None:
         self._config = config
+        self._credentials = credentials
         self._ssl = ssl  # proxy.upstream.tls: for the https:// replicas, None if there are none
         self._pools = {r.name: self._pool(r, pool_limit(r.max_concurrency)) for r in replicas}
         # Slot-free requests (GET, HEAD, OPTIONS: proxy.edge.light) have pools of their own,
@@ -78,4 +85,6 @@ class Upstreams:
         ``light``: a slot-free request, sent on the replica's pool for those.
         """
         pool = (self._light_pools if light else self._pools)[replica.name]
+        if self._credentials is not None:
+            headers = self._credentials(replica.name, headers)
         return await pool.request(request.method, request.raw_path, headers, body, fresh=fresh)

@@ -50,10 +50,10 @@ CATALOGUE: dict[str, Labels] = {
     "batchgate_replica_in_flight": _REPLICA,
     "batchgate_replica_max_concurrency": _REPLICA,
     "batchgate_replica_healthy": _REPLICA,
-    "batchgate_requests_total": {"replica": ANY, "route": _ROUTES, "code": ANY},
+    "batchgate_requests_total": {"replica": ANY, "route": _ROUTES, "code": ANY, "tenant": ANY},
     "batchgate_rejected_requests_total": {
         "reason": frozenset({"queue_full", "queue_timeout", "no_healthy_replica", "draining",
-                             "overloaded", "body_too_large", "bad_request"}),
+                             "overloaded", "body_too_large", "bad_request", "unauthorized"}),
     },
     "batchgate_upstream_errors_total": {
         "replica": ANY, "kind": frozenset({"connect", "timeout", "reset", "status_5xx"}),

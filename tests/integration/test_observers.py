@@ -51,7 +51,8 @@ async def test_deep_usage_breaks_neither_drain_nor_the_access_log(
     (line,) = log_lines(out)
     assert line["request_id"] == "deep" and line["status"] == 200 and line["outcome"] == "ok"
     assert line["prompt_tokens"] is None
-    assert p.metric("batchgate_requests_total", replica="r", route=COMPLETIONS, code="200") == 1
+    assert p.metric("batchgate_requests_total", replica="r", route=COMPLETIONS, code="200",
+                    tenant="none") == 1
     assert p.metric("batchgate_request_duration_seconds_count", route=COMPLETIONS) == 1
 
 
