@@ -105,7 +105,8 @@ async def test_max_ejected_percent_keeps_half_the_replicas(
     a: FakeReplica = await replicas("a")
     b: FakeReplica = await replicas("b")
     a.answer_status = b.answer_status = 500
-    p: Proxy = await proxy(make_config(("a", a.url, 1), ("b", b.url, 1)),
+    # Were both ejected, requests would wait for a replica: a short queue timeout says so.
+    p: Proxy = await proxy(make_config(("a", a.url, 1), ("b", b.url, 1), queue_timeout_s=1),
                            timing=FakeTime().timing())
     assert await send(client, p, 30) == [500] * 30
     ejections = [p.metric("batchgate_replica_ejections_total", replica=n) for n in "ab"]

@@ -16,12 +16,12 @@ import aiohttp
 from tests.integration.conftest import FakeReplica, FakeTime, Proxy, make_config, until
 
 Factory = Callable[..., Any]
-PERIOD = 15.0  # min(health.interval_s (60), health.stall_s (60) / 4)
 
 
 async def look(p: Proxy, time: FakeTime) -> None:
+    """One period of the watch: min(health.interval_s, health.stall_s / 4)."""
     looks = p.health.looks
-    time.advance(PERIOD)
+    time.advance(min(p.health.config.interval_s, p.health.config.stall_s / 4))
     await until(lambda: p.health.looks == looks + 1, "the stall watch looked")
 
 
@@ -79,18 +79,20 @@ async def test_one_stream_making_progress_keeps_its_replica(
 ) -> None:
     a: FakeReplica = await replicas("a")
     time = FakeTime()
-    p: Proxy = await proxy(make_config(("a", a.url, 2), health={"stall_s": 60}),
+    p: Proxy = await proxy(make_config(("a", a.url, 2), health={"stall_s": 30}),
                            timing=time.timing())
     replica = p.scheduler.replicas[0]
     stuck = await open_stream(client, p, {"hold": True})
     moving = await open_stream(client, p, {"step": True, "events": 100})
-    for _ in range(8):  # 120 s: the stuck one alone is not a wedged engine
+    for _ in range(8):  # 60 s: the stuck one alone is not a wedged engine
         a.steps.put_nowait(None)
         await moving.content.readuntil(b"\n\n")
         await look(p, time)
     assert replica.health == "healthy" and replica.in_flight == 2
-    for _ in range(5):  # now neither makes progress
+    for _ in range(3):  # 22.5 s of silence
         await look(p, time)
+    assert replica.health == "healthy"
+    await look(p, time)  # 30 s (stall_s) since the last progress was seen
     assert replica.health == "unhealthy"
     for resp in (stuck, moving):
         assert (await rest(resp)).startswith(b"event: error\n")
