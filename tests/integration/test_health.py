@@ -7,6 +7,7 @@ happen exactly when the test says and a fake replica answers each with the statu
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Callable
 from typing import Any
@@ -130,3 +131,31 @@ async def test_probe_method_and_json_body(replicas: Factory, proxy: Factory) -> 
     assert a.seen_headers[0]["Content-Type"] == "application/json"
     assert a.health_hits == 0
     assert p.scheduler.replicas[0].health == "unhealthy"
+
+
+async def test_add_remove_and_reconfigure_for_live_reload(
+    replicas: Factory, proxy: Factory, client: aiohttp.ClientSession
+) -> None:
+    a: FakeReplica = await replicas("a")
+    b: FakeReplica = await replicas("b")
+    b.health_script = asyncio.Queue()
+    time = FakeTime()
+    p: Proxy = await proxy(make_config(("a", a.url, 1)), timing=time.timing())
+    # What a reload does with a new replica when assume_healthy_at_start is false:
+    p.scheduler.add_replica("b", b.url, 1, healthy=False)
+    new = p.scheduler.replica("b")
+    assert new is not None and new.health == "unhealthy"
+    p.health.add(new)
+    b.health_script.put_nowait(200)
+    await until(lambda: new.health == "healthy", "b in on its first passing probe")
+    # New thresholds apply from the next probe.
+    p.health.reconfigure(dataclasses.replace(p.health.config, unhealthy_after=1))
+    b.health_script.put_nowait(500)
+    time.advance(INTERVAL * 1.1)
+    await until(lambda: new.health == "unhealthy", "one failure is enough now")
+    p.health.remove(new)
+    hits = b.health_hits
+    time.advance(INTERVAL * 1.1)
+    await until(lambda: p.health.probes(p.scheduler.replicas[0]) >= 3, "a probed again")
+    assert b.health_hits == hits and p.health.probes(new) == 0  # b no longer probed
+    p.scheduler.remove_replica(new)
