@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 
+from proxy.edge.keys import METRICS
 from tests.integration.conftest import FakeReplica, FakeTime, Proxy, make_config, until
 
 Factory = Callable[..., Any]
@@ -49,6 +50,12 @@ async def test_failing_replica_is_ejected_then_returns_after_a_passing_probe(
     time = FakeTime()
     p: Proxy = await proxy(make_config(("a", a.url, 1), ("b", b.url, 1)), timing=time.timing())
     replica = p.scheduler.replicas[0]
+    registry = p.app[METRICS].registry
+    for name in ("a", "b"):  # exported at 0 from startup, so increase() sees the first one
+        assert registry.get_sample_value("batchgate_replica_ejections_total",
+                                         {"replica": name}) == 0
+        assert registry.get_sample_value("batchgate_replica_state",
+                                         {"replica": name, "state": "ejected"}) == 0
     await send(client, p, 8)  # a gets four of them (ties go round-robin)
     assert (a.arrivals, replica.health) == (4, "healthy")
     await fail_until_ejected(client, p, a, 1)  # the fifth failure in a row
