@@ -11,6 +11,7 @@ parsing, in string values only, so a variable's text cannot add keys or sections
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -405,11 +406,54 @@ class QueueConfig:
     max_bytes: int = _field(268435456, _integer(0))
 
 
+def _probe_method(value: object, path: str) -> str:
+    rule = "must be one of GET, HEAD, POST"
+    if not isinstance(value, str) or value.upper() not in ("GET", "HEAD", "POST"):
+        raise _bad(path, rule, value)
+    return value.upper()
+
+
+def _probe_body(value: object, path: str) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _bad(path, "must be a mapping (sent as JSON), e.g. {prompt: hi, max_tokens: 1}",
+                   value)
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):  # a YAML date, a set, a NaN: not JSON
+        raise _bad(path, "must hold only JSON values (strings, numbers, lists, mappings)",
+                   value) from None
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class HealthConfig:
     path: str = _field("/health", _text(r"/\S*", "must be a path starting with '/'"))
     interval_s: float = _field(5.0, _POSITIVE)
     timeout_s: float = _field(2.0, _POSITIVE)
+    # Consecutive probes before a replica changes state (Kubernetes' failureThreshold and
+    # successThreshold): one lost probe does not take half the capacity away.
+    unhealthy_after: int = _field(3, _integer(1))
+    healthy_after: int = _field(2, _integer(1))
+    # False: a replica takes no work before its first passing probe (a sidecar's readiness).
+    assume_healthy_at_start: bool = _field(True, _boolean)
+    # A replica whose in-flight streams have all been silent this long is wedged.
+    stall_s: float = _field(60.0, _POSITIVE)
+    # A real probe (POST path with a JSON body) for engines whose /health says nothing.
+    method: str = _field("GET", _probe_method)
+    body: dict[str, Any] | None = field(default=None, metadata={_CHECK: _probe_body})
+
+
+def _health(value: object, path: str) -> HealthConfig:
+    health = _HEALTH_SECTION(value, path)
+    if health.body is not None and health.method != "POST":
+        raise _bad(_join(path, "body"), "needs method: POST (GET and HEAD carry no body)",
+                   health.body)
+    return health
+
+
+_HEALTH_SECTION = _section(HealthConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,6 +473,12 @@ class UpstreamConfig:
     read_timeout_s: float = _field(600.0, _POSITIVE)
     retries: int = _field(2, _integer(0))
     tls: TlsConfig = TlsConfig()
+    # Passive outlier ejection: this many consecutive real-request failures (connect,
+    # timeout, reset, 5xx) eject a replica for eject_s, doubled on each repeat up to 300 s.
+    eject_after: int = _field(5, _integer(1))
+    eject_s: float = _field(10.0, _POSITIVE)
+    # Never more than this share of the replicas ejected at once (0: ejection off).
+    max_ejected_percent: int = _field(50, _integer(0, 100))
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,7 +495,7 @@ class Config:
     replicas: tuple[ReplicaConfig, ...] = field(metadata={_CHECK: _replicas})
     server: ServerConfig = ServerConfig()
     queue: QueueConfig = QueueConfig()
-    health: HealthConfig = HealthConfig()
+    health: HealthConfig = field(default=HealthConfig(), metadata={_CHECK: _health})
     upstream: UpstreamConfig = UpstreamConfig()
     logging: LoggingConfig = LoggingConfig()
     auth: AuthConfig = AuthConfig()

@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.config import Config
 from proxy.control.drain import Lifecycle
-from proxy.control.health import HealthChecker
+from proxy.control.health import HealthChecker, Timing
 from proxy.core.replicas import Replica
 from proxy.core.scheduler import Scheduler
 from proxy.edge.auth import AUTH, KeyRing
@@ -67,15 +67,21 @@ class Handlers:
 
 
 def create_app(
-    config: Config, *, metrics: Metrics | None = None, access_log: AccessLog | None = None
+    config: Config,
+    *,
+    metrics: Metrics | None = None,
+    access_log: AccessLog | None = None,
+    timing: Timing | None = None,
 ) -> web.Application:
     """The proxy application. Background work starts and stops with it (``cleanup_ctx``).
 
-    ``access_log`` is owned by the caller (it outlives the app's connections).
+    ``access_log`` is owned by the caller (it outlives the app's connections); ``timing``
+    is the health checker's clocks and sleep (tests drive them by hand).
     """
     app = web.Application(client_max_size=config.server.max_body_bytes)
     replicas = [
-        Replica(r.name, r.url or "", r.max_concurrency, index=i)
+        Replica(r.name, r.url or "", r.max_concurrency, index=i,
+                healthy=config.health.assume_healthy_at_start)
         for i, r in enumerate(config.replicas)
     ]
     scheduler = Scheduler(replicas, config.queue.max_size, max_bytes=config.queue.max_bytes)
@@ -94,7 +100,8 @@ def create_app(
             scheduler.replicas, config.upstream, light_limit=LIGHT_LIMIT_PER_REPLICA, ssl=tls,
             credentials=app[AUTH].upstream_headers,
         )
-        app[HEALTH] = HealthChecker(scheduler, config.health, ssl=tls)
+        app[HEALTH] = HealthChecker(scheduler, config.health, upstream=config.upstream, ssl=tls,
+                                    timing=timing, metrics=app[METRICS])
         app[HEALTH].start()
         try:
             yield

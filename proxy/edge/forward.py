@@ -14,7 +14,7 @@ from proxy.core.replicas import Replica
 from proxy.core.retry import Decision, classify, is_idempotent
 from proxy.core.scheduler import Scheduler
 from proxy.edge.headers import upstream_request_headers
-from proxy.edge.keys import CONFIG, LIFECYCLE, METRICS, SCHEDULER, UPSTREAMS
+from proxy.edge.keys import CONFIG, HEALTH, LIFECYCLE, METRICS, SCHEDULER, UPSTREAMS
 from proxy.edge.relay import is_event_stream, pipe
 from proxy.observe.exchange import Exchange, Outcome
 from proxy.observe.model import request_model
@@ -120,6 +120,10 @@ class Forwarder:
         metrics.answered(name, exchange.route, upstream.status, exchange.tenant)
         completed = False
         lifecycle = self.app[LIFECYCLE]
+        # Event streams are watched for a wedged engine (proxy.control.stall), which cuts
+        # them by cancelling this task; nothing is done per chunk.
+        stalls = self.app[HEALTH].stalls if exchange.stream else None
+        stream = stalls.enter(replica, exchange) if stalls is not None else None
         try:
             response = await pipe(
                 request, upstream, exchange,
@@ -139,6 +143,8 @@ class Forwarder:
             metrics.upstream_error(name, err.kind)
             raise
         finally:
+            if stream is not None and stalls is not None:
+                stalls.leave(stream)
             if completed:
                 upstream.release()  # back to the pool for the next request
             else:

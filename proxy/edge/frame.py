@@ -24,7 +24,7 @@ from proxy.core.errors import (
 )
 from proxy.edge.auth import AUTH
 from proxy.edge.headers import with_origin_form
-from proxy.edge.keys import LIFECYCLE, METRICS
+from proxy.edge.keys import HEALTH, LIFECYCLE, METRICS
 from proxy.observe.accesslog import AccessLog
 from proxy.observe.exchange import Exchange, Outcome
 from proxy.observe.metrics import Metrics, route_label
@@ -126,6 +126,11 @@ class Frame:
             return json_error(InternalError(f"batchgate failed: {type(err).__name__}"),
                               request_id)
         except asyncio.CancelledError:
+            if exchange.cut_reason is not None:
+                # A stream of a wedged replica, cut by the health checker: it got its SSE
+                # error event; the replica's failure, not the caller's hang-up.
+                exchange.end(Outcome.UPSTREAM_ERROR, "timeout")
+                raise
             if not lifecycle.cutting:
                 # aiohttp cancels a handler when its caller disconnects.
                 exchange.end(Outcome.CLIENT_DISCONNECT)
@@ -165,6 +170,12 @@ class Frame:
             metrics.record(exchange)
         except Exception:
             self._observer_failed(metrics, "metrics", exchange)
+        if exchange.replica is not None:
+            # Passive outlier ejection: each real request's result, as it ends.
+            try:
+                self.app[HEALTH].observe(exchange)
+            except Exception:
+                self._observer_failed(metrics, "health", exchange)
         if self.access_log is not None:
             try:
                 self.access_log.record(exchange)

@@ -113,6 +113,9 @@ class Exchange:
     stream: bool = False  # the replica's answer is an event stream (TTFB is then TTFT)
     client_gone: bool = False
     upstream_error: str | None = None  # kind, when the replica failed mid-body
+    #: Why batchgate cut this stream while its replica still held it (a wedged engine,
+    #: proxy.control.stall): the relay says it in a last SSE error event.
+    cut_reason: str | None = None
     usage: UsageTail | None = None  # fed by the relay; read by the frame, not by observers
     client: str | None = None  # the peer address (not X-Forwarded-For: a caller can forge it)
     tenant: str | None = None  # the name of the caller's API key; None: auth off, or no key

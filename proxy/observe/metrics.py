@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from proxy import __version__
 from proxy.config import NO_TENANT
+from proxy.core.replicas import HEALTH_STATES
 from proxy.core.scheduler import Scheduler
 from proxy.observe.exchange import ExchangeView, Outcome
 
@@ -51,8 +52,9 @@ DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0
                     120.0, 300.0, 600.0, 1200.0, 1800.0)
 
 
-#: The `where` label of `batchgate_internal_errors_total`: the observers, each guarded alone.
-INTERNAL_ERROR_SITES = ("usage", "metrics", "access_log")
+#: The `where` label of `batchgate_internal_errors_total`: the observers, each guarded alone
+#: (``health``: the outcome feed of passive outlier ejection).
+INTERNAL_ERROR_SITES = ("usage", "metrics", "access_log", "health")
 
 
 def route_label(path: str) -> str:
@@ -87,13 +89,21 @@ class SchedulerCollector(Collector):
             "batchgate_replica_healthy", "1 if the replica takes requests, else 0.",
             labels=["replica"],
         )
+        state = GaugeMetricFamily(
+            "batchgate_replica_state",
+            "1 for the replica's health state (healthy, unhealthy, ejected), 0 for the others.",
+            labels=["replica", "state"],
+        )
         for r in s.replicas:
             in_flight.add_metric([r.name], r.in_flight)
             capacity.add_metric([r.name], r.max_concurrency)
             healthy.add_metric([r.name], 1 if r.healthy else 0)
+            for name in HEALTH_STATES:
+                state.add_metric([r.name, name], 1 if r.health == name else 0)
         yield in_flight
         yield capacity
         yield healthy
+        yield state
 
 
 class _Children(Generic[_M]):
@@ -182,6 +192,12 @@ class Metrics:
             "where they happened.",
             ["where"], registry=r,
         )
+        self.ejections = Counter(
+            "batchgate_replica_ejections",
+            "Passive outlier ejections of the replica (upstream.eject_after real requests in a "
+            "row failed).",
+            ["replica"], registry=r,
+        )
         self.access_log_dropped = Counter(
             "batchgate_access_log_dropped",
             "Access-log lines dropped: the log's queue was full (stdout slower than the "
@@ -212,10 +228,15 @@ class Metrics:
             self.add_replica(replica.name)
 
     def add_replica(self, name: str) -> None:
-        """Export the replica's error and retry counters at 0 (at startup, or when added)."""
+        """Export the replica's error, retry and ejection counters at 0 (at startup, or when
+        added)."""
         for kind in UPSTREAM_ERROR_KINDS:
             self._upstream_errors(name, kind)
         self.retries.labels(name)
+        self.ejections.labels(name)
+
+    def ejected(self, replica: str) -> None:
+        self.ejections.labels(replica).inc()
 
     def inter_chunk_observer(self, route: str) -> Callable[[float], None]:
         """The bound ``observe`` of one route's child: a label lookup per request, not per chunk."""

@@ -50,6 +50,10 @@ CATALOGUE: dict[str, Labels] = {
     "batchgate_replica_in_flight": _REPLICA,
     "batchgate_replica_max_concurrency": _REPLICA,
     "batchgate_replica_healthy": _REPLICA,
+    "batchgate_replica_state": {
+        "replica": ANY, "state": frozenset({"healthy", "unhealthy", "ejected"}),
+    },
+    "batchgate_replica_ejections_total": _REPLICA,
     "batchgate_requests_total": {"replica": ANY, "route": _ROUTES, "code": ANY, "tenant": ANY},
     "batchgate_rejected_requests_total": {
         "reason": frozenset({"queue_full", "queue_timeout", "no_healthy_replica", "draining",
@@ -69,7 +73,7 @@ CATALOGUE: dict[str, Labels] = {
     **_histogram("batchgate_request_duration_seconds", {"route": _ROUTES}),
     "batchgate_tokens_total": {"replica": ANY, "kind": frozenset({"prompt", "completion"})},
     "batchgate_internal_errors_total": {
-        "where": frozenset({"usage", "metrics", "access_log"}),
+        "where": frozenset({"usage", "metrics", "access_log", "health"}),
     },
     "batchgate_access_log_dropped_total": {},
     "batchgate_build_info": {"version": ANY},
