@@ -42,23 +42,54 @@ class HealthChecker:
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
         )
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # a probe loop per replica name
+        self._stopped: set[asyncio.Task[None]] = set()  # cancelled by a reload; close() waits
         #: Why each replica's last probe failed, for the log line when its state changes
         #: (a certificate the CA does not know, a refused connection, a status code).
         self.why: dict[str, str] = {}
 
     def start(self) -> None:
         for replica in self._scheduler.replicas:
-            self._tasks.append(
-                asyncio.create_task(self._loop(replica), name=f"health:{replica.name}")
-            )
+            self.add(replica)
 
     async def close(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks.values(), *self._stopped]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+        self._stopped.clear()
         await self._session.close()
+
+    # -- live reload (proxy.control.reload) -----------------------------------------------
+
+    def add(self, replica: Replica) -> None:
+        """Probe a replica (at startup, or added by a reload): the first probe runs now."""
+        self._tasks[replica.name] = asyncio.create_task(
+            self._loop(replica), name=f"health:{replica.name}")
+
+    def remove(self, replica: Replica) -> None:
+        """Stop probing a replica that left the config (called once its last request is done,
+        so a draining replica stays watched)."""
+        task = self._tasks.pop(replica.name, None)
+        if task is not None:
+            self._stop(task)
+        self.why.pop(replica.name, None)
+
+    def reconfigure(self, config: HealthConfig) -> None:
+        """New ``health`` settings: every replica is probed with them at once."""
+        self._config = config
+        self._probe_timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+        for name, task in list(self._tasks.items()):
+            replica = self._scheduler.replica(name)
+            self._stop(task)
+            if replica is not None:
+                self.add(replica)
+
+    def _stop(self, task: asyncio.Task[None]) -> None:
+        task.cancel()
+        self._stopped.add(task)
+        task.add_done_callback(self._stopped.discard)
 
     async def probe(self, replica: Replica) -> bool | None:
         """True or False: the replica's verdict; None: we could not ask (out of descriptors)."""

@@ -131,7 +131,7 @@ class Light:
 
     async def forwarded(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         """Forward to one healthy replica; resend elsewhere only what never reached one."""
-        config = self.app[CONFIG]
+        config = self.app[CONFIG].current
         body = await _read_body(request, config.server.max_body_bytes)
         scheduler = self.app[SCHEDULER]
         metrics = self.app[METRICS]
@@ -196,7 +196,7 @@ class Light:
         e.g. a wrong API key, or a 2xx that is not an OpenAI list), the first such answer is
         relayed as is: it is the caller's to see. A 5xx is a failure. No answer at all: 503.
         """
-        config = self.app[CONFIG]
+        config = self.app[CONFIG].current
         scheduler = self.app[SCHEDULER]
         headers = upstream_request_headers(request, exchange.request_id)
         asked = []

@@ -268,7 +268,8 @@ BAD_CONFIGS: list[tuple[str, str | bytes | None, str]] = [
     (
         "unknown top-level key",
         REPLICA + "serverr: {}\n",
-        "serverr: unknown key (allowed: replicas, server, queue, health, upstream, logging)",
+        "serverr: unknown key (allowed: replicas, server, queue, health, upstream, logging, "
+        "admin)",
     ),
     (
         "unknown section key",
