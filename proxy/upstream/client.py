@@ -8,6 +8,7 @@ from ssl import SSLContext
 from aiohttp import web
 
 from proxy.config import UpstreamConfig
+from proxy.core.errors import UpstreamError
 from proxy.core.replicas import Replica
 from proxy.upstream.pool import ConnectionPool
 from proxy.upstream.response import Response
@@ -101,7 +102,10 @@ class Upstreams:
         Raises :class:`proxy.core.errors.UpstreamError` (or its ``UpstreamTimeout``).
         ``light``: a slot-free request, sent on the replica's pool for those.
         """
-        pool = (self._light_pools if light else self._pools)[replica.name]
+        pool = (self._light_pools if light else self._pools).get(replica.name)
+        if pool is None:  # retired by a reload since it was picked: never written to
+            raise UpstreamError(f"replica {replica.name} was removed by a reload",
+                                kind="connect", replica=replica.name, unsent=True)
         return await pool.request(request.method, request.raw_path, headers, body, fresh=fresh)
 
 

@@ -354,3 +354,21 @@ async def test_without_an_admin_listener_its_endpoints_are_on_the_public_port(
         assert r.status == 200
         assert "batchgate_config_reloads_total" in await r.text()
     assert a.arrivals == b.arrivals == 0  # none of these reached a replica
+
+
+async def test_health_reload_probes_every_replica_with_the_new_settings_at_once(
+    proxy: Factory, replicas: Factory, client: aiohttp.ClientSession
+) -> None:
+    a: FakeReplica = await replicas("a")
+    config = make_config(("a", a.url, 1), health_interval_s=60.0)
+    p: Proxy = await proxy(config)
+    await until(lambda: a.health_hits == 1, "the startup probe")
+    a.health_status = 500  # the next probe fails; with a 60 s interval, not for a while
+    reload_to(p, dataclasses.replace(config, health=dataclasses.replace(
+        config.health, timeout_s=1.0)))
+    result = await p.app[RELOADER].reload("test")
+    assert (result.result, result.message) == (SUCCESS, "changed: health")
+    await until(lambda: a.health_hits == 2, "a probe at once, with the new settings")
+    await until(lambda: not p.scheduler.replicas[0].healthy, "a marked unhealthy")
+    async with client.get(p.url + "/admin/replicas") as r:
+        assert [(e["name"], e["state"]) for e in await r.json()] == [("a", "unhealthy")]

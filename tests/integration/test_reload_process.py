@@ -228,3 +228,49 @@ async def test_admin_listener_serves_metrics_replicas_and_reload_off_the_public_
         assert sample(text, 'batchgate_config_reloads_total{result="failure"}') == 2.0
         assert 'replica="b"' in text
         assert not served.logged("Traceback"), b"".join(served.stdout).decode()
+
+
+async def test_sighup_starts_an_added_simulated_engine_and_stops_a_removed_one(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "batchgate.yaml"
+
+    def simulated(name: str) -> dict[str, Any]:
+        return {"name": name, "max_concurrency": 2, "simulated": {"time_scale": 0.01}}
+
+    def config(*names: str) -> str:
+        return yaml.safe_dump({
+            "server": {"host": "127.0.0.1", "port": 0},
+            "replicas": [simulated(n) for n in names],
+            "logging": {"format": "text"},
+        })
+
+    path.write_text(config("s1"))
+    async with (
+        serving(path) as served,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=BOUND_S)) as client,
+    ):
+        async def replicas_now() -> list[dict[str, Any]]:
+            async with client.get(served.url + "/admin/replicas") as r:
+                listing: list[dict[str, Any]] = await r.json()
+                return listing
+
+        [s1] = await replicas_now()
+        path.write_text(config("s2"))
+        served.proc.send_signal(signal.SIGHUP)
+        await poll(lambda: _true(served.logged("replica s1 is gone")), "s1 retired")
+        [s2] = await replicas_now()
+        assert s2["name"] == "s2" and s2["url"].startswith("http://127.0.0.1:")
+        assert s2["url"] != s1["url"]
+        async with client.post(served.url + "/v1/completions",
+                               json={"prompt": "hi", "max_tokens": 2}) as r:
+            assert r.status == 200
+        async def s1_stopped() -> bool:
+            try:
+                async with client.get(s1["url"] + "/health"):
+                    return False
+            except aiohttp.ClientConnectionError:
+                return True
+
+        await poll(s1_stopped, "s1's engine stopped once its replica is gone")
+        assert not served.logged("Traceback"), b"".join(served.stdout).decode()
