@@ -155,6 +155,13 @@ class HealthControl(Protocol):
     def reconfigure(self, config: HealthConfig) -> None: ...
 
 
+class SlotFree(Protocol):
+    """The slot-free requests (:class:`proxy.edge.light.LightSlots`): a removed replica goes
+    only once the last of those is done too."""
+
+    def when_idle(self, name: str, callback: Callable[[], None]) -> None: ...
+
+
 #: The results of a reload, and how ``POST /admin/reload`` answers each (proxy.edge.admin).
 SUCCESS = "success"
 INVALID = "invalid"  # the file does not load: the same one-line error as at startup
@@ -205,14 +212,18 @@ class Reloader:
         self._retire_callbacks: list[Callable[[str], None]] = []
         self._pools: Pools | None = None
         self._health: HealthControl | None = None
+        self._slot_free: SlotFree | None = None
         self.resolve: Resolve | None = None
         # As Prometheus does: the config loaded at startup is the first successful load.
         metrics.config_loaded(clock())
 
-    def attach(self, pools: Pools, health: HealthControl) -> None:
+    def attach(
+        self, pools: Pools, health: HealthControl, slot_free: SlotFree | None = None
+    ) -> None:
         """The components built at startup (the app's cleanup_ctx), before any traffic."""
         self._pools = pools
         self._health = health
+        self._slot_free = slot_free
 
     def on_reload(self, callback: Callable[[Config], None]) -> None:
         self._callbacks.append(callback)
@@ -305,15 +316,26 @@ class Reloader:
             health.reconfigure(new.health)
 
     def retired(self, replica: Replica) -> None:
-        """The scheduler's ``on_retired``: a removed replica's last slot came back.
+        """The scheduler's ``on_retired``: a removed replica's last slot came back. It goes
+        once its last slot-free request (GET, HEAD, OPTIONS) is done too.
 
-        Called from the slot's release, inside that request's ``finally``: the request's own
+        Each is called from a release inside that request's ``finally``: the request's own
         bookkeeping (its counters, with this replica's label) runs right after, in the same
-        step of its task, so the rest waits for the next turn of the loop. Never raises.
+        step of its task, so what follows waits for the next turn of the loop.
         """
-        asyncio.get_running_loop().call_soon(self._retire, replica)
+        loop = asyncio.get_running_loop()
+        slot_free = self._slot_free
+
+        def when_slot_free_idle() -> None:
+            loop.call_soon(self._retire, replica)
+
+        if slot_free is None:
+            when_slot_free_idle()
+        else:
+            slot_free.when_idle(replica.name, when_slot_free_idle)
 
     def _retire(self, replica: Replica) -> None:
+        """Never raises: it runs as a loop callback."""
         try:
             if self._pools is not None:
                 self._pools.retire(replica.name)

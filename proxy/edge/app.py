@@ -125,7 +125,7 @@ def create_app(
         )
         app[HEALTH] = HealthChecker(scheduler, config.health, ssl=tls)
         app[HEALTH].start()
-        reloader.attach(app[UPSTREAMS], app[HEALTH])
+        reloader.attach(app[UPSTREAMS], app[HEALTH], app[LIGHT].slots)
         try:
             yield
         finally:

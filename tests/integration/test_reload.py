@@ -372,3 +372,30 @@ async def test_health_reload_probes_every_replica_with_the_new_settings_at_once(
     await until(lambda: not p.scheduler.replicas[0].healthy, "a marked unhealthy")
     async with client.get(p.url + "/admin/replicas") as r:
         assert [(e["name"], e["state"]) for e in await r.json()] == [("a", "unhealthy")]
+
+
+async def test_a_removed_replica_also_finishes_its_slot_free_requests_before_it_goes(
+    proxy: Factory, replicas: Factory, client: aiohttp.ClientSession
+) -> None:
+    a: FakeReplica = await replicas("a")
+    b: FakeReplica = await replicas("b")
+    config = make_config(("a", a.url, 1))
+    p: Proxy = await proxy(config)
+
+    async def light() -> int:  # a GET takes no slot (proxy.edge.light)
+        async with client.get(p.url + "/v1/held", json={"hold": True}) as r:
+            await r.read()
+            return r.status
+
+    held = asyncio.create_task(light())
+    await until(lambda: a.in_flight == 1, "a GET in flight on a")
+    assert p.scheduler.in_flight == 0  # no slot held: the scheduler retires a at once
+    reload_to(p, with_replicas(config, (b, 1)))
+    assert (await p.app[RELOADER].reload("test")).ok
+    assert [r.name for r in p.scheduler.replicas] == ["b"]
+
+    a.gate.set()
+    assert await asyncio.wait_for(held, BOUND_S) == 200
+    await until(lambda: pool_names(p) == {"b"}, "a's pools closed after its last exchange")
+    samples = [s for family in p.app[METRICS].registry.collect() for s in family.samples]
+    assert [s for s in samples if s.labels.get("replica") == "a"] == []

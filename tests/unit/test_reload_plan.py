@@ -136,3 +136,24 @@ def test_bad_admin_section_is_one_line(admin: object, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config(data, "c.yaml")
     assert str(caught.value) == f"c.yaml: {message}"
+
+
+def test_slot_free_requests_tell_when_a_removed_replica_is_idle() -> None:
+    from proxy.core.replicas import Replica
+    from proxy.edge.light import LightSlots
+
+    a = Replica("a", "http://a:1", 1)
+    slots = LightSlots(limit=4)
+    told: list[str] = []
+    slots.when_idle("b", lambda: told.append("b"))  # nothing in flight: at once
+    assert told == ["b"]
+    slots.take(a)
+    slots.take(a)
+    slots.when_idle("a", lambda: told.append("a"))
+    slots.give(a)
+    assert told == ["b"]
+    slots.give(a)
+    assert told == ["b", "a"] and slots.in_flight == {}  # told once, and forgotten
+    slots.take(a)
+    slots.give(a)
+    assert told == ["b", "a"]
