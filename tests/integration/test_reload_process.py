@@ -274,3 +274,38 @@ async def test_sighup_starts_an_added_simulated_engine_and_stops_a_removed_one(
 
         await poll(s1_stopped, "s1's engine stopped once its replica is gone")
         assert not served.logged("Traceback"), b"".join(served.stdout).decode()
+
+
+async def test_a_reloaded_drain_timeout_applies_to_the_next_sigterm(
+    tmp_path: Path, replicas: Factory
+) -> None:
+    a: FakeReplica = await replicas("a")
+    # Far longer than every bound below: only the reloaded deadline lets the process exit.
+    path = write(tmp_path / "batchgate.yaml", (a, 1),
+                 server={"host": "127.0.0.1", "port": 0, "drain_timeout_s": BOUND_S * 6})
+    async with (
+        serving(path) as served,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=BOUND_S * 2)) as client,
+        fresh_connections() as probe,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        async def held_call() -> int:
+            async with client.post(served.url + "/v1/completions", json={"hold": True}) as r:
+                await r.read()
+                return r.status
+
+        held = asyncio.create_task(held_call())
+        stack.push_async_callback(_cancel, held)
+        await poll(lambda: _true(a.in_flight == 1), "a request held on a")
+        write(path, (a, 1), server={"host": "127.0.0.1", "port": 0, "drain_timeout_s": 0.2})
+        served.proc.send_signal(signal.SIGHUP)
+
+        async def reloaded() -> bool:
+            text = await scrape(probe, served.url)
+            return sample(text, 'batchgate_config_reloads_total{result="success"}') == 1.0
+
+        await poll(reloaded, "the reload to apply")
+        served.proc.send_signal(signal.SIGTERM)
+        assert await served.exit_code() == 0
+        assert served.logged("deadline 0.2s") and served.logged("cutting 1 requests")
+        assert await asyncio.wait_for(held, BOUND_S) == 503
