@@ -13,7 +13,7 @@ from ssl import SSLContext
 
 import aiohttp
 
-from proxy.config import HealthConfig
+from proxy.config import HealthConfig, UpstreamConfig
 from proxy.core.replicas import Replica
 from proxy.core.scheduler import Scheduler
 
@@ -76,8 +76,9 @@ class HealthChecker:
             self._stop(task)
         self.why.pop(replica.name, None)
 
-    def reconfigure(self, config: HealthConfig) -> None:
-        """New ``health`` settings: every replica is probed with them at once."""
+    def reconfigure(self, config: HealthConfig, upstream: UpstreamConfig | None = None) -> None:
+        """New ``health`` settings: every replica is probed with them at once. (``upstream``:
+        for passive ejection's settings, which live there; unused here.)"""
         self._config = config
         self._probe_timeout = aiohttp.ClientTimeout(total=config.timeout_s)
         for name, task in list(self._tasks.items()):

@@ -33,7 +33,14 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, fields
 from typing import NamedTuple, Protocol
 
-from proxy.config import Config, ConfigError, HealthConfig, LiveConfig, ReplicaConfig
+from proxy.config import (
+    Config,
+    ConfigError,
+    HealthConfig,
+    LiveConfig,
+    ReplicaConfig,
+    UpstreamConfig,
+)
 from proxy.core.replicas import DRAINING, Replica
 from proxy.core.scheduler import Scheduler
 from proxy.observe.metrics import Metrics
@@ -43,7 +50,9 @@ log = logging.getLogger("batchgate.reload")
 #: Keys of these sections that a reload may change; any other key of them is fixed.
 LIVE_KEYS: dict[str, frozenset[str]] = {
     "server": frozenset({"drain_timeout_s"}),
-    "upstream": frozenset({"retries"}),
+    # retries: read per request. The passive outlier keys (proxy.control.health, where they
+    # exist): applied by HealthControl.reconfigure.
+    "upstream": frozenset({"retries", "eject_after", "eject_s", "max_ejected_percent"}),
 }
 #: Sections that cannot change live at all.
 FIXED_SECTIONS = frozenset({"admin"})
@@ -152,7 +161,8 @@ class HealthControl(Protocol):
 
     def add(self, replica: Replica) -> None: ...
     def remove(self, replica: Replica) -> None: ...
-    def reconfigure(self, config: HealthConfig) -> None: ...
+    def reconfigure(self, config: HealthConfig, upstream: UpstreamConfig | None = None
+                    ) -> None: ...
 
 
 class SlotFree(Protocol):
@@ -187,9 +197,10 @@ class Reloader:
     """Applies new configs to the running proxy; the one writer of :class:`LiveConfig`.
 
     Components that change with the config register a callback: :meth:`on_reload` (called
-    with the new config after each successful reload; it must not fail for a config that
-    validated, since by then the rest is applied) and :meth:`on_retire` (a removed replica's
-    last request is done). Reloads run one at a time.
+    with each new config that validated and changes no fixed key, in registration order,
+    before the replicas, queue and probes change; raising ConfigError refuses the reload
+    there, anything else is a bug, logged and reported, and the rest still applies) and
+    :meth:`on_retire` (a removed replica's last request is done). Reloads run one at a time.
     """
 
     def __init__(
@@ -260,14 +271,19 @@ class Reloader:
                 new = await self.resolve(new, old)
             except (OSError, ValueError) as err:  # an embedded engine could not start
                 return ReloadResult(FAILED, f"reload not applied: {err}")
-        self._apply(new, changes)
         failures = []
         for callback in self._callbacks:
             try:
                 callback(new)
+            except ConfigError as err:
+                # What only the component can check (a keys file re-read): refused before
+                # the replicas, queue and probes change (callbacks that can refuse are
+                # registered first: create_app's before serve's logging ones).
+                return ReloadResult(INVALID, str(err))
             except Exception as err:
                 log.exception("a component failed to apply the reloaded config")
                 failures.append(f"{type(err).__name__}: {err}")
+        self._apply(new, changes)
         if failures:
             return ReloadResult(FAILED, "reload applied except: " + "; ".join(failures))
         return ReloadResult(SUCCESS, changes.summary())
@@ -311,9 +327,9 @@ class Reloader:
             if replica is not None and not scheduler.remove_replica(replica):
                 log.info("replica %s removed from the config: finishing its %d requests",
                          name, replica.in_flight)
-        # 6. Probes follow the new health settings.
-        if "health" in changes.changed and health is not None:
-            health.reconfigure(new.health)
+        # 6. Probes (and passive ejection) follow the new settings.
+        if changes.changed & {"health", "upstream"} and health is not None:
+            health.reconfigure(new.health, new.upstream)
 
     def retired(self, replica: Replica) -> None:
         """The scheduler's ``on_retired``: a removed replica's last slot came back. It goes

@@ -17,7 +17,14 @@ import aiohttp
 import pytest
 import yaml
 
-from proxy.config import Config, QueueConfig, ReplicaConfig, config_to_dict, load_config
+from proxy.config import (
+    Config,
+    ConfigError,
+    QueueConfig,
+    ReplicaConfig,
+    config_to_dict,
+    load_config,
+)
 from proxy.control.reload import FAILED, INVALID, REFUSED, SUCCESS
 from proxy.edge.keys import METRICS, RELOADER, UPSTREAMS
 from proxy.observe.accesslog import AccessLog
@@ -399,3 +406,25 @@ async def test_a_removed_replica_also_finishes_its_slot_free_requests_before_it_
     await until(lambda: pool_names(p) == {"b"}, "a's pools closed after its last exchange")
     samples = [s for family in p.app[METRICS].registry.collect() for s in family.samples]
     assert [s for s in samples if s.labels.get("replica") == "a"] == []
+
+
+async def test_a_component_that_refuses_the_new_config_stops_the_reload_before_it_applies(
+    proxy: Factory, replicas: Factory
+) -> None:
+    a: FakeReplica = await replicas("a")
+    b: FakeReplica = await replicas("b")
+    config = make_config(("a", a.url, 1))
+    p: Proxy = await proxy(config)
+    seen: list[Config] = []
+
+    def keys_file_gone(_config: Config) -> None:  # e.g. the key ring re-reading its file
+        raise ConfigError("keys.txt: auth.api_keys_file: cannot read keys file")
+
+    p.app[RELOADER].on_reload(keys_file_gone)
+    p.app[RELOADER].on_reload(seen.append)
+    reload_to(p, with_replicas(config, (a, 1), (b, 1)))
+    result = await p.app[RELOADER].reload("test")
+    assert (result.result, result.message) == (
+        INVALID, "keys.txt: auth.api_keys_file: cannot read keys file")
+    assert [r.name for r in p.scheduler.replicas] == ["a"] and seen == []
+    assert p.metric("batchgate_config_reloads_total", result="failure") == 1.0
