@@ -489,6 +489,17 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The admin listener (proxy.edge.admin): /metrics, /admin/reload, /admin/replicas.
+
+    Bound once at startup: neither key can change by a reload.
+    """
+
+    host: str = _field("127.0.0.1", _text(r"\S+", "must be a non-empty host or address"))
+    port: int = _field(8081, _integer(0, 65535))  # 0 asks the OS for a free port (tests)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole validated config. Build it with `load_config` or `parse_config`."""
 
@@ -499,9 +510,28 @@ class Config:
     upstream: UpstreamConfig = UpstreamConfig()
     logging: LoggingConfig = LoggingConfig()
     auth: AuthConfig = AuthConfig()
+    # Absent: no admin listener (its endpoints are on the public port). `admin:` with
+    # nothing under it is the listener on its defaults.
+    admin: AdminConfig | None = field(default=None, metadata={_CHECK: _section(AdminConfig)})
 
 
 _CONFIG = _section(Config)
+
+
+class LiveConfig:
+    """The config in force, swapped whole by a reload (:mod:`proxy.control.reload`).
+
+    Code that reads config per request reads ``current`` each time and keeps no copy: a
+    request sees either the old config or the new one, never a mix.
+    """
+
+    __slots__ = ("current",)
+
+    def __init__(self, config: Config) -> None:
+        self.current = config
+
+    def __repr__(self) -> str:
+        return f"<LiveConfig {len(self.current.replicas)} replicas>"
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -556,7 +586,11 @@ def config_to_dict(config: Config) -> dict[str, object]:
     A replica's unset `url`, `simulated` or `api_key` is left out, so the output parses back
     to an equal Config, except that every credential that is set reads "<redacted>".
     """
-    return {f.name: _plain(getattr(config, f.name)) for f in fields(config)}
+    return {
+        f.name: _plain(getattr(config, f.name)) for f in fields(config)
+        # `admin: null` would read back as the listener on its defaults: absent is absent.
+        if not (f.name == "admin" and config.admin is None)
+    }
 
 
 def _plain(value: object) -> object:

@@ -152,7 +152,7 @@ class HealthChecker:
             return
         track = self._tracks[replica.name] = _Track(replica)
         if self._started:
-            self._spawn(track, self._loop(track), f"health:{replica.name}")
+            self._spawn(track, self._loop(track), f"health:probe:{replica.name}")
 
     def remove(self, replica: Replica) -> None:
         """Stop probing ``replica`` and forget its record (its streams stay watched)."""
@@ -165,7 +165,9 @@ class HealthChecker:
         self.why.pop(replica.name, None)
 
     def reconfigure(self, config: HealthConfig, upstream: UpstreamConfig | None = None) -> None:
-        """New health settings (a reload): the next probe and the next look use them."""
+        """New health settings (a reload): every replica is probed with them at once (a new
+        path or method is judged now, not an old interval later); the streaks carry on."""
+        restart = self._started and getattr(self, "config", config) != config
         self.config = config
         self._probe_timeout = aiohttp.ClientTimeout(total=config.timeout_s)
         self._probe_body = None if config.body is None else json.dumps(config.body).encode()
@@ -173,6 +175,11 @@ class HealthChecker:
             self.outliers.configure(
                 upstream.eject_after, upstream.eject_s, upstream.max_ejected_percent
             )
+        if restart:
+            for track in self._tracks.values():
+                for task in [t for t in track.tasks if t.get_name().startswith("health:probe:")]:
+                    task.cancel()
+                self._spawn(track, self._loop(track), f"health:probe:{track.replica.name}")
 
     async def close(self) -> None:
         tasks = [task for track in self._tracks.values() for task in track.tasks]

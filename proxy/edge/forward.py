@@ -45,7 +45,7 @@ class Forwarder:
 
     @property
     def config(self) -> Config:
-        return self.app[CONFIG]
+        return self.app[CONFIG].current  # swapped by a reload: read it per request
 
     async def proxied(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         body = await _read_body(request, self.config.server.max_body_bytes)

@@ -139,6 +139,8 @@ class AccessLog:
         self._dropped_full = 0  # request path
         self._dropped_bad = 0  # writer thread
         self._on_drop: Callable[[int], None] | None = None
+        #: Off while ``logging.level`` is warning or error; a reload may turn it on again.
+        self.enabled = True
         self._thread = threading.Thread(target=self._run, name="batchgate-access-log",
                                         daemon=True)
         self._thread.start()
@@ -156,7 +158,15 @@ class AccessLog:
         if self._on_drop is not None:
             self._on_drop(n)
 
+    def reconfigure(self, fmt: str, *, enabled: bool) -> None:
+        """A reload changed ``logging``: lines not yet written use ``fmt`` (the writer thread
+        reads the attribute per line, and swapping it is atomic)."""
+        self._format = format_json if fmt == "json" else format_text
+        self.enabled = enabled
+
     def record(self, exchange: ExchangeView) -> None:
+        if not self.enabled:
+            return
         if self._queued - self._taken >= self._max_pending:
             self._dropped_full += 1
             self._drop(1)

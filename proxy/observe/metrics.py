@@ -8,11 +8,12 @@ can never disagree with the scheduler, and a request pays nothing for it.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -55,6 +56,8 @@ DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0
 #: The `where` label of `batchgate_internal_errors_total`: the observers, each guarded alone
 #: (``health``: the outcome feed of passive outlier ejection).
 INTERNAL_ERROR_SITES = ("usage", "metrics", "access_log", "health")
+#: The `result` label of `batchgate_config_reloads_total`.
+RELOAD_RESULTS = ("success", "failure")
 
 
 def route_label(path: str) -> str:
@@ -124,6 +127,13 @@ class _Children(Generic[_M]):
         if child is None:
             child = self._cache[values] = self._metric.labels(*values)
         return child
+
+    def remove_first(self, value: str) -> None:
+        """Remove every child whose first label value is ``value``."""
+        for values in [v for v in self._cache if v[0] == value]:
+            del self._cache[values]
+            with contextlib.suppress(KeyError):
+                self._metric.remove(*values)
 
 
 class Metrics:
@@ -206,6 +216,23 @@ class Metrics:
         )
         for where in INTERNAL_ERROR_SITES:
             self.internal_errors.labels(where)  # exported at 0 from startup
+        # Named as Prometheus names its own (prometheus_config_last_reload_*).
+        self.reloads = Counter(
+            "batchgate_config_reloads",
+            "Config reloads (SIGHUP, POST /admin/reload), by result (success, failure).",
+            ["result"], registry=r,
+        )
+        for result in RELOAD_RESULTS:
+            self.reloads.labels(result)
+        self.last_reload = Gauge(
+            "batchgate_config_last_reload_success_timestamp_seconds",
+            "Unix time the config in force was loaded (at startup, then each successful "
+            "reload).",
+            registry=r,
+        )
+        # process_* (CPU, resident memory, open and max file descriptors, start time): not in
+        # a custom registry unless registered there.
+        ProcessCollector(registry=r)
         build = Gauge("batchgate_build_info", "batchgate version.", ["version"], registry=r)
         build.labels(__version__).set(1)
         self._requests = _Children(self.requests)
@@ -237,6 +264,25 @@ class Metrics:
 
     def ejected(self, replica: str) -> None:
         self.ejections.labels(replica).inc()
+
+    def remove_replica(self, name: str) -> None:
+        """Drop every series of a replica that left the config (its last request is done).
+
+        The gauges follow the scheduler by themselves; the counters' children are known from
+        the caches (the ``replica`` label is always the first).
+        """
+        for children in (self._requests, self._upstream_errors, self._tokens):
+            children.remove_first(name)
+        for counter in (self.retries, self.ejections):
+            with contextlib.suppress(KeyError):
+                counter.remove(name)
+
+    def config_loaded(self, when: float) -> None:
+        """The config in force was loaded at ``when`` (Unix time): at startup, or reloaded."""
+        self.last_reload.set(when)
+
+    def reload_result(self, ok: bool) -> None:
+        self.reloads.labels("success" if ok else "failure").inc()
 
     def inter_chunk_observer(self, route: str) -> Callable[[float], None]:
         """The bound ``observe`` of one route's child: a label lookup per request, not per chunk."""

@@ -77,6 +77,15 @@ CATALOGUE: dict[str, Labels] = {
     },
     "batchgate_access_log_dropped_total": {},
     "batchgate_build_info": {"version": ANY},
+    "batchgate_config_reloads_total": {"result": frozenset({"success", "failure"})},
+    "batchgate_config_last_reload_success_timestamp_seconds": {},
+    # prometheus-client's process collector (Linux).
+    "process_cpu_seconds_total": {},
+    "process_virtual_memory_bytes": {},
+    "process_resident_memory_bytes": {},
+    "process_start_time_seconds": {},
+    "process_open_fds": {},
+    "process_max_fds": {},
 }
 
 #: Labels Prometheus attaches to every scraped series.
