@@ -19,7 +19,7 @@ from prometheus_client import generate_latest
 
 from proxy.config import ApiKey, AuthConfig, Config, ReplicaConfig
 from proxy.edge.auth import AUTH, KeyRing, denied, require_key
-from proxy.edge.keys import METRICS
+from proxy.edge.keys import METRICS, RELOADER
 from proxy.observe.accesslog import AccessLog
 from proxy.observe.metrics import Metrics
 from tests.integration.conftest import BOUND_S, FakeReplica, Proxy, make_config, start_app, until
@@ -191,6 +191,39 @@ async def test_rotation_by_replace_on_a_running_proxy(
         assert answer.status == 200
     assert p.metric("batchgate_requests_total", replica="r", route=COMPLETIONS, code="200",
                     tenant="team-a") == 2
+
+
+async def test_rotation_by_reload_and_a_broken_keys_file_keeps_the_keys_in_force(
+    replicas: Factory, proxy: Factory, client: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """The keys file is re-read by a reload (POST /admin/reload, as SIGHUP): rotated keys work
+    at once; a file that no longer reads refuses the reload and the old keys stay."""
+    keys = tmp_path / "keys"
+    keys.write_text(f"team-a:{KEY_A}\n")
+    r: FakeReplica = await replicas("r")
+    config = with_auth(make_config(("r", r.url, 2)), AuthConfig(api_keys_file=str(keys)))
+    p: Proxy = await proxy(config)
+    p.app[RELOADER].load = lambda: config  # the config file itself is unchanged
+
+    async def status(key: str) -> int:
+        async with client.post(p.url + COMPLETIONS, json={}, headers=bearer(key)) as answer:
+            return answer.status
+
+    async def reload() -> tuple[int, str]:
+        async with client.post(p.url + "/admin/reload", headers=bearer(KEY_A)) as answer:
+            return answer.status, (await answer.json())["result"]
+
+    assert await status(KEY_A) == 200
+    keys.write_text("team-a has no colon\n")
+    assert await reload() == (400, "failure")
+    assert await status(KEY_A) == 200  # refused: the keys in force stay
+    rotated = KEY_A[::-1]
+    keys.write_text(f"team-a:{rotated}\n")
+    async with client.post(p.url + "/admin/reload", headers=bearer(KEY_A)) as answer:
+        assert answer.status == 200  # let in by the old key, which the reload then retires
+    assert (await status(KEY_A), await status(rotated)) == (401, 200)
+    assert p.metric("batchgate_config_reloads_total", result="failure") == 1
+    assert p.metric("batchgate_config_reloads_total", result="success") == 1
 
 
 async def test_a_key_never_reaches_logs_metrics_or_errors(
