@@ -78,6 +78,18 @@ class BodyTooLarge(ProxyError):
     reason = "body_too_large"
 
 
+class Unauthorized(ProxyError):
+    """No API key, or not one of ``auth``'s (proxy.edge.auth); the message never holds it."""
+
+    status = 401
+    type = "invalid_request_error"
+    reason = "unauthorized"
+
+    @property
+    def code(self) -> str:
+        return "invalid_api_key"  # OpenAI's code, which SDKs raise as AuthenticationError
+
+
 class HeaderTimeout(ProxyError):
     """The request head did not arrive within ``server.header_timeout_s``."""
 

@@ -148,7 +148,13 @@ async def pipe(
     except ConnectionResetError:
         exchange.client_gone = True
     except asyncio.CancelledError:
-        if is_cut() and sse and exchange.prepared:
+        if sse and exchange.prepared and exchange.cut_reason is not None:
+            # The replica is wedged (proxy.control.stall): its stream ends, and says why.
+            await _end_stream_with_error(
+                response, sse_error_event(exchange.cut_reason, "upstream_error",
+                                          "upstream_timeout"),
+            )
+        elif is_cut() and sse and exchange.prepared:
             # Shutdown's deadline passed mid-stream: say so in the stream's own protocol.
             await _end_stream_with_error(
                 response,
@@ -203,6 +209,7 @@ async def _write(
                     await response.write_eof()
                 else:
                     await response.write(chunk)
+            exchange.bytes_out += len(chunk)
         except TimeoutError:
             exchange.client_gone = True
             transport.close()
@@ -211,6 +218,7 @@ async def _write(
         await response.write_eof()
     else:
         await response.write(chunk)
+    exchange.bytes_out += len(chunk)
     return True
 
 

@@ -9,9 +9,13 @@ What must hold:
 - the normal caller's p99 latency while the tricklers hold their connections and are cut
   stays within ``P99_MARGIN_MS`` of its baseline, measured in the same run just before and
   just after the attack (the worse of the two, so background noise on a shared machine that
-  hits one baseline does not fail the run; the margin is generous for the same reason).
+  hits one baseline does not fail the run), plus their difference when that is larger than
+  the margin (the run's own measure of that noise).
 
-Loopback only; about 6 s (33 s to fail if the tricklers are never cut).
+The tricklers arrive over 1.5 s, interleaved, as a flood from many clients does; each is
+timed from its own connection.
+
+Loopback only; about 10 s (35 s to fail if the tricklers are never cut).
 """
 
 from __future__ import annotations
@@ -43,10 +47,16 @@ TRICKLE_EVERY_S = 0.5
 #: How late past its timeout a trickler may be cut: the timer itself is exact to a millisecond;
 #: the rest is a 2-core machine shared with other work, and 350 cuts falling due together.
 CUT_SLACK_S = 3.0
-#: The normal caller's p99 under attack may exceed its baseline p99 by this much. A few ms is
-#: the promise; 10 ms of margin keeps a shared CI machine's scheduling noise from failing it.
+#: The normal caller's p99 under attack may exceed its baseline p99 by this much, or by the
+#: difference between its two baselines if that is larger (the machine's own noise in this
+#: run). A few ms is the promise; 10 ms keeps a shared CI machine's scheduling from failing it.
 P99_MARGIN_MS = 10.0
 BASELINE_SAMPLES = 400
+
+#: The tricklers arrive over this long, interleaved.
+ARRIVAL_S = 1.5
+HEAD_START = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+BODY_HEAD = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
 
 LISTENING = re.compile(rb"listening on (http://\S+)")
 
@@ -111,13 +121,13 @@ async def batchgate(tmp_path: Path, replica_url: str) -> AsyncIterator[str]:
             await asyncio.wait_for(pump, BOUND_S)
 
 
-async def open_tricklers(host: str, port: int, count: int, first: bytes) -> list[Trickler]:
-    out = []
-    for _ in range(count):
-        reader, writer = await asyncio.open_connection(host, port)
-        writer.write(first)
-        out.append(Trickler(reader, writer, time.monotonic()))
-    return out
+async def open_trickler(host: str, port: int, first: bytes) -> Trickler:
+    # Taken before connecting: the proxy's timer starts later than this, and the caller sees
+    # the cut later than it happens, so the time measured is never shorter than the timeout.
+    started = time.monotonic()
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(first)
+    return Trickler(reader, writer, started)
 
 
 async def read_cut(t: Trickler) -> None:
@@ -130,9 +140,9 @@ async def read_cut(t: Trickler) -> None:
     t.done.set()
 
 
-async def tick(tricklers: list[Trickler], byte: bytes) -> None:
+async def tick(tricklers: list[Trickler], byte: bytes, opened: asyncio.Event) -> None:
     """One shared ticker (not 350 sleeping tasks): a byte to every trickler still open."""
-    while any(not t.done.is_set() for t in tricklers):
+    while not opened.is_set() or any(not t.done.is_set() for t in tricklers):
         for t in tricklers:
             if not t.done.is_set() and not t.writer.is_closing():
                 t.writer.write(byte)
@@ -171,7 +181,7 @@ def check_cut(t: Trickler, timeout_s: float, reason: str, total_bytes: int) -> N
     assert head.startswith(b"HTTP/1.1 408 "), t.answer[:200]
     assert json.loads(body)["error"]["code"] == reason
     waited = t.cut_at - t.started
-    assert timeout_s * 0.9 <= waited <= timeout_s + CUT_SLACK_S, waited
+    assert timeout_s - 0.01 <= waited <= timeout_s + CUT_SLACK_S, waited  # 10 ms: clocks
     assert t.sent < total_bytes, "it sent everything: it was never cut"
 
 
@@ -192,30 +202,37 @@ async def test_tricklers_are_cut_and_a_normal_caller_does_not_notice(tmp_path: P
 
             # A head needs 60 more bytes, a body 1000: at 2 B/s, 30 s and 500 s to finish.
             slow_field = b"X-Slow: " + b"a" * 50 + b"\r\n\r\n"
-            heads = await open_tricklers(
-                host, int(port), HEAD_TRICKLERS, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
-            bodies = await open_tricklers(
-                host, int(port), BODY_TRICKLERS,
-                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
-            everyone = heads + bodies
-            all_cut = asyncio.Event()
-            readers = [asyncio.create_task(read_cut(t)) for t in everyone]
-            tickers = [asyncio.create_task(tick(heads, slow_field[:1])),
-                       asyncio.create_task(tick(bodies, b"x"))]
+            heads: list[Trickler] = []
+            bodies: list[Trickler] = []
+            opened, all_cut = asyncio.Event(), asyncio.Event()
+            readers: list[asyncio.Task[None]] = []
 
-            async def watch() -> None:
-                await asyncio.gather(*(t.done.wait() for t in everyone))
+            async def attack() -> None:
+                """The tricklers arrive over ARRIVAL_S (six heads to one body), as a real flood
+                does, rather than in one millisecond; so their cuts are spread as well."""
+                total = HEAD_TRICKLERS + BODY_TRICKLERS
+                for i in range(total):
+                    body = (i % 7 == 6 and len(bodies) < BODY_TRICKLERS) or (
+                        len(heads) == HEAD_TRICKLERS)
+                    t = await open_trickler(host, int(port), BODY_HEAD if body else HEAD_START)
+                    (bodies if body else heads).append(t)
+                    readers.append(asyncio.create_task(read_cut(t)))
+                    await asyncio.sleep(ARRIVAL_S / total)
+                opened.set()
+                await asyncio.gather(*readers)
                 all_cut.set()
 
-            watcher = asyncio.create_task(watch())
+            attacker = asyncio.create_task(attack())
+            tickers = [asyncio.create_task(tick(heads, slow_field[:1], opened)),
+                       asyncio.create_task(tick(bodies, b"x", opened))]
             try:
                 during = await asyncio.wait_for(measure(session, url, until=all_cut),
                                                 BOUND_S * 3)
             finally:
-                for task in [*readers, *tickers, watcher]:
+                for task in [attacker, *readers, *tickers]:
                     task.cancel()
-                await asyncio.gather(*readers, *tickers, watcher, return_exceptions=True)
-                for t in everyone:
+                await asyncio.gather(attacker, *readers, *tickers, return_exceptions=True)
+                for t in heads + bodies:
                     t.writer.close()
             after = await measure(session, url, count=BASELINE_SAMPLES)
             reasons = await rejected(session, url)
@@ -230,10 +247,14 @@ async def test_tricklers_are_cut_and_a_normal_caller_does_not_notice(tmp_path: P
     assert reasons["body_timeout"] == BODY_TRICKLERS
     assert replica.arrivals == 100 + 2 * BASELINE_SAMPLES + len(during), "a trickler got through"
 
-    baseline = max(percentile(before, 0.99), percentile(after, 0.99))
+    p99_before, p99_after = percentile(before, 0.99), percentile(after, 0.99)
     under_attack = percentile(during, 0.99)
-    report = (f"p99 ms: before {percentile(before, 0.99):.2f}, during {under_attack:.2f} "
-              f"({len(during)} requests), after {percentile(after, 0.99):.2f}")
+    # The two baselines differ only by what else the machine did meanwhile: that much noise
+    # is allowed on top of the margin.
+    margin = max(P99_MARGIN_MS, abs(p99_before - p99_after))
+    report = (f"p99 ms: before {p99_before:.2f}, during {under_attack:.2f} "
+              f"({len(during)} requests), after {p99_after:.2f}; allowed "
+              f"{max(p99_before, p99_after) + margin:.2f}")
     print(report)
     assert len(during) >= 100, f"too few requests during the attack to judge: {report}"
-    assert under_attack <= baseline + P99_MARGIN_MS, report
+    assert under_attack <= max(p99_before, p99_after) + margin, report

@@ -268,7 +268,8 @@ BAD_CONFIGS: list[tuple[str, str | bytes | None, str]] = [
     (
         "unknown top-level key",
         REPLICA + "serverr: {}\n",
-        "serverr: unknown key (allowed: replicas, server, queue, health, upstream, logging)",
+        "serverr: unknown key (allowed: replicas, server, queue, health, upstream, logging,"
+        " auth, admin)",
     ),
     (
         "unknown section key",
@@ -280,7 +281,8 @@ BAD_CONFIGS: list[tuple[str, str | bytes | None, str]] = [
     (
         "unknown replica key beats missing",
         "replicas: [{name: a, url: 'http://h', max_concurency: 1}]\n",
-        "replicas[0].max_concurency: unknown key (allowed: name, max_concurrency, url, simulated)",
+        "replicas[0].max_concurency: unknown key (allowed: name, max_concurrency, url, simulated,"
+        " api_key)",
     ),
     (
         "unknown simulated key",
