@@ -292,6 +292,26 @@ async def test_an_upload_at_a_real_rate_outlasts_body_timeout(served: Factory) -
     assert replica.completed == 1
 
 
+async def test_expect_100_continue_gets_its_interim_answer_and_the_body_its_full_time(
+    served: Factory,
+) -> None:
+    """A caller that waits for 100 Continue before its body is not a silent body."""
+    s, replica = await served(body_timeout_s=0.5)
+    body = b'{"a": 1}'
+    conn = await s.connect()
+    try:
+        conn.send(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body))
+        interim = await asyncio.wait_for(conn.reader.readuntil(b"\r\n\r\n"), BOUND_S)
+        assert interim.startswith(b"HTTP/1.1 100 Continue"), interim
+        conn.send(body)
+        status, _h, answer = await conn.answer()
+    finally:
+        conn.close()
+    assert status == 200 and json.loads(answer)["bytes"] == len(body)
+    assert replica.completed == 1
+
+
 # -- head size and count --------------------------------------------------------------------
 
 async def test_a_head_over_max_header_bytes_gets_431(served: Factory, parser: str) -> None:
