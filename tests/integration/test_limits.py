@@ -23,7 +23,7 @@ from aiohttp.http_parser import HttpRequestParserPy
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import Config, LoggingConfig
-from proxy.edge.limits import LINGER_S
+from proxy.edge.protocol import LINGER_S
 from proxy.server import serve
 from tests.integration.conftest import BOUND_S, FakeReplica, make_config, until
 
