@@ -55,7 +55,7 @@ _CUT = 5  # refused or timed out: whatever still arrives is dropped unread
 
 class LimitedHandler(RequestHandler):
     """aiohttp's protocol for one caller connection, with the deadlines and size limits of
-    :class:`EdgeLimits` (see the module docstring for what each one guarantees)."""
+    :class:`EdgeLimits` (:mod:`proxy.edge.limits` says what each one guarantees)."""
 
     __slots__ = (
         "_admitted", "_deadline", "_head_bytes", "_head_tail", "_in_handler", "_limits",
