@@ -224,6 +224,13 @@ class Metrics:
         )
         for result in RELOAD_RESULTS:
             self.reloads.labels(result)
+        self.discovery_errors = Counter(
+            "batchgate_discovery_errors",
+            "Failed DNS lookups of a discovery entry (timeout, SERVFAIL, refused), by its dns "
+            "name; the replicas found before stay. NXDOMAIN or no record is an answer (no "
+            "replica), not an error.",
+            ["dns"], registry=r,
+        )
         self.last_reload = Gauge(
             "batchgate_config_last_reload_success_timestamp_seconds",
             "Unix time the config in force was loaded (at startup, then each successful "
@@ -276,6 +283,18 @@ class Metrics:
         for counter in (self.retries, self.ejections):
             with contextlib.suppress(KeyError):
                 counter.remove(name)
+
+    def discovery_watch(self, dns: str) -> None:
+        """A discovery entry looks ``dns`` up: its error counter exists from now, at 0."""
+        self.discovery_errors.labels(dns)
+
+    def discovery_error(self, dns: str) -> None:
+        self.discovery_errors.labels(dns).inc()
+
+    def discovery_forget(self, dns: str) -> None:
+        """No entry looks ``dns`` up any more (a reload removed it): its series goes."""
+        with contextlib.suppress(KeyError):
+            self.discovery_errors.remove(dns)
 
     def config_loaded(self, when: float) -> None:
         """The config in force was loaded at ``when`` (Unix time): at startup, or reloaded."""

@@ -79,6 +79,7 @@ CATALOGUE: dict[str, Labels] = {
     "batchgate_build_info": {"version": ANY},
     "batchgate_config_reloads_total": {"result": frozenset({"success", "failure"})},
     "batchgate_config_last_reload_success_timestamp_seconds": {},
+    "batchgate_discovery_errors_total": {"dns": ANY},
     # prometheus-client's process collector (Linux).
     "process_cpu_seconds_total": {},
     "process_virtual_memory_bytes": {},
