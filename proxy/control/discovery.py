@@ -165,6 +165,7 @@ class Discovery:
         self._timing = timing if timing is not None else Timing()
         self._entries: dict[str, DiscoveryConfig] = {}  # by name_prefix
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._stopping: set[asyncio.Task[None]] = set()  # loops a reload replaced
         self._found: dict[str, _Found] = {}  # by replica name
         self._started = False
         #: Lookups applied per entry (by name_prefix), for tests and logs.
@@ -182,7 +183,7 @@ class Discovery:
             self._spawn(entry)
 
     async def close(self) -> None:
-        tasks = list(self._tasks.values())
+        tasks = [*self._tasks.values(), *self._stopping]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -201,6 +202,8 @@ class Discovery:
             task = self._tasks.pop(prefix, None)
             if task is not None:
                 task.cancel()
+                self._stopping.add(task)
+                task.add_done_callback(self._stopping.discard)
             if prefix not in new:
                 del self._entries[prefix]
                 self.lookups.pop(prefix, None)

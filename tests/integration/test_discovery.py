@@ -377,3 +377,53 @@ async def test_a_large_answer_comes_over_tcp(dns_server: FakeDns) -> None:
     dns_server.mode = SERVFAIL
     with pytest.raises(LookupFailed, match="A: "):
         await lookup(entry)
+
+
+async def test_an_address_back_while_its_replica_drains_returns_once_that_one_is_gone(
+    proxy: Factory, pods: Factory, dns_server: FakeDns, client: aiohttp.ClientSession
+) -> None:
+    (a,) = await pods("127.0.0.2")
+    dns_server.set(NAME, "127.0.0.2")
+    clock = FakeTime()
+    p: Proxy = await proxy(discovery_config(dns_server, pods.port[0]),
+                           discovery_timing=clock.timing())
+    await until(lambda: healthy(p) == ["vllm-127.0.0.2"], "a found and probed")
+    held = asyncio.create_task(post(client, p, {"hold": True}))
+    await until(lambda: a.in_flight == 1, "a request held on a")
+
+    dns_server.set(NAME)
+    await lookup_round(p, clock)
+    draining = p.scheduler.replica("vllm-127.0.0.2")
+    assert draining is not None and draining.state == "draining"
+    # Back in DNS while the old one still finishes: the name is in use, so not yet.
+    dns_server.set(NAME, "127.0.0.2")
+    await lookup_round(p, clock)
+    assert p.scheduler.replica("vllm-127.0.0.2") is draining
+    assert draining.state == "draining"
+
+    a.gate.set()
+    assert (await asyncio.wait_for(held, BOUND_S))[0] == 200
+    reloader = p.app[RELOADER]
+    await until(lambda: reloader.name_free("vllm-127.0.0.2"), "the old one retired")
+    await lookup_round(p, clock)
+    back = p.scheduler.replica("vllm-127.0.0.2")
+    assert back is not None and back is not draining
+    await until(lambda: back.takes_work, "the new one probed in")
+    assert pool_names(p) == {"vllm-127.0.0.2"}
+    status, body = await post(client, p, {})
+    assert (status, body["replica"]) == (200, "127.0.0.2")
+
+
+async def test_a_name_is_free_only_once_its_replica_is_retired(
+    proxy: Factory, replicas: Factory
+) -> None:
+    """Between the scheduler dropping a replica and its retirement (pools, probes, series:
+    the next loop turn), a new replica of that name would have its pools closed by it."""
+    s: FakeReplica = await replicas("s")
+    p: Proxy = await proxy(make_config(("s", s.url, 1), ("t", s.url, 1)))
+    reloader = p.app[RELOADER]
+    reloader.remove_replica("s", "removed by the test")  # holds nothing: dropped at once
+    assert p.scheduler.replica("s") is None
+    assert not reloader.name_free("s")
+    await until(lambda: reloader.name_free("s"), "s retired")
+    assert pool_names(p) == {"t"}
