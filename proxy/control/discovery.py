@@ -134,6 +134,12 @@ class DnsLookup:
         return frozenset(str(ipaddress.ip_address(record.address)) for record in answer.rrset)
 
 
+def _address_order(address: str) -> tuple[int, int]:
+    # IPv4 before IPv6 (their address objects do not compare with each other).
+    ip = ipaddress.ip_address(address)
+    return ip.version, int(ip)
+
+
 @dataclass(slots=True)
 class _Found:
     """A replica this module added: which entry found it, where it is, its cap."""
@@ -224,7 +230,13 @@ class Discovery:
 
     async def _loop(self, entry: DiscoveryConfig) -> None:
         while True:
-            await self.refresh(entry)
+            try:
+                await self.refresh(entry)
+            except Exception:
+                # A bug here must not end discovery for good: the set stays, the next
+                # lookup tries again, and the fault is counted.
+                log.exception("discovery of %s failed (a bug)", entry.dns)
+                self._metrics.internal_error("discovery")
             await self._timing.sleep(probe_delay(entry.interval_s, self._timing.rng))
 
     async def refresh(self, entry: DiscoveryConfig) -> bool:
@@ -252,7 +264,7 @@ class Discovery:
         members = self._members
         wanted: dict[str, str] = {}
         if entry is not None:
-            for address in sorted(addresses, key=ipaddress.ip_address):
+            for address in sorted(addresses, key=_address_order):
                 wanted[replica_name(prefix, address)] = replica_url(address, entry.port)
         ours = [name for name, found in self._found.items() if found.prefix == prefix]
         for name in ours:

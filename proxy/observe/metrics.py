@@ -57,8 +57,8 @@ DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0
 
 
 #: The `where` label of `batchgate_internal_errors_total`: the observers, each guarded alone
-#: (``health``: the outcome feed of passive outlier ejection).
-INTERNAL_ERROR_SITES = ("usage", "metrics", "access_log", "health")
+#: (``health``: the outcome feed of passive outlier ejection; ``discovery``: a lookup loop).
+INTERNAL_ERROR_SITES = ("usage", "metrics", "access_log", "health", "discovery")
 #: The `result` label of `batchgate_config_reloads_total`.
 RELOAD_RESULTS = ("success", "failure")
 

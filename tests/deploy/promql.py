@@ -73,7 +73,7 @@ CATALOGUE: dict[str, Labels] = {
     **_histogram("batchgate_request_duration_seconds", {"route": _ROUTES}),
     "batchgate_tokens_total": {"replica": ANY, "kind": frozenset({"prompt", "completion"})},
     "batchgate_internal_errors_total": {
-        "where": frozenset({"usage", "metrics", "access_log", "health"}),
+        "where": frozenset({"usage", "metrics", "access_log", "health", "discovery"}),
     },
     "batchgate_access_log_dropped_total": {},
     "batchgate_build_info": {"version": ANY},

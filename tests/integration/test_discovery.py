@@ -427,3 +427,42 @@ async def test_a_name_is_free_only_once_its_replica_is_retired(
     assert not reloader.name_free("s")
     await until(lambda: reloader.name_free("s"), "s retired")
     assert pool_names(p) == {"t"}
+
+
+async def test_a_dual_stack_name_gives_a_replica_per_address_of_either_family(
+    proxy: Factory, pods: Factory, dns_server: FakeDns, client: aiohttp.ClientSession
+) -> None:
+    await pods("127.0.0.2", "::1")
+    dns_server.set(NAME, "::1", "127.0.0.2")
+    clock = FakeTime()
+    p: Proxy = await proxy(discovery_config(dns_server, pods.port[0]),
+                           discovery_timing=clock.timing())
+    await until(lambda: len(healthy(p)) == 2, "both found and probed")
+    assert names(p) == ["vllm-127.0.0.2", "vllm-::1"]  # IPv4 first, then IPv6
+    answered = {(await post(client, p, {"i": i}))[1]["replica"] for i in range(4)}
+    assert answered == {"127.0.0.2", "::1"}
+
+
+async def test_a_bug_in_a_lookup_is_counted_and_the_loop_carries_on(
+    proxy: Factory, pods: Factory, dns_server: FakeDns, caplog: pytest.LogCaptureFixture
+) -> None:
+    await pods("127.0.0.2")
+    dns_server.set(NAME, "127.0.0.2")
+    real = DnsLookup()
+    calls: list[DiscoveryConfig] = []
+
+    async def lookup(entry: DiscoveryConfig) -> frozenset[str]:
+        calls.append(entry)
+        if len(calls) == 1:
+            raise RuntimeError("lookup bug")
+        return await real(entry)
+
+    clock = FakeTime()
+    p: Proxy = await proxy(discovery_config(dns_server, pods.port[0]), lookup=lookup,
+                           discovery_timing=clock.timing())
+    await until(lambda: p.metric("batchgate_internal_errors_total", where="discovery") == 1,
+                "the bug counted")
+    assert any("a bug" in r.getMessage() and r.exc_info for r in caplog.records)
+    assert names(p) == [] and errors(p) == 0.0
+    await lookup_round(p, clock)
+    assert names(p) == ["vllm-127.0.0.2"]
