@@ -80,14 +80,14 @@ def replica_url(address: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
-def _resolver(entry: DiscoveryConfig) -> dns.asyncresolver.Resolver:
+def _resolver(entry: DiscoveryConfig, resolv_conf: str) -> dns.asyncresolver.Resolver:
     if entry.nameservers:
         resolver = dns.asyncresolver.Resolver(configure=False)
         resolver.nameservers = [dns.nameserver.Do53Nameserver(*nameserver_address(text))
                                 for text in entry.nameservers]
     else:
         # /etc/resolv.conf, read once; raises NoResolverConfiguration without nameservers.
-        resolver = dns.asyncresolver.Resolver()
+        resolver = dns.asyncresolver.Resolver(resolv_conf)
     resolver.cache = None  # every lookup asks: the point is to see changes
     resolver.lifetime = min(LOOKUP_TIMEOUT_S, entry.interval_s)
     resolver.timeout = resolver.lifetime
@@ -96,16 +96,18 @@ def _resolver(entry: DiscoveryConfig) -> dns.asyncresolver.Resolver:
 
 
 class DnsLookup:
-    """The real :data:`Lookup` (dnspython). One resolver per entry, made on first use."""
+    """The real :data:`Lookup` (dnspython). One resolver per entry, made on first use (and
+    again after a failure to make one: the file may appear)."""
 
-    def __init__(self) -> None:
+    def __init__(self, resolv_conf: str = "/etc/resolv.conf") -> None:
+        self._resolv_conf = resolv_conf
         self._resolvers: dict[DiscoveryConfig, dns.asyncresolver.Resolver] = {}
 
     async def __call__(self, entry: DiscoveryConfig) -> frozenset[str]:
         resolver = self._resolvers.get(entry)
         if resolver is None:
             try:
-                resolver = self._resolvers[entry] = _resolver(entry)
+                resolver = self._resolvers[entry] = _resolver(entry, self._resolv_conf)
             except dns.exception.DNSException as err:  # no usable /etc/resolv.conf
                 raise LookupFailed(f"no resolver: {err}") from None
         # The system resolver's search list applies, as for any program in the pod (a

@@ -466,3 +466,10 @@ async def test_a_bug_in_a_lookup_is_counted_and_the_loop_carries_on(
     assert names(p) == [] and errors(p) == 0.0
     await lookup_round(p, clock)
     assert names(p) == ["vllm-127.0.0.2"]
+
+
+async def test_without_nameservers_and_without_a_resolver_a_lookup_fails(tmp_path: Any) -> None:
+    entry = DiscoveryConfig(dns=NAME, port=8000, max_concurrency=1, name_prefix="vllm")
+    lookup = DnsLookup(resolv_conf=str(tmp_path / "resolv.conf"))  # no such file
+    with pytest.raises(LookupFailed, match="no resolver"):
+        await lookup(entry)
