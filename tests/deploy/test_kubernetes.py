@@ -14,6 +14,8 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -257,7 +259,7 @@ def test_sidecar_is_a_native_sidecar_with_probes_and_a_drain_hook() -> None:
     assert drain < guard < grace
 
     service = one(docs, "Service")
-    (svc_port,) = service["spec"]["ports"]
+    (svc_port,) = service["spec"]["ports"]  # the proxy port alone: no /admin/* for callers
     assert port_number(gate, svc_port["targetPort"]) == port
     assert service["spec"]["selector"].items() <= one(docs, "Deployment")["spec"]["template"][
         "metadata"]["labels"].items()
@@ -266,10 +268,50 @@ def test_sidecar_is_a_native_sidecar_with_probes_and_a_drain_hook() -> None:
     monitor = one(docs, "PodMonitor")
     scraped = {(e["port"], e["path"]) for e in monitor["spec"]["podMetricsEndpoints"]}
     metrics_port = config["admin"]["port"] if config.get("admin") else port
-    assert metrics_port != port or "admin" not in config
     gate_port = [p["name"] for p in gate["ports"] if p["containerPort"] == metrics_port]
     engine_names = [p["name"] for p in engine["ports"] if p["containerPort"] == engine_port]
     assert scraped == {(gate_port[0], "/metrics"), (engine_names[0], "/metrics")}
+
+
+def test_engine_prestop_hook_blocks_until_wait_for_drain_answers() -> None:
+    """The hook's own command, run against a stand-in for batchgate that holds its answer:
+    it sends GET /wait-for-drain, is still waiting while the drain runs, exits 0 on the 200."""
+    (engine,) = pod_of(render("sidecar"))["containers"]
+    command = list(engine["lifecycle"]["preStop"]["exec"]["command"])
+    asked, drained = threading.Event(), threading.Event()
+    seen: list[tuple[str, str]] = []
+
+    class Batchgate(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append((self.command, self.path))
+            asked.set()
+            drained.wait(30)  # deadlock guard only
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Batchgate)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    assert command[0] == "python3"
+    argv = [sys.executable, *[a.replace("127.0.0.1:8080", f"127.0.0.1:{port}")
+                              for a in command[1:]]]
+    proc = subprocess.Popen(argv)
+    try:
+        assert asked.wait(30)
+        assert proc.poll() is None, "the hook returned before batchgate had drained"
+        drained.set()
+        assert proc.wait(timeout=30) == 0
+        assert seen == [("GET", "/wait-for-drain")]
+    finally:
+        drained.set()
+        proc.kill()
+        proc.wait()
+        server.shutdown()
+        server.server_close()
 
 
 def test_secrets_come_from_a_secret_and_the_config_from_a_configmap() -> None:
