@@ -23,7 +23,7 @@ from proxy.core.errors import (
     error_body,
 )
 from proxy.edge.auth import AUTH
-from proxy.edge.headers import with_origin_form
+from proxy.edge.headers import mark_rejected, with_origin_form
 from proxy.edge.keys import HEALTH, LIFECYCLE, METRICS
 from proxy.observe.accesslog import AccessLog
 from proxy.observe.exchange import Exchange, Outcome
@@ -100,17 +100,25 @@ class Frame:
                 # Before anything else: a caller without a key learns nothing, not even
                 # that the proxy is draining, and its body is never read.
                 exchange.tenant = self.auth.authorize(request.headers)
-            if lifecycle.draining:
+            if lifecycle.refusing:
                 raise Draining("batchgate is shutting down", retry_after_s=1)
             response = await work(request, exchange)
             if not exchange.bytes_out and isinstance(response, web.Response):
                 # Answers built whole (/v1/models, a relayed 4xx); the relay counts the rest.
                 exchange.bytes_out = response.content_length or 0
+            if lifecycle.draining and not response.prepared:
+                # Its head is still to go out: Connection: close, and the connection closes
+                # after it (the relay does the same for the answers it sends itself).
+                response.force_close()
             return response
         except ProxyError as err:
             exchange.status = err.status
             _end_with(exchange, err)
             answer = json_error(err, request_id)
+            if isinstance(err, Draining):  # refused at the door: no replica saw it
+                mark_rejected(answer, err.code)
+            if lifecycle.draining:
+                answer.force_close()
             exchange.bytes_out = answer.content_length or 0
             return answer
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
@@ -141,11 +149,15 @@ class Frame:
                 raise
             exchange.end(Outcome.REJECTED, Draining.reason)
             exchange.status = Draining.status
-            return json_error(
+            answer = json_error(
                 Draining("batchgate is shutting down; request cut at the drain deadline",
                          retry_after_s=1),
                 request_id,
             )
+            if exchange.dispatched_at is None:  # cut while queued: no replica saw it
+                mark_rejected(answer, Draining.reason)
+            answer.force_close()
+            return answer
         finally:
             # Drain accounting first: nothing an observer does may make shutdown wait.
             lifecycle.leave(task)

@@ -274,7 +274,8 @@ BAD_CONFIGS: list[tuple[str, str | bytes | None, str]] = [
     (
         "unknown section key",
         REPLICA + "server: {prot: 8080}\n",
-        "server.prot: unknown key (allowed: host, port, max_body_bytes, drain_timeout_s)",
+        "server.prot: unknown key (allowed: host, port, max_body_bytes, drain_timeout_s,"
+        " drain_quiet_s)",
     ),
     (
         "unknown replica key beats missing",
