@@ -14,15 +14,6 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-#: On an answer batchgate gave itself without the request reaching any replica: a batchgate in
-#: front (a gateway) takes it as never delivered and sends it to another replica.
-REJECTED = "X-Batchgate-Rejected"
-
-
-def mark_rejected(response: web.StreamResponse, reason: str) -> None:
-    """Say on ``response`` (not yet sent) that its request never reached a replica."""
-    response.headers[REJECTED] = reason
-
 
 def _strip_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
     # Fields named in Connection are hop-by-hop too (RFC 9110 7.6.1).

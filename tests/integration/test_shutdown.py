@@ -475,3 +475,30 @@ async def test_sigterm_during_a_wait_for_drain_drain_joins_it_and_is_not_a_secon
 
 async def _logged(served: Served, text: str) -> bool:
     return served.logged(text)
+
+
+async def test_a_reloaded_drain_quiet_s_applies_to_the_next_sigterm(
+    tmp_path: Path, replicas: Factory
+) -> None:
+    replica: FakeReplica = await replicas("r")
+    config = write_config(tmp_path, replica, drain_timeout_s=BOUND_S * 12)  # no quiet period
+    async with serving(config) as served, fresh_connections() as probe:
+        write_config(tmp_path, replica, drain_timeout_s=BOUND_S * 12, drain_quiet_s=BOUND_S * 6)
+        served.proc.send_signal(signal.SIGHUP)
+
+        async def reloaded() -> bool:
+            async with probe.get(served.url + "/metrics") as r:
+                text = await r.text()
+            return 'batchgate_config_reloads_total{result="success"} 1.0' in text
+
+        await poll(reloaded, "the reload to apply")
+        served.proc.send_signal(signal.SIGTERM)
+
+        async def not_ready() -> bool:
+            async with probe.get(served.url + "/readyz") as r:
+                return r.status == 503
+
+        await poll(not_ready, "/readyz to answer 503 after SIGTERM")
+        async with probe.post(served.url + "/v1/completions", json={"i": 1}) as r:
+            assert (r.status, r.headers["Connection"]) == (200, "close")  # quiet period
+        assert served.logged(f"quiet period {BOUND_S * 6:g}s")
