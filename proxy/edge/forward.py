@@ -130,7 +130,7 @@ class Forwarder:
                 is_cut=lambda: lifecycle.cutting,
                 is_draining=lambda: lifecycle.draining,
                 on_gap=metrics.inter_chunk_observer(exchange.route),
-                stall_limit_s=self.config.upstream.read_timeout_s,
+                stall_limit_s=self.config.server.send_timeout_s,
             )
             completed = exchange.stage == "done"
             if exchange.upstream_error is not None:
