@@ -100,7 +100,13 @@ async def test_the_quiet_period_serves_keep_alive_callers_then_closes_their_conn
             answer = await post(fresh)
             assert (answer.status, answer.header("Connection")) == (200, "close")
             assert await fresh.at_eof()
-        assert r.arrivals == 4
+        # Slot-free answers too: one built whole by batchgate, one relayed.
+        for target in ("/v1/models", "/version"):
+            async with caller(p.url) as light:
+                answer = await light.request("GET", target)
+                assert (answer.status, answer.header("Connection")) == (200, "close"), target
+                assert await light.at_eof()
+        assert r.arrivals == 5  # /v1/models is answered by the replica's own route
         assert not waiting.done()  # the quiet period is not over: the drain is not done
 
         await asleep(time, 5.0, "the quiet period")
@@ -227,6 +233,24 @@ async def test_wait_for_drain_answers_once_in_flight_and_queued_work_is_done(
         200, {"drained": True, "cut": 0})
     assert all(path != "/wait-for-drain" for _, path, _ in r.seen)  # never proxied
     assert r.completed == 2
+
+
+async def test_a_wait_for_drain_caller_that_hangs_up_stops_nothing(
+    replicas: Factory, proxy: Factory, client: aiohttp.ClientSession
+) -> None:
+    r: FakeReplica = await replicas("r")
+    time = FakeTime()
+    p: Proxy = await proxy(make_config(("r", r.url, 1), drain_quiet_s=0), timing=time.timing())
+    in_flight = await held(client, p.url)
+    await until(lambda: r.in_flight == 1, "a request in flight")
+    async with caller(p.url) as hook:
+        hook.send(b"GET /wait-for-drain HTTP/1.1\r\nHost: t\r\n\r\n")
+        await until(lambda: lifecycle(p).draining, "the drain to begin")
+    # The hook's connection is gone; the drain goes on, and its request is served.
+    r.gate.set()
+    assert (await asyncio.wait_for(in_flight, BOUND_S))[0] == 200
+    await asyncio.wait_for(lifecycle(p).finished.wait(), BOUND_S)
+    assert lifecycle(p).cut_count == 0 and lifecycle(p).refusing
 
 
 async def test_wait_for_drain_on_an_idle_proxy_waits_for_the_quiet_period(
