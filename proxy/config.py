@@ -198,6 +198,9 @@ class ServerConfig:
     port: int = _field(8080, _integer(0, 65535))  # 0 asks the OS for a free port (tests)
     max_body_bytes: int = _field(64 * 1024 * 1024, _integer(1))
     drain_timeout_s: float = _field(30.0, _NON_NEGATIVE)
+    # After SIGTERM (or GET /wait-for-drain): new requests are still served this long, with
+    # Connection: close, while the pod is taken out of rotation (at most drain_timeout_s).
+    drain_quiet_s: float = _field(5.0, _NON_NEGATIVE)
     # Limits on slow or hostile callers (proxy.edge.limits and .protocol; README "Hardening").
     # The whole request head (request line and headers) must arrive within this.
     header_timeout_s: float = _field(10.0, _POSITIVE)

@@ -52,14 +52,38 @@ class Handlers:
         self.light = app[LIGHT] = Light(app, self.forwarder)
 
     async def healthz(self, _request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+        answer = web.Response(text="ok\n")
+        if self.app[LIFECYCLE].draining:
+            answer.force_close()  # as every answer while draining
+        return answer
 
     async def readyz(self, _request: web.Request) -> web.Response:
         if self.app[LIFECYCLE].draining:
-            return web.Response(status=503, text="draining\n")
+            answer = web.Response(status=503, text="draining\n")
+            answer.force_close()
+            return answer
         if not self.app[SCHEDULER].any_healthy():
             return web.Response(status=503, text="no healthy replica\n")
         return web.Response(text="ready\n")
+
+    async def wait_for_drain(self, _request: web.Request) -> web.Response:
+        """Start the drain, as SIGTERM does, and answer once it has settled: nothing left in
+        flight or queued after the quiet period, or the deadline passed (and the rest cut).
+
+        The engine container's ``preStop`` hook calls it, so the engine is stopped only after
+        batchgate has finished its streams; it carries no key (like ``/healthz``). Every
+        caller gets the answer, at once if the drain is over; a caller that hangs up stops
+        nothing. The process exits when the drain is over, as after SIGTERM.
+        """
+        lifecycle = self.app[LIFECYCLE]
+        server = self.app[CONFIG].current.server
+        lifecycle.start_drain(server.drain_quiet_s, server.drain_timeout_s,
+                              "GET /wait-for-drain")
+        await lifecycle.settled.wait()
+        answer = web.json_response({"drained": lifecycle.cut_count == 0,
+                                    "cut": lifecycle.cut_count})
+        answer.force_close()
+        return answer
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         """The union of the healthy replicas' models, without a slot (proxy.edge.light)."""
@@ -96,9 +120,9 @@ def create_app(
     """The proxy application. Background work starts and stops with it (``cleanup_ctx``).
 
     ``access_log`` is owned by the caller (it outlives the app's connections); ``timing``
-    is the health checker's clocks and sleep (tests drive them by hand). ``load`` reads the
-    config file again, for a reload (``app[RELOADER]``); None: nothing to reload.
-    ``lookup`` and ``discovery_timing``: discovery's DNS lookup and clocks (tests).
+    is the health checker's and the drain's clocks and sleep (tests drive them by hand).
+    ``load`` reads the config file again, for a reload (``app[RELOADER]``); None: nothing to
+    reload. ``lookup`` and ``discovery_timing``: discovery's DNS lookup and clocks (tests).
     """
     app = web.Application(client_max_size=config.server.max_body_bytes)
     replicas = [
@@ -118,7 +142,11 @@ def create_app(
     app[SCHEDULER] = scheduler
     app[METRICS] = metrics if metrics is not None else Metrics()
     app[METRICS].watch(scheduler)
-    app[LIFECYCLE] = Lifecycle()
+    timing = timing if timing is not None else Timing()
+    app[LIFECYCLE] = Lifecycle(
+        clock=timing.monotonic, sleep=timing.sleep,
+        describe=lambda: f"{scheduler.queue_depth} queued, {scheduler.in_flight} in flight",
+    )
     # Always present (off without `auth`), so a reload can turn auth on: KeyRing.replace.
     app[AUTH] = KeyRing(config.auth, config.replicas)
     reloader = app[RELOADER] = Reloader(live, scheduler, app[METRICS], load=load)
@@ -147,6 +175,7 @@ def create_app(
         try:
             yield
         finally:
+            await app[LIFECYCLE].close()  # a drain still running (in-process use)
             await discovery.close()
             await app[HEALTH].close()
             await app[UPSTREAMS].close()
@@ -156,6 +185,9 @@ def create_app(
     handlers = Handlers(app, access_log)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
+    # On the public port whether or not the admin listener is set: the preStop hook of the
+    # engine's container calls the port the manifest knows, the one the Service targets.
+    app.router.add_get("/wait-for-drain", handlers.wait_for_drain, allow_head=False)
     if config.admin is None:
         # No admin listener: its endpoints are here, as /metrics always was (see public_guard).
         AdminHandlers(app, guard=public_guard).add_routes(app.router)

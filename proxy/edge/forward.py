@@ -128,6 +128,7 @@ class Forwarder:
             response = await pipe(
                 request, upstream, exchange,
                 is_cut=lambda: lifecycle.cutting,
+                is_draining=lambda: lifecycle.draining,
                 on_gap=metrics.inter_chunk_observer(exchange.route),
                 stall_limit_s=self.config.server.send_timeout_s,
             )

@@ -48,6 +48,7 @@ async def pipe(
     exchange: Exchange,
     *,
     is_cut: Callable[[], bool],
+    is_draining: Callable[[], bool],
     on_gap: Callable[[float], None],
     stall_limit_s: float,
 ) -> web.StreamResponse:
@@ -58,6 +59,9 @@ async def pipe(
     event inside a properly ended body. Any other answer commits nothing before its first
     body bytes (or its end): a replica failing before then raises :class:`UpstreamError`
     (502, or :class:`UpstreamTimeout` 504), which the frame answers like any other error.
+
+    While draining (``is_draining``), a head that goes out says ``Connection: close``, and
+    the caller's connection is closed after this answer.
 
     Each chunk is written to the caller first; only then is it looked at (the usage tail,
     the gap since the previous chunk of an event stream), so observation never delays bytes.
@@ -110,6 +114,8 @@ async def pipe(
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                           headers=headers)
     try:
+        if is_draining():
+            response.force_close()
         await response.prepare(request)
         exchange.prepared = True
         if not sse:

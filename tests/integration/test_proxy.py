@@ -342,7 +342,7 @@ async def test_draining_flag_refuses_new_work(
 
     r: FakeReplica = await replicas("r")
     p: Proxy = await proxy(make_config(("r", r.url, 1)))
-    p.app[LIFECYCLE].begin_drain()
+    p.app[LIFECYCLE].start_drain(0, 30, "test")  # no quiet period: refused at once
     async with client.post(p.url + "/v1/chat/completions", json={}) as resp:
         assert resp.status == 503
         assert resp.headers["Retry-After"] == "1"
