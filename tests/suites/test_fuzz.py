@@ -49,7 +49,7 @@ from tests.suites.wire import RecordingReplica, Reply, read_replies, recording_r
 #: later one fails too, and shrinking would replay hundreds of them, each up to its bound;
 #: the first failing case is reported as it was generated.
 FUZZ = settings(
-    derandomize=True, database=None, deadline=None, max_examples=250,
+    derandomize=True, database=None, deadline=None, max_examples=400,
     phases=[Phase.explicit, Phase.generate],
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -73,8 +73,12 @@ HOSTILE_METHODS = st.sampled_from([
     b"X" * 4000, b"POST\t", b"M-SEARCH", b"PROPFIND",
 ])
 VERSIONS = st.just(b"HTTP/1.1")
+#: Accepted today, forwarded, and answered with an "HTTP/0.9 200" / "HTTP/2.0 200" status line
+#: (aiohttp echoes the request's version): test_unsupported_versions (xfail, strict) shows it.
+#: They join HOSTILE_VERSIONS when it passes; until then every case with them fails on it.
+UNSUPPORTED_VERSIONS = (b"HTTP/0.9", b"HTTP/2.0")
 HOSTILE_VERSIONS = st.sampled_from([
-    b"HTTP/1.0", b"HTTP/2.0", b"HTTP/0.9", b"http/1.1", b"HTTP/1.1 extra", b"HTTP/1.10",
+    b"HTTP/1.0", b"http/1.1", b"HTTP/1.1 extra", b"HTTP/1.10", b"HTTP/1.2", b"HTTP/3.1",
     b"HTTP/1.1\x00", b"", b"HTTP/1", b"HTTP/1.1\r",
 ])
 EOLS = st.just(b"\r\n")
@@ -477,3 +481,18 @@ async def test_hostile_requests(fuzz: Fuzz, case: Case) -> None:
                for w in INTERNAL_ERROR_SITES) == 0
     logged, fuzz.errors[:] = list(fuzz.errors), []
     assert not logged, [r.getMessage() for r in logged]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "found by the fuzz: aiohttp parses 'HTTP/0.9' and 'HTTP/2.0' request lines, batchgate "
+    "forwards them, and the answer's status line echoes the version, which no HTTP/1.1 caller "
+    "can read; the fix belongs with the request limits (a 505 or 400 with an HTTP/1.1 status "
+    "line, never forwarded)"))
+@pytest.mark.parametrize("version", UNSUPPORTED_VERSIONS)
+async def test_unsupported_versions(fuzz: Fuzz, version: bytes) -> None:
+    fuzz.allowed.add("fz0x0")  # the fixture's own check at the end is not this test's
+    data = b"POST /fz0x0 " + version + (
+        b"\r\nHost: fuzz\r\nX-Fuzz-Id: fz0x0\r\nContent-Length: 0\r\n\r\n")
+    replies, _ = await exchange(fuzz.proxy.url, data, ["POST"])
+    assert [r.status // 100 for r in replies] in ([4], [5]), replies
+    assert not replies[0].from_replica and not fuzz.replica.requests
