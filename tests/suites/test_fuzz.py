@@ -17,10 +17,12 @@ attacker tries (duplicate or huge ``Content-Length``, ``Content-Length`` next to
   scheduler's slots and queue, in /metrics too, the slot-free bound, handlers, pooled
   connections).
 
-A request with ambiguous framing ends its connection (the caller half-closes after it), as a
-server must close after answering one (RFC 9112 6.1, 6.3): anything after it may be read
-either way, so nothing is sent after it. The properties hold whether batchgate answers
-hostile input with aiohttp's 400 or with its own limits (408, 431, 405): any 4xx is fine.
+A request with ambiguous framing is the last on its connection (and says ``Connection:
+close``), as a server must close after answering one (RFC 9112 6.1, 6.3): anything after it
+may be read either way. A caller that gets neither an answer nor a close within
+:data:`PATIENCE_S` half-closes, as one whose declared body never comes would. The properties
+hold whether batchgate answers hostile input with aiohttp's 400 or with its own limits (408,
+431, 405): any 4xx is fine.
 """
 
 from __future__ import annotations
