@@ -39,7 +39,7 @@ import report
 import spy
 import wrk
 from procs import LOAD_CPU, Procs, ensure_tools, machine_info, pin_self, raise_nofile
-from soak import SOAK_MARKER
+from soak import keep_soak
 
 PHASES = ("raw", "profile", "streams", "queued", "p4", "seed")
 RESULTS = cs.HERE / "results"
@@ -116,10 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table(summary), end="")
     print(f"wall time {results['wall_time_s']:.0f} s; raw numbers in {out.relative_to(cs.ROOT)}")
     if args.docs if args.docs is not None else not args.quick:
-        # The soak section (make soak) is not this run's: carry it over as it is.
-        soak = DOCS.read_text().partition(SOAK_MARKER)[1:] if DOCS.exists() else ("", "")
-        DOCS.write_text(docgen.markdown(results, out.relative_to(cs.ROOT))
-                        + ("\n" + "".join(soak) if soak[0] else ""))
+        # The soak section (make soak) is not this run's: carried over as it is.
+        DOCS.write_text(keep_soak(docgen.markdown(results, out.relative_to(cs.ROOT)), DOCS))
         print(f"updated {DOCS.relative_to(cs.ROOT)}")
     return 1 if failed or results["errors"] else 0
 

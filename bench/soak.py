@@ -279,6 +279,13 @@ Events: {'; '.join(result['events']) or 'none'}. Requests by what the caller saw
 """
 
 
+def keep_soak(page: str, docs: Path = DOCS) -> str:
+    """``page`` (a new docs/benchmarks.md from make bench) with the current soak section."""
+    current = docs.read_text() if docs.exists() else ""
+    marker, rest = current.partition(SOAK_MARKER)[1:]
+    return page.rstrip("\n") + "\n\n" + marker + rest if marker else page
+
+
 def write_docs(text: str) -> None:
     current = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
     head = current.split(SOAK_MARKER, 1)[0].rstrip("\n")

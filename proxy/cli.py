@@ -43,18 +43,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+def _formatter(config: LoggingConfig) -> logging.Formatter:
+    if config.format == "json":
+        formatter: logging.Formatter = JsonFormatter()
+        formatter.converter = time.gmtime
+        return formatter
+    return logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def setup_logging(config: LoggingConfig) -> QueueListener:
     """Logs go through a queue to a writer thread: a slow stdout never stalls the event loop.
 
     Returns the listener; stop it before exiting so every line is flushed.
     """
     handler = logging.StreamHandler(sys.stdout)
-    if config.format == "json":
-        formatter: logging.Formatter = JsonFormatter()
-        formatter.converter = time.gmtime
-    else:
-        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handler.setFormatter(formatter)
+    handler.setFormatter(_formatter(config))
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     root = logging.getLogger()
     root.handlers[:] = [QueueHandler(records)]
@@ -64,6 +67,14 @@ def setup_logging(config: LoggingConfig) -> QueueListener:
     listener = QueueListener(records, handler)
     listener.start()
     return listener
+
+
+def reconfigure_logging(listener: QueueListener, config: LoggingConfig) -> None:
+    """A reload changed ``logging``: the level applies to the next record, the format to the
+    next line written (setFormatter takes the handler's lock, as the writer thread does)."""
+    logging.getLogger().setLevel(config.level.upper())
+    for handler in listener.handlers:
+        handler.setFormatter(_formatter(config))
 
 
 def _load(path: str) -> Config:
@@ -116,16 +127,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     level = logging.INFO if now in (hard, _NR_OPEN_FALLBACK) else logging.WARNING
     logging.getLogger("batchgate").log(
         level, "open files limit: soft %s -> %s (hard %s)", before, now, shown_hard)
-    from proxy.server import serve  # heavy imports only for the commands that need them
+    # heavy imports only for the commands that need them
+    from proxy.server import CannotListen, serve
 
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve(config, on_second_signal=_exit_now))
-    except OSError as err:  # the listener could not bind: say so in one line
-        host, port = config.server.host, config.server.port
-        reason = err.strerror or err
-        print(f"cannot listen on {host}:{port} (server.host, server.port): {reason}",
-              file=sys.stderr)
+            runner.run(serve(
+                config,
+                on_second_signal=_exit_now,
+                # A reload reads the same file again (SIGHUP, POST /admin/reload); a bad one
+                # is refused with the same one-line error as here at startup.
+                load=lambda: load_config(args.config),
+                on_reload=[lambda new: reconfigure_logging(listener, new.logging)],
+            ))
+    except CannotListen as err:  # a listener could not bind: say so in one line
+        print(err, file=sys.stderr)
+        return 1
+    except OSError as err:  # e.g. an embedded engine could not start
+        print(f"batchgate: {err.strerror or err}", file=sys.stderr)
         return 1
     finally:
         listener.stop()

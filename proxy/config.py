@@ -11,6 +11,7 @@ parsing, in string values only, so a variable's text cannot add keys or sections
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -196,6 +197,21 @@ class ServerConfig:
     port: int = _field(8080, _integer(0, 65535))  # 0 asks the OS for a free port (tests)
     max_body_bytes: int = _field(64 * 1024 * 1024, _integer(1))
     drain_timeout_s: float = _field(30.0, _NON_NEGATIVE)
+    # Limits on slow or hostile callers (proxy.edge.limits and .protocol; README "Hardening").
+    # The whole request head (request line and headers) must arrive within this.
+    header_timeout_s: float = _field(10.0, _POSITIVE)
+    # The body must arrive within body_timeout_s of the end of the head, plus one second for
+    # every min_body_rate bytes received (mod_reqtimeout's body=20,MinRate=500); 0: no extension.
+    body_timeout_s: float = _field(20.0, _POSITIVE)
+    min_body_rate: float = _field(500.0, _NON_NEGATIVE)
+    keepalive_timeout_s: float = _field(75.0, _POSITIVE)  # idle time between two requests
+    max_connections: int = _field(10_000, _integer(1))  # open caller connections; more: 503
+    # The whole head; one line alone may be this long. 1 KiB floor: a real head never fits less.
+    max_header_bytes: int = _field(64 * 1024, _integer(1024))
+    max_headers: int = _field(100, _integer(1))
+    # A caller that takes no byte of its answer for this long loses its slot (and the engine's
+    # generation is aborted), whatever upstream.read_timeout_s says.
+    send_timeout_s: float = _field(60.0, _POSITIVE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +225,151 @@ class SimulatedConfig:
     time_scale: float = _field(1.0, _POSITIVE)
     prompt_ms_per_token: float = _field(0.0, _NON_NEGATIVE)
     default_max_tokens: int = _field(100, _integer(1))  # for requests without max_tokens
+
+
+_SECRET = "batchgate.secret"  # field metadata: a credential, redacted by config_to_dict
+_SECRET_TEXT = re.compile(r"[!-~]{1,4096}")  # what a Bearer token can carry, as typed
+_SECRET_RULE = "must be 1 to 4096 printable ASCII characters without spaces"
+_TENANT_TEXT = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # no ":", the keys file's separator
+_TENANT_RULE = "must be 1 to 64 characters from A-Z a-z 0-9 _ . -"
+#: The `tenant` of requests that carry no key (auth off); no key may be named so.
+NO_TENANT = "none"
+_RESERVED = f"'{NO_TENANT}' is reserved (the tenant of requests without a key)"
+#: What check-config prints for a credential. Refused as one: output pasted back as a config
+#: would otherwise make this public word a working key.
+REDACTED = "<redacted>"
+_PLACEHOLDER_KEY = "is check-config's placeholder for a hidden key, not a key"
+
+
+def _secret(value: object, path: str, *, optional: bool = False) -> str | None:
+    # Never echoed: the value is a credential and these messages go to logs.
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        # `key: ${K}` with K=0123 is re-read as a YAML number: say how to keep it text.
+        raise _Problem(path, "must be a string (quote it, or quote the variable's value)")
+    if not _SECRET_TEXT.fullmatch(value):
+        raise _Problem(path, _SECRET_RULE)
+    if value == REDACTED:
+        raise _Problem(path, _PLACEHOLDER_KEY)
+    return value
+
+
+def _optional_secret(value: object, path: str) -> str | None:
+    return _secret(value, path, optional=True)
+
+
+def _tenant(value: object, path: str) -> str:
+    if not isinstance(value, str) or not _TENANT_TEXT.fullmatch(value):
+        raise _bad(path, _TENANT_RULE, value)
+    if value == NO_TENANT:
+        raise _Problem(path, _RESERVED)
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A caller key; ``name`` is the caller's tenant (a metric label and log field)."""
+
+    name: str = field(metadata={_CHECK: _tenant})
+    key: str = field(repr=False, metadata={_CHECK: _secret, _SECRET: True})
+
+
+_API_KEY = _section(ApiKey)
+
+
+def _api_keys(value: object, path: str) -> tuple[ApiKey, ...]:
+    # No value is echoed here: a list of keys is all secret. `[]` is no key (check-config
+    # prints it for the default).
+    if not isinstance(value, list):
+        raise _Problem(path, "must be a list of {name, key} mappings")
+    keys: list[ApiKey] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise _Problem(f"{path}[{i}]", "must be a mapping with name and key")
+        key = _API_KEY(item, f"{path}[{i}]")
+        # One key, one tenant: a key listed twice (under another name, or a copy-paste)
+        # would make whose requests they are depend on the order of the list.
+        for j, other in enumerate(keys):
+            if other.key == key.key:
+                raise _Problem(f"{path}[{i}].key", f"the same key as {path}[{j}]")
+        keys.append(key)
+    return tuple(keys)
+
+
+def _read_keys(path: str, where: str) -> tuple[ApiKey, ...]:
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except OSError as err:
+        raise _bad(where, f"cannot read keys file: {err.strerror or err}", path) from None
+    except UnicodeDecodeError as err:
+        raise _Problem(where, f"{path}: not valid UTF-8 at byte {err.start}") from None
+    lines: list[tuple[int, ApiKey]] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, colon, key = (part.strip() for part in line.partition(":"))
+        # Each message names the file and the line, never what the line holds.
+        problem = None
+        if not colon:
+            problem = "expected name:key"
+        elif not _TENANT_TEXT.fullmatch(name):
+            problem = f"name {_TENANT_RULE}"
+        elif name == NO_TENANT:
+            problem = f"name {_RESERVED}"
+        elif not _SECRET_TEXT.fullmatch(key):
+            problem = f"key {_SECRET_RULE}"
+        elif key == REDACTED:
+            problem = f"key {_PLACEHOLDER_KEY}"
+        else:
+            for earlier, other in lines:
+                if other.key == key:
+                    problem = f"the same key as line {earlier}"
+        if problem is not None:
+            raise _Problem(where, f"{path} line {number}: {problem}")
+        lines.append((number, ApiKey(name, key)))
+    return tuple(key for _, key in lines)
+
+
+def read_keys_file(path: str) -> tuple[ApiKey, ...]:
+    """The keys in ``auth.api_keys_file`` (``name:key`` lines; ``#`` comments, blank lines).
+
+    Read at load (so check-config finds a bad line) and again by the key ring on each reload.
+    Raises ConfigError naming the file and line, never the key.
+    """
+    try:
+        return _read_keys(path, "auth.api_keys_file")
+    except _Problem as problem:
+        raise ConfigError(str(problem)) from None
+
+
+def _keys_file(value: object, path: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise _bad(path, "must be the path of a file of name:key lines", value)
+    _read_keys(value, path)
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """Caller API keys (proxy.edge.auth) and the credentials sent to replicas instead."""
+
+    api_keys: tuple[ApiKey, ...] = _field((), _api_keys)
+    # One `name:key` per line; re-read on reload. Set (even to an empty file): auth is on.
+    api_keys_file: str | None = _field(None, _keys_file)
+    # Replaces the caller's Authorization toward every replica without its own `api_key`.
+    upstream_api_key: str | None = field(
+        default=None, repr=False,
+        metadata={_CHECK: _optional_secret, _SECRET: True})
+
+    @property
+    def enabled(self) -> bool:
+        """Callers must present a key: fail closed once either source is configured."""
+        return bool(self.api_keys) or self.api_keys_file is not None
 
 
 _NAME_RULE = "must be 1 to 64 characters from A-Z a-z 0-9 _ . : -"
@@ -227,6 +388,10 @@ class ReplicaConfig:
     simulated: SimulatedConfig | None = field(
         default=None, metadata={_CHECK: _section(SimulatedConfig)}
     )
+    # Sent to this replica as `Authorization: Bearer <api_key>`, instead of
+    # auth.upstream_api_key (proxy.edge.auth); never in a repr, a log or check-config.
+    api_key: str | None = field(default=None, repr=False,
+                                metadata={_CHECK: _optional_secret, _SECRET: True})
 
 
 _REPLICA = _section(ReplicaConfig)
@@ -256,11 +421,54 @@ class QueueConfig:
     max_bytes: int = _field(268435456, _integer(0))
 
 
+def _probe_method(value: object, path: str) -> str:
+    rule = "must be one of GET, HEAD, POST"
+    if not isinstance(value, str) or value.upper() not in ("GET", "HEAD", "POST"):
+        raise _bad(path, rule, value)
+    return value.upper()
+
+
+def _probe_body(value: object, path: str) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _bad(path, "must be a mapping (sent as JSON), e.g. {prompt: hi, max_tokens: 1}",
+                   value)
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):  # a YAML date, a set, a NaN: not JSON
+        raise _bad(path, "must hold only JSON values (strings, numbers, lists, mappings)",
+                   value) from None
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class HealthConfig:
     path: str = _field("/health", _text(r"/\S*", "must be a path starting with '/'"))
     interval_s: float = _field(5.0, _POSITIVE)
     timeout_s: float = _field(2.0, _POSITIVE)
+    # Consecutive probes before a replica changes state (Kubernetes' failureThreshold and
+    # successThreshold): one lost probe does not take half the capacity away.
+    unhealthy_after: int = _field(3, _integer(1))
+    healthy_after: int = _field(2, _integer(1))
+    # False: a replica takes no work before its first passing probe (a sidecar's readiness).
+    assume_healthy_at_start: bool = _field(True, _boolean)
+    # A replica whose in-flight streams have all been silent this long is wedged.
+    stall_s: float = _field(60.0, _POSITIVE)
+    # A real probe (POST path with a JSON body) for engines whose /health says nothing.
+    method: str = _field("GET", _probe_method)
+    body: dict[str, Any] | None = field(default=None, metadata={_CHECK: _probe_body})
+
+
+def _health(value: object, path: str) -> HealthConfig:
+    health = _HEALTH_SECTION(value, path)
+    if health.body is not None and health.method != "POST":
+        raise _bad(_join(path, "body"), "needs method: POST (GET and HEAD carry no body)",
+                   health.body)
+    return health
+
+
+_HEALTH_SECTION = _section(HealthConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +488,12 @@ class UpstreamConfig:
     read_timeout_s: float = _field(600.0, _POSITIVE)
     retries: int = _field(2, _integer(0))
     tls: TlsConfig = TlsConfig()
+    # Passive outlier ejection: this many consecutive real-request failures (connect,
+    # timeout, reset, 5xx) eject a replica for eject_s, doubled on each repeat up to 300 s.
+    eject_after: int = _field(5, _integer(1))
+    eject_s: float = _field(10.0, _POSITIVE)
+    # Never more than this share of the replicas ejected at once (0: ejection off).
+    max_ejected_percent: int = _field(50, _integer(0, 100))
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,18 +504,49 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The admin listener (proxy.edge.admin): /metrics, /admin/reload, /admin/replicas.
+
+    Bound once at startup: neither key can change by a reload.
+    """
+
+    host: str = _field("127.0.0.1", _text(r"\S+", "must be a non-empty host or address"))
+    port: int = _field(8081, _integer(0, 65535))  # 0 asks the OS for a free port (tests)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole validated config. Build it with `load_config` or `parse_config`."""
 
     replicas: tuple[ReplicaConfig, ...] = field(metadata={_CHECK: _replicas})
     server: ServerConfig = ServerConfig()
     queue: QueueConfig = QueueConfig()
-    health: HealthConfig = HealthConfig()
+    health: HealthConfig = field(default=HealthConfig(), metadata={_CHECK: _health})
     upstream: UpstreamConfig = UpstreamConfig()
     logging: LoggingConfig = LoggingConfig()
+    auth: AuthConfig = AuthConfig()
+    # Absent: no admin listener (its endpoints are on the public port). `admin:` with
+    # nothing under it is the listener on its defaults.
+    admin: AdminConfig | None = field(default=None, metadata={_CHECK: _section(AdminConfig)})
 
 
 _CONFIG = _section(Config)
+
+
+class LiveConfig:
+    """The config in force, swapped whole by a reload (:mod:`proxy.control.reload`).
+
+    Code that reads config per request reads ``current`` each time and keeps no copy: a
+    request sees either the old config or the new one, never a mix.
+    """
+
+    __slots__ = ("current",)
+
+    def __init__(self, config: Config) -> None:
+        self.current = config
+
+    def __repr__(self) -> str:
+        return f"<LiveConfig {len(self.current.replicas)} replicas>"
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -353,19 +598,26 @@ def parse_config(
 def config_to_dict(config: Config) -> dict[str, object]:
     """The effective config, defaults filled in, as plain data for `yaml.safe_dump`.
 
-    A replica's unset `url` or `simulated` is left out, so the output parses back to an
-    equal Config.
+    A replica's unset `url`, `simulated` or `api_key` is left out, so the output parses back
+    to an equal Config, except that every credential that is set reads "<redacted>".
     """
-    return {f.name: _plain(getattr(config, f.name)) for f in fields(config)}
+    return {
+        f.name: _plain(getattr(config, f.name)) for f in fields(config)
+        # `admin: null` would read back as the listener on its defaults: absent is absent.
+        if not (f.name == "admin" and config.admin is None)
+    }
 
 
 def _plain(value: object) -> object:
     if isinstance(value, tuple):  # safe_dump refuses tuples
         return [_plain(item) for item in value]
     if is_dataclass(value):
-        items = ((f.name, getattr(value, f.name)) for f in fields(value))
-        # Only a replica's url/simulated pair is left out when unset (exactly one is set);
-        # every other unset key is shown as null, so the output lists every key there is.
+        # check-config's output goes to terminals and CI logs: no credential in it.
+        items = ((f.name, REDACTED if f.metadata.get(_SECRET) and getattr(value, f.name)
+                  is not None else getattr(value, f.name)) for f in fields(value))
+        # Only a replica's url/simulated pair (exactly one is set) and its optional api_key
+        # are left out when unset; every other unset key is shown as null, so the output
+        # lists every key there is.
         skip = isinstance(value, ReplicaConfig)
         return {name: _plain(item) for name, item in items if not (skip and item is None)}
     return value

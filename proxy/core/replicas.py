@@ -9,6 +9,11 @@ Life of a replica: ``active`` (takes new work while healthy) -> ``draining`` (re
 still held work: no new work, it finishes what it holds) -> ``removed`` (gone from the set, its
 last lease returned). Health is separate from that life: an unhealthy active replica keeps its
 slots and gets work again the moment it is healthy.
+
+Health (``Replica.health``) is one of ``healthy``, ``unhealthy`` (its probes, a refused
+connection or a stall say so) and ``ejected`` (passive outlier ejection: too many real requests
+failed; see :mod:`proxy.core.outlier`). Ejection wins over the probes' verdict: an ejected
+replica takes no work until the ejection is lifted, then the probes' verdict applies again.
 """
 
 from __future__ import annotations
@@ -19,6 +24,12 @@ ACTIVE = "active"
 DRAINING = "draining"
 REMOVED = "removed"
 
+HEALTHY = "healthy"
+UNHEALTHY = "unhealthy"
+EJECTED = "ejected"
+#: Every value of ``Replica.health`` (the ``state`` label of ``batchgate_replica_state``).
+HEALTH_STATES = (HEALTHY, UNHEALTHY, EJECTED)
+
 
 class Replica:
     """One upstream engine and its slots.
@@ -28,9 +39,12 @@ class Replica:
     work in flight finishes, and the replica gets new work once it is under the new limit.
     """
 
-    __slots__ = ("healthy", "in_flight", "index", "max_concurrency", "name", "state", "url")
+    __slots__ = ("ejected_until", "health", "healthy", "in_flight", "index", "max_concurrency",
+                 "name", "state", "up", "url")
 
-    def __init__(self, name: str, url: str, max_concurrency: int, index: int = 0) -> None:
+    def __init__(
+        self, name: str, url: str, max_concurrency: int, index: int = 0, *, healthy: bool = True
+    ) -> None:
         _check_limit(max_concurrency)
         self.name = name
         self.url = url
@@ -38,9 +52,18 @@ class Replica:
         self.index = index
         self.in_flight = 0
         self.state = ACTIVE
-        # Healthy from startup until a probe says otherwise: a proxy that starts before its
-        # engine answers should queue, not reject, and the first probe follows at once.
-        self.healthy = True
+        # Healthy from startup until a probe says otherwise (health.assume_healthy_at_start):
+        # a proxy that starts before its engine answers should queue, not reject, and the
+        # first probe follows at once.
+        #: The probes' verdict (also cleared by a refused connection or a stall).
+        self.up = healthy
+        #: Wall-clock end of a passive ejection (None: not ejected). Past but not None: the
+        #: ejection is over and the replica waits for a passing probe.
+        self.ejected_until: float | None = None
+        #: ``healthy``, ``unhealthy`` or ``ejected``; derived by :class:`ReplicaSet`.
+        self.health = HEALTHY if healthy else UNHEALTHY
+        #: ``health == "healthy"``, a plain attribute for the hot path (:meth:`ReplicaSet.pick`).
+        self.healthy = healthy
 
     @property
     def free(self) -> int:
@@ -55,7 +78,8 @@ class Replica:
         return self.in_flight * other.max_concurrency < other.in_flight * self.max_concurrency
 
     def __repr__(self) -> str:
-        state = ("up" if self.healthy else "down") if self.state == ACTIVE else self.state
+        health = "ejected" if self.health == EJECTED else "up" if self.healthy else "down"
+        state = health if self.state == ACTIVE else self.state
         return f"<Replica {self.name} {self.in_flight}/{self.max_concurrency} {state}>"
 
 
@@ -138,11 +162,12 @@ class ReplicaSet:
 
     # -- changes (each returns what it decided) ------------------------------------------
 
-    def add(self, name: str, url: str, max_concurrency: int) -> Replica:
-        """A new replica, active and healthy until probed: capacity appears."""
+    def add(self, name: str, url: str, max_concurrency: int, *, healthy: bool = True) -> Replica:
+        """A new replica, active, and healthy until probed (unless ``healthy`` is False:
+        it then waits for its first passing probe): capacity appears."""
         if self.get(name) is not None:
             raise ValueError(f"replica {name!r} already exists")
-        replica = Replica(name, url, max_concurrency)
+        replica = Replica(name, url, max_concurrency, healthy=healthy)
         self._insert(replica)
         return replica
 
@@ -164,11 +189,25 @@ class ReplicaSet:
         return grew and replica.takes_work
 
     def set_healthy(self, replica: Replica, healthy: bool) -> bool:
-        """True if the replica's slots just became usable."""
-        if replica.healthy == healthy:
-            return False
-        replica.healthy = healthy
-        return healthy and replica.state == ACTIVE
+        """The probes' verdict. True if the replica's slots just became usable."""
+        replica.up = healthy
+        return self._settle(replica)
+
+    def set_ejected(self, replica: Replica, until: float | None) -> bool:
+        """Eject until ``until`` (wall clock), or lift the ejection (None). True if the
+        replica's slots just became usable."""
+        replica.ejected_until = until
+        return self._settle(replica)
+
+    @staticmethod
+    def _settle(replica: Replica) -> bool:
+        was = replica.healthy
+        if replica.ejected_until is not None:
+            replica.health = EJECTED
+        else:
+            replica.health = HEALTHY if replica.up else UNHEALTHY
+        replica.healthy = replica.health == HEALTHY
+        return replica.healthy and not was and replica.state == ACTIVE
 
     def _insert(self, replica: Replica) -> None:
         replica.index = len(self._replicas)
@@ -184,7 +223,7 @@ class ReplicaSet:
 
 
 def _brief(r: Replica) -> str:
-    state = "" if r.healthy else " down"
+    state = "" if r.healthy else " ejected" if r.health == EJECTED else " down"
     if r.state != ACTIVE:
         state += f" {r.state}"
     return f"{r.name} {r.in_flight}/{r.max_concurrency}{state}"

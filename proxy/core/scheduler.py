@@ -4,10 +4,10 @@ This is the heart of batchgate and does no I/O (it must not import aiohttp; a te
 Decisions are synchronous and returned to the caller: :meth:`Scheduler.submit` (a lease now, or
 a place in the queue), :meth:`Scheduler.release` and :meth:`Scheduler.withdraw` (the grants they
 caused), :meth:`Scheduler.expire` (the waiters whose deadline passed), and the replica changes
-(:meth:`add_replica`, :meth:`remove_replica`, :meth:`set_limit`, :meth:`set_healthy`). Capacity
-can only appear at those moments, and waiters are served right then: there is no polling loop
-and no gap between one request finishing and the next starting. :meth:`Scheduler.acquire` is a
-thin async wrapper that waits for the decision.
+(:meth:`add_replica`, :meth:`remove_replica`, :meth:`set_limit`, :meth:`set_healthy`,
+:meth:`set_ejected`). Capacity can only appear at those moments, and waiters are served right
+then: there is no polling loop and no gap between one request finishing and the next starting.
+:meth:`Scheduler.acquire` is a thin async wrapper that waits for the decision.
 
 Who owns what: :class:`~proxy.core.replicas.ReplicaSet` the replicas and their slots;
 :class:`~proxy.core.queue.WaitQueue` the order of the waiters (FIFO today); this module the
@@ -229,9 +229,12 @@ class Scheduler:
             self._expire(waiter)
         return due
 
-    def add_replica(self, name: str, url: str, max_concurrency: int) -> Sequence[Grant]:
-        """A new replica: its slots go to waiters at once."""
-        self._set.add(name, url, max_concurrency)
+    def add_replica(
+        self, name: str, url: str, max_concurrency: int, *, healthy: bool = True
+    ) -> Sequence[Grant]:
+        """A new replica: its slots go to waiters at once (``healthy=False``: once its first
+        probe passes)."""
+        self._set.add(name, url, max_concurrency, healthy=healthy)
         return self._dispatch()
 
     def remove_replica(self, replica: Replica) -> bool:
@@ -249,6 +252,12 @@ class Scheduler:
 
     def set_healthy(self, replica: Replica, healthy: bool) -> Sequence[Grant]:
         if self._set.set_healthy(replica, healthy):
+            return self._dispatch()
+        return NO_GRANTS
+
+    def set_ejected(self, replica: Replica, until: float | None) -> Sequence[Grant]:
+        """Eject a replica until ``until`` (wall clock; no new work), or lift it (None)."""
+        if self._set.set_ejected(replica, until):
             return self._dispatch()
         return NO_GRANTS
 

@@ -14,9 +14,10 @@ from proxy.core.replicas import Replica
 from proxy.core.retry import Decision, classify, is_idempotent
 from proxy.core.scheduler import Scheduler
 from proxy.edge.headers import upstream_request_headers
-from proxy.edge.keys import CONFIG, LIFECYCLE, METRICS, SCHEDULER, UPSTREAMS
+from proxy.edge.keys import CONFIG, HEALTH, LIFECYCLE, METRICS, SCHEDULER, UPSTREAMS
 from proxy.edge.relay import is_event_stream, pipe
 from proxy.observe.exchange import Exchange, Outcome
+from proxy.observe.model import request_model
 from proxy.upstream.connection import Response
 
 log = logging.getLogger("batchgate")
@@ -44,10 +45,11 @@ class Forwarder:
 
     @property
     def config(self) -> Config:
-        return self.app[CONFIG]
+        return self.app[CONFIG].current  # swapped by a reload: read it per request
 
     async def proxied(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         body = await _read_body(request, self.config.server.max_body_bytes)
+        exchange.model = request_model(body)
         return await self.forward(request, body, exchange)
 
     async def forward(
@@ -115,15 +117,19 @@ class Forwarder:
         exchange.status = upstream.status
         exchange.stream = is_event_stream(upstream.headers)
         # Counted now, before the body: a caller that hangs up cannot make it go missing.
-        metrics.answered(name, exchange.route, upstream.status)
+        metrics.answered(name, exchange.route, upstream.status, exchange.tenant)
         completed = False
         lifecycle = self.app[LIFECYCLE]
+        # Event streams are watched for a wedged engine (proxy.control.stall), which cuts
+        # them by cancelling this task; nothing is done per chunk.
+        stalls = self.app[HEALTH].stalls if exchange.stream else None
+        stream = stalls.enter(replica, exchange) if stalls is not None else None
         try:
             response = await pipe(
                 request, upstream, exchange,
                 is_cut=lambda: lifecycle.cutting,
                 on_gap=metrics.inter_chunk_observer(exchange.route),
-                stall_limit_s=self.config.upstream.read_timeout_s,
+                stall_limit_s=self.config.server.send_timeout_s,
             )
             completed = exchange.stage == "done"
             if exchange.upstream_error is not None:
@@ -137,6 +143,8 @@ class Forwarder:
             metrics.upstream_error(name, err.kind)
             raise
         finally:
+            if stream is not None and stalls is not None:
+                stalls.leave(stream)
             if completed:
                 upstream.release()  # back to the pool for the next request
             else:

@@ -14,9 +14,17 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from proxy.core.errors import Draining, InternalError, ProxyError, UpstreamError, error_body
+from proxy.core.errors import (
+    Draining,
+    InternalError,
+    ProxyError,
+    Unauthorized,
+    UpstreamError,
+    error_body,
+)
+from proxy.edge.auth import AUTH
 from proxy.edge.headers import with_origin_form
-from proxy.edge.keys import LIFECYCLE, METRICS
+from proxy.edge.keys import HEALTH, LIFECYCLE, METRICS
 from proxy.observe.accesslog import AccessLog
 from proxy.observe.exchange import Exchange, Outcome
 from proxy.observe.metrics import Metrics, route_label
@@ -41,6 +49,8 @@ def json_error(err: ProxyError, request_id: str | None = None) -> web.Response:
         headers["Retry-After"] = str(err.retry_after_s)
     if request_id is not None:
         headers["X-Request-Id"] = request_id
+    if isinstance(err, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"  # RFC 6750 3: the scheme a caller must use
     return web.Response(
         status=err.status,
         body=json.dumps(error_body(err)).encode(),
@@ -62,6 +72,7 @@ class Frame:
     def __init__(self, app: web.Application, access_log: AccessLog | None) -> None:
         self.app = app
         self.access_log = access_log
+        self.auth = app[AUTH]
         if access_log is not None:
             access_log.on_drop(app[METRICS].access_log_dropped.inc)
 
@@ -81,16 +92,27 @@ class Frame:
             route=route_label(request.path),
             arrival=asyncio.get_running_loop().time(),
             started=time.monotonic(),
+            client=request.remote,
         )
         task = lifecycle.enter()
         try:
+            if self.auth.enabled:
+                # Before anything else: a caller without a key learns nothing, not even
+                # that the proxy is draining, and its body is never read.
+                exchange.tenant = self.auth.authorize(request.headers)
             if lifecycle.draining:
                 raise Draining("batchgate is shutting down", retry_after_s=1)
-            return await work(request, exchange)
+            response = await work(request, exchange)
+            if not exchange.bytes_out and isinstance(response, web.Response):
+                # Answers built whole (/v1/models, a relayed 4xx); the relay counts the rest.
+                exchange.bytes_out = response.content_length or 0
+            return response
         except ProxyError as err:
             exchange.status = err.status
             _end_with(exchange, err)
-            return json_error(err, request_id)
+            answer = json_error(err, request_id)
+            exchange.bytes_out = answer.content_length or 0
+            return answer
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             # The caller's transport closed under a write outside the relay loop.
             exchange.end(Outcome.CLIENT_DISCONNECT)
@@ -104,6 +126,11 @@ class Frame:
             return json_error(InternalError(f"batchgate failed: {type(err).__name__}"),
                               request_id)
         except asyncio.CancelledError:
+            if exchange.cut_reason is not None:
+                # A stream of a wedged replica, cut by the health checker: it got its SSE
+                # error event; the replica's failure, not the caller's hang-up.
+                exchange.end(Outcome.UPSTREAM_ERROR, "timeout")
+                raise
             if not lifecycle.cutting:
                 # aiohttp cancels a handler when its caller disconnects.
                 exchange.end(Outcome.CLIENT_DISCONNECT)
@@ -122,6 +149,7 @@ class Frame:
         finally:
             # Drain accounting first: nothing an observer does may make shutdown wait.
             lifecycle.leave(task)
+            exchange.bytes_in = request.content.total_bytes
             # Synchronous, so no cancellation can skip it: a caller that closes its
             # connection the instant its answer is complete still gets counted.
             self._observe(exchange)
@@ -142,6 +170,12 @@ class Frame:
             metrics.record(exchange)
         except Exception:
             self._observer_failed(metrics, "metrics", exchange)
+        if exchange.replica is not None:
+            # Passive outlier ejection: each real request's result, as it ends.
+            try:
+                self.app[HEALTH].observe(exchange)
+            except Exception:
+                self._observer_failed(metrics, "health", exchange)
         if self.access_log is not None:
             try:
                 self.access_log.record(exchange)

@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -82,12 +83,14 @@ class LightSlots:
     :meth:`give` in a ``finally``.
     """
 
-    __slots__ = ("_next", "in_flight", "limit")
+    __slots__ = ("_idle_waiters", "_next", "in_flight", "limit")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.in_flight: dict[str, int] = {}
         self._next = 0  # round-robin start among equally loaded replicas
+        # Replicas removed by a reload, waiting for their last slot-free request.
+        self._idle_waiters: dict[str, Callable[[], None]] = {}
 
     def pick(self, replicas: tuple[Replica, ...], tried: set[str]) -> Replica | None:
         """The untried replica taking work (healthy, not draining) with the fewest slot-free
@@ -109,7 +112,21 @@ class LightSlots:
         self.in_flight[replica.name] = self.in_flight.get(replica.name, 0) + 1
 
     def give(self, replica: Replica) -> None:
-        self.in_flight[replica.name] -= 1
+        left = self.in_flight[replica.name] = self.in_flight[replica.name] - 1
+        if not left and self._idle_waiters:
+            callback = self._idle_waiters.pop(replica.name, None)
+            if callback is not None:
+                del self.in_flight[replica.name]
+                callback()
+
+    def when_idle(self, name: str, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once no slot-free request is in flight on replica ``name`` (at
+        once if none is), and forget the replica: it was removed (proxy.control.reload)."""
+        if self.in_flight.get(name):
+            self._idle_waiters[name] = callback
+            return
+        self.in_flight.pop(name, None)
+        callback()
 
     def idle(self) -> bool:
         return not any(self.in_flight.values())
@@ -131,7 +148,7 @@ class Light:
 
     async def forwarded(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         """Forward to one healthy replica; resend elsewhere only what never reached one."""
-        config = self.app[CONFIG]
+        config = self.app[CONFIG].current
         body = await _read_body(request, config.server.max_body_bytes)
         scheduler = self.app[SCHEDULER]
         metrics = self.app[METRICS]
@@ -196,7 +213,7 @@ class Light:
         e.g. a wrong API key, or a 2xx that is not an OpenAI list), the first such answer is
         relayed as is: it is the caller's to see. A 5xx is a failure. No answer at all: 503.
         """
-        config = self.app[CONFIG]
+        config = self.app[CONFIG].current
         scheduler = self.app[SCHEDULER]
         headers = upstream_request_headers(request, exchange.request_id)
         asked = []
@@ -282,7 +299,7 @@ class Light:
                     if decision is not Decision.RESEND or fresh:
                         raise
                     fresh = True  # once more, on a connection of its own
-            metrics.answered(replica.name, exchange.route, upstream.status)
+            metrics.answered(replica.name, exchange.route, upstream.status, exchange.tenant)
             try:
                 chunks: list[bytes] = []
                 size = 0

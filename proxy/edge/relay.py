@@ -148,7 +148,13 @@ async def pipe(
     except ConnectionResetError:
         exchange.client_gone = True
     except asyncio.CancelledError:
-        if is_cut() and sse and exchange.prepared:
+        if sse and exchange.prepared and exchange.cut_reason is not None:
+            # The replica is wedged (proxy.control.stall): its stream ends, and says why.
+            await _end_stream_with_error(
+                response, sse_error_event(exchange.cut_reason, "upstream_error",
+                                          "upstream_timeout"),
+            )
+        elif is_cut() and sse and exchange.prepared:
             # Shutdown's deadline passed mid-stream: say so in the stream's own protocol.
             await _end_stream_with_error(
                 response,
@@ -186,8 +192,11 @@ async def _write(
     the caller stalled.
 
     A caller that stays connected but stops reading would hold its slot (and the engine)
-    forever: a write that may fill its socket is bounded by the stall limit, and then its
-    connection is closed, so what it got never looks complete.
+    forever: a write that may fill its socket is bounded by the stall limit
+    (``server.send_timeout_s``, like nginx's ``send_timeout``: counted once the kernel's
+    socket buffers are full, not from the caller's last read), and then its connection is
+    closed, so what it got never looks complete; the caller of :func:`pipe` closes the
+    upstream connection, which makes the engine abort the generation.
     """
     whole = isinstance(response, web.Response)
     transport = request.transport
@@ -200,6 +209,7 @@ async def _write(
                     await response.write_eof()
                 else:
                     await response.write(chunk)
+            exchange.bytes_out += len(chunk)
         except TimeoutError:
             exchange.client_gone = True
             transport.close()
@@ -208,6 +218,7 @@ async def _write(
         await response.write_eof()
     else:
         await response.write(chunk)
+    exchange.bytes_out += len(chunk)
     return True
 
 

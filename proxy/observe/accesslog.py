@@ -1,8 +1,9 @@
 """One structured line per request: what an SRE greps for after an incident.
 
 JSON (one object per line) or text, per ``logging.format``; on when ``logging.level`` is
-``debug`` or ``info``. Never the body, never a header: a prompt or an Authorization value must
-not end up in a log pipeline.
+``debug`` or ``info``. Never the body (only the ``model`` it names, proxy.observe.model),
+never a header: a prompt or an Authorization value must not end up in a log pipeline. The
+caller's tenant is the name of its key, never the key.
 
 Cost matters here, at thousands of requests per second: the request path only puts a tuple on
 a queue (no LogRecord, no formatting, no syscall); a writer thread formats lines and writes
@@ -24,7 +25,14 @@ from proxy.observe.exchange import ExchangeView, outcome_text
 FIELDS = (
     "time", "request_id", "method", "path", "replica", "status", "outcome",
     "queue_ms", "ttfb_ms", "duration_ms", "prompt_tokens", "completion_tokens",
+    "client", "tenant", "model", "stream", "attempts", "bytes_in", "bytes_out",
 )
+#: The text format's head: `time method path status outcome`, then `request_id=`, then
+#: every other field that is set, as `name=value`.
+_HEAD = ("method", "path", "status", "outcome")
+_TAIL = tuple(i for i, name in enumerate(FIELDS)
+              if name not in ("time", "request_id", *_HEAD))
+_AT = {name: i for i, name in enumerate(FIELDS)}
 _BATCH = 4096  # lines per write at most
 _LINGER_S = 0.05
 
@@ -45,6 +53,10 @@ def _timestamp(epoch: float) -> str:
 def entry(exchange: ExchangeView) -> tuple[object, ...]:
     """The fields of one line, in :data:`FIELDS` order (cheap: no formatting here)."""
     end = exchange.last_byte_at if exchange.stage == "done" else None
+    now = time.monotonic()
+    waited = exchange.enqueued_at
+    # A request that never got a slot (timed out, cut, or its caller left) waited until now.
+    granted = exchange.dispatched_at if exchange.dispatched_at is not None else now
     return (
         time.time(),
         exchange.request_id,
@@ -53,11 +65,18 @@ def entry(exchange: ExchangeView) -> tuple[object, ...]:
         exchange.replica,
         exchange.status,
         outcome_text(exchange.outcome, exchange.detail),
-        _ms(exchange.enqueued_at, exchange.dispatched_at),
+        _ms(waited, granted) if waited is not None else None,
         _ms(exchange.dispatched_at, exchange.first_byte_at),
-        _ms(exchange.started, end if end is not None else time.monotonic()),
+        _ms(exchange.started, end if end is not None else now),
         exchange.prompt_tokens,
         exchange.completion_tokens,
+        exchange.client,
+        exchange.tenant,
+        exchange.model,
+        exchange.stream,
+        exchange.attempts,
+        exchange.bytes_in,
+        exchange.bytes_out,
     )
 
 
@@ -81,12 +100,17 @@ def _text(value: object) -> str:
 
 
 def format_text(values: Sequence[object]) -> str:
-    head = (f"{_timestamp(float(values[0]))} {_text(values[2])} "  # type: ignore[arg-type]
-            f"{_text(values[3])} {values[5]} {_text(values[6])}")
-    rest = " ".join(f"{name}={_text(value)}"
-                    for name, value in zip(FIELDS[4:], values[4:], strict=False)
-                    if name not in ("status", "outcome") and value is not None)
-    return f"{head} request_id={_text(values[1])} {rest}"
+    at = _AT
+    head = (f"{_timestamp(float(values[0]))} {_text(values[at['method']])} "  # type: ignore[arg-type]
+            f"{_text(values[at['path']])} {values[at['status']]} {_text(values[at['outcome']])}")
+    rest = " ".join(f"{FIELDS[i]}={_text(_lower(values[i]))}" for i in _TAIL
+                    if values[i] is not None)
+    return f"{head} request_id={_text(values[at['request_id']])} {rest}"
+
+
+def _lower(value: object) -> object:
+    # logfmt booleans as JSON has them: stream=true, not stream=True.
+    return ("true" if value else "false") if isinstance(value, bool) else value
 
 
 #: Lines waiting for the writer at most; past that, lines are dropped (and counted) rather
@@ -115,6 +139,8 @@ class AccessLog:
         self._dropped_full = 0  # request path
         self._dropped_bad = 0  # writer thread
         self._on_drop: Callable[[int], None] | None = None
+        #: Off while ``logging.level`` is warning or error; a reload may turn it on again.
+        self.enabled = True
         self._thread = threading.Thread(target=self._run, name="batchgate-access-log",
                                         daemon=True)
         self._thread.start()
@@ -132,7 +158,15 @@ class AccessLog:
         if self._on_drop is not None:
             self._on_drop(n)
 
+    def reconfigure(self, fmt: str, *, enabled: bool) -> None:
+        """A reload changed ``logging``: lines not yet written use ``fmt`` (the writer thread
+        reads the attribute per line, and swapping it is atomic)."""
+        self._format = format_json if fmt == "json" else format_text
+        self.enabled = enabled
+
     def record(self, exchange: ExchangeView) -> None:
+        if not self.enabled:
+            return
         if self._queued - self._taken >= self._max_pending:
             self._dropped_full += 1
             self._drop(1)

@@ -68,6 +68,18 @@ class ExchangeView(Protocol):
     @property
     def stream(self) -> bool: ...
     @property
+    def attempts(self) -> int: ...
+    @property
+    def client(self) -> str | None: ...
+    @property
+    def tenant(self) -> str | None: ...
+    @property
+    def model(self) -> str | None: ...
+    @property
+    def bytes_in(self) -> int: ...
+    @property
+    def bytes_out(self) -> int: ...
+    @property
     def prompt_tokens(self) -> int | None: ...
     @property
     def completion_tokens(self) -> int | None: ...
@@ -101,7 +113,15 @@ class Exchange:
     stream: bool = False  # the replica's answer is an event stream (TTFB is then TTFT)
     client_gone: bool = False
     upstream_error: str | None = None  # kind, when the replica failed mid-body
+    #: Why batchgate cut this stream while its replica still held it (a wedged engine,
+    #: proxy.control.stall): the relay says it in a last SSE error event.
+    cut_reason: str | None = None
     usage: UsageTail | None = None  # fed by the relay; read by the frame, not by observers
+    client: str | None = None  # the peer address (not X-Forwarded-For: a caller can forge it)
+    tenant: str | None = None  # the name of the caller's API key; None: auth off, or no key
+    model: str | None = None  # the body's "model" (proxy.observe.model), for the log only
+    bytes_in: int = 0  # request body bytes read from the caller
+    bytes_out: int = 0  # response body bytes handed to the caller's connection
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
 

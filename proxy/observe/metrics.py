@@ -8,15 +8,18 @@ can never disagree with the scheduler, and a request pays nothing for it.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from proxy import __version__
+from proxy.config import NO_TENANT
+from proxy.core.replicas import HEALTH_STATES
 from proxy.core.scheduler import Scheduler
 from proxy.observe.exchange import ExchangeView, Outcome
 
@@ -32,7 +35,10 @@ KNOWN_ROUTES = frozenset(
 #: startup, so ``increase()`` and alerts see the first one. Add a new reason here.
 REJECTION_REASONS: tuple[str, ...] = (
     "queue_full", "queue_timeout", "no_healthy_replica", "draining", "overloaded",
-    "body_too_large", "bad_request",
+    "body_too_large", "bad_request", "unauthorized",
+    # Limits on callers (proxy.edge.limits): timeouts, connection count, head size, Host, method.
+    "header_timeout", "body_timeout", "too_many_connections", "headers_too_large", "bad_host",
+    "method_not_allowed",
 )
 #: Every ``kind`` of ``batchgate_upstream_errors_total``, exported at 0 for every replica.
 UPSTREAM_ERROR_KINDS: tuple[str, ...] = ("connect", "timeout", "reset", "status_5xx")
@@ -50,8 +56,11 @@ DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0
                     120.0, 300.0, 600.0, 1200.0, 1800.0)
 
 
-#: The `where` label of `batchgate_internal_errors_total`: the observers, each guarded alone.
-INTERNAL_ERROR_SITES = ("usage", "metrics", "access_log")
+#: The `where` label of `batchgate_internal_errors_total`: the observers, each guarded alone
+#: (``health``: the outcome feed of passive outlier ejection).
+INTERNAL_ERROR_SITES = ("usage", "metrics", "access_log", "health")
+#: The `result` label of `batchgate_config_reloads_total`.
+RELOAD_RESULTS = ("success", "failure")
 
 
 def route_label(path: str) -> str:
@@ -86,13 +95,21 @@ class SchedulerCollector(Collector):
             "batchgate_replica_healthy", "1 if the replica takes requests, else 0.",
             labels=["replica"],
         )
+        state = GaugeMetricFamily(
+            "batchgate_replica_state",
+            "1 for the replica's health state (healthy, unhealthy, ejected), 0 for the others.",
+            labels=["replica", "state"],
+        )
         for r in s.replicas:
             in_flight.add_metric([r.name], r.in_flight)
             capacity.add_metric([r.name], r.max_concurrency)
             healthy.add_metric([r.name], 1 if r.healthy else 0)
+            for name in HEALTH_STATES:
+                state.add_metric([r.name, name], 1 if r.health == name else 0)
         yield in_flight
         yield capacity
         yield healthy
+        yield state
 
 
 class _Children(Generic[_M]):
@@ -114,6 +131,13 @@ class _Children(Generic[_M]):
             child = self._cache[values] = self._metric.labels(*values)
         return child
 
+    def remove_first(self, value: str) -> None:
+        """Remove every child whose first label value is ``value``."""
+        for values in [v for v in self._cache if v[0] == value]:
+            del self._cache[values]
+            with contextlib.suppress(KeyError):
+                self._metric.remove(*values)
+
 
 class Metrics:
     """The counters the request path increments, plus the scheduler's gauges."""
@@ -122,8 +146,10 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "batchgate_requests", "Requests answered by a replica, by the replica's status code.",
-            ["replica", "route", "code"], registry=r,
+            "batchgate_requests",
+            "Requests answered by a replica, by the replica's status code and the caller's "
+            "tenant (the name of its API key; \"none\" without auth).",
+            ["replica", "route", "code", "tenant"], registry=r,
         )
         self.rejected = Counter(
             "batchgate_rejected_requests",
@@ -179,6 +205,12 @@ class Metrics:
             "where they happened.",
             ["where"], registry=r,
         )
+        self.ejections = Counter(
+            "batchgate_replica_ejections",
+            "Passive outlier ejections of the replica (upstream.eject_after real requests in a "
+            "row failed).",
+            ["replica"], registry=r,
+        )
         self.access_log_dropped = Counter(
             "batchgate_access_log_dropped",
             "Access-log lines dropped: the log's queue was full (stdout slower than the "
@@ -187,6 +219,23 @@ class Metrics:
         )
         for where in INTERNAL_ERROR_SITES:
             self.internal_errors.labels(where)  # exported at 0 from startup
+        # Named as Prometheus names its own (prometheus_config_last_reload_*).
+        self.reloads = Counter(
+            "batchgate_config_reloads",
+            "Config reloads (SIGHUP, POST /admin/reload), by result (success, failure).",
+            ["result"], registry=r,
+        )
+        for result in RELOAD_RESULTS:
+            self.reloads.labels(result)
+        self.last_reload = Gauge(
+            "batchgate_config_last_reload_success_timestamp_seconds",
+            "Unix time the config in force was loaded (at startup, then each successful "
+            "reload).",
+            registry=r,
+        )
+        # process_* (CPU, resident memory, open and max file descriptors, start time): not in
+        # a custom registry unless registered there.
+        ProcessCollector(registry=r)
         build = Gauge("batchgate_build_info", "batchgate version.", ["version"], registry=r)
         build.labels(__version__).set(1)
         self._requests = _Children(self.requests)
@@ -209,20 +258,51 @@ class Metrics:
             self.add_replica(replica.name)
 
     def add_replica(self, name: str) -> None:
-        """Export the replica's error and retry counters at 0 (at startup, or when added)."""
+        """Export the replica's error, retry and ejection counters at 0 (at startup, or when
+        added)."""
         for kind in UPSTREAM_ERROR_KINDS:
             self._upstream_errors(name, kind)
         self.retries.labels(name)
+        self.ejections.labels(name)
+
+    def ejected(self, replica: str) -> None:
+        self.ejections.labels(replica).inc()
+
+    def remove_replica(self, name: str) -> None:
+        """Drop every series of a replica that left the config (its last request is done).
+
+        The gauges follow the scheduler by themselves; the counters' children are known from
+        the caches (the ``replica`` label is always the first).
+        """
+        for children in (self._requests, self._upstream_errors, self._tokens):
+            children.remove_first(name)
+        for counter in (self.retries, self.ejections):
+            with contextlib.suppress(KeyError):
+                counter.remove(name)
+
+    def config_loaded(self, when: float) -> None:
+        """The config in force was loaded at ``when`` (Unix time): at startup, or reloaded."""
+        self.last_reload.set(when)
+
+    def reload_result(self, ok: bool) -> None:
+        self.reloads.labels("success" if ok else "failure").inc()
 
     def inter_chunk_observer(self, route: str) -> Callable[[float], None]:
         """The bound ``observe`` of one route's child: a label lookup per request, not per chunk."""
         return self._inter_chunk(route).observe
 
-    def answered(self, replica: str, route: str, status: int) -> None:
-        """A replica's status line arrived: counted now, before any body byte."""
-        self._requests(replica, route, str(status)).inc()
+    def answered(self, replica: str, route: str, status: int, tenant: str | None) -> None:
+        """A replica's status line arrived: counted now, before any body byte.
+
+        ``tenant`` is bounded: a key's name from the config, or None (auth off) as "none".
+        """
+        self._requests(replica, route, str(status), tenant or NO_TENANT).inc()
         if status >= 500:
             self._upstream_errors(replica, "status_5xx").inc()
+
+    def rejected_request(self, reason: str) -> None:
+        """A rejection answered outside the frame (a guarded admin handler)."""
+        self._rejected(reason).inc()
 
     def internal_error(self, where: str) -> None:
         self.internal_errors.labels(where).inc()

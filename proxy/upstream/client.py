@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from ssl import SSLContext
 
 from aiohttp import web
 
 from proxy.config import UpstreamConfig
+from proxy.core.errors import UpstreamError
 from proxy.core.replicas import Replica
 from proxy.upstream.pool import ConnectionPool
 from proxy.upstream.response import Response
 from proxy.upstream.tls import server_hostname
+
+#: ``(replica name, headers) -> headers`` as that replica gets them: the edge's credential
+#: policy (proxy.edge.auth.KeyRing.upstream_headers), applied per attempt, since a resend
+#: may go to a replica with another key.
+Credentials = Callable[[str, list[tuple[str, str]]], list[tuple[str, str]]]
 
 
 def pool_limit(max_concurrency: int) -> int:
@@ -30,10 +38,13 @@ class Upstreams:
 
     def __init__(
         self, replicas: tuple[Replica, ...], config: UpstreamConfig, *, light_limit: int,
-        ssl: SSLContext | None = None,
+        ssl: SSLContext | None = None, credentials: Credentials | None = None,
     ) -> None:
         self._config = config
+        self._credentials = credentials
         self._ssl = ssl  # proxy.upstream.tls: for the https:// replicas, None if there are none
+        self._light_limit = light_limit
+        self._closing: set[asyncio.Task[None]] = set()  # pools of retired replicas
         self._pools = {r.name: self._pool(r, pool_limit(r.max_concurrency)) for r in replicas}
         # Slot-free requests (GET, HEAD, OPTIONS: proxy.edge.light) have pools of their own,
         # so they never take, or wait for, a connection a generation could use.
@@ -55,12 +66,33 @@ class Upstreams:
         """The replica's cap changed: its pool follows (see :meth:`ConnectionPool.set_limit`)."""
         self._pools[replica].set_limit(pool_limit(max_concurrency))
 
+    def add(self, replica: Replica) -> None:
+        """Pools for a replica added by a reload; call before it can be granted a slot."""
+        self._pools[replica.name] = self._pool(replica, pool_limit(replica.max_concurrency))
+        self._light_pools[replica.name] = self._pool(replica, 2 * self._light_limit)
+
+    def retire(self, replica: str) -> None:
+        """A removed replica's last request is done: close its pools (synchronously callable
+        from the slot's release; the closing runs as a task :meth:`close` waits for).
+
+        A slot-free request still in flight on it finishes; its connection is then closed
+        instead of pooled (a closed pool keeps nothing).
+        """
+        pools = [p for p in (self._pools.pop(replica, None),
+                             self._light_pools.pop(replica, None)) if p is not None]
+        if pools:
+            task = asyncio.get_running_loop().create_task(
+                _close_all(pools), name=f"retire-pools:{replica}")
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
     def pools(self) -> list[ConnectionPool]:
         return [*self._pools.values(), *self._light_pools.values()]
 
     async def close(self) -> None:
         for pool in self.pools():
             await pool.close()
+        await asyncio.gather(*self._closing)
 
     async def send(
         self,
@@ -77,5 +109,15 @@ class Upstreams:
         Raises :class:`proxy.core.errors.UpstreamError` (or its ``UpstreamTimeout``).
         ``light``: a slot-free request, sent on the replica's pool for those.
         """
-        pool = (self._light_pools if light else self._pools)[replica.name]
+        pool = (self._light_pools if light else self._pools).get(replica.name)
+        if pool is None:  # retired by a reload since it was picked: never written to
+            raise UpstreamError(f"replica {replica.name} was removed by a reload",
+                                kind="connect", replica=replica.name, unsent=True)
+        if self._credentials is not None:
+            headers = self._credentials(replica.name, headers)
         return await pool.request(request.method, request.raw_path, headers, body, fresh=fresh)
+
+
+async def _close_all(pools: list[ConnectionPool]) -> None:
+    for pool in pools:
+        await pool.close()

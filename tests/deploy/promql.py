@@ -50,10 +50,14 @@ CATALOGUE: dict[str, Labels] = {
     "batchgate_replica_in_flight": _REPLICA,
     "batchgate_replica_max_concurrency": _REPLICA,
     "batchgate_replica_healthy": _REPLICA,
-    "batchgate_requests_total": {"replica": ANY, "route": _ROUTES, "code": ANY},
+    "batchgate_replica_state": {
+        "replica": ANY, "state": frozenset({"healthy", "unhealthy", "ejected"}),
+    },
+    "batchgate_replica_ejections_total": _REPLICA,
+    "batchgate_requests_total": {"replica": ANY, "route": _ROUTES, "code": ANY, "tenant": ANY},
     "batchgate_rejected_requests_total": {
         "reason": frozenset({"queue_full", "queue_timeout", "no_healthy_replica", "draining",
-                             "overloaded", "body_too_large", "bad_request"}),
+                             "overloaded", "body_too_large", "bad_request", "unauthorized"}),
     },
     "batchgate_upstream_errors_total": {
         "replica": ANY, "kind": frozenset({"connect", "timeout", "reset", "status_5xx"}),
@@ -69,10 +73,19 @@ CATALOGUE: dict[str, Labels] = {
     **_histogram("batchgate_request_duration_seconds", {"route": _ROUTES}),
     "batchgate_tokens_total": {"replica": ANY, "kind": frozenset({"prompt", "completion"})},
     "batchgate_internal_errors_total": {
-        "where": frozenset({"usage", "metrics", "access_log"}),
+        "where": frozenset({"usage", "metrics", "access_log", "health"}),
     },
     "batchgate_access_log_dropped_total": {},
     "batchgate_build_info": {"version": ANY},
+    "batchgate_config_reloads_total": {"result": frozenset({"success", "failure"})},
+    "batchgate_config_last_reload_success_timestamp_seconds": {},
+    # prometheus-client's process collector (Linux).
+    "process_cpu_seconds_total": {},
+    "process_virtual_memory_bytes": {},
+    "process_resident_memory_bytes": {},
+    "process_start_time_seconds": {},
+    "process_open_fds": {},
+    "process_max_fds": {},
 }
 
 #: Labels Prometheus attaches to every scraped series.

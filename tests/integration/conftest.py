@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,9 +27,10 @@ from proxy.config import (
     ServerConfig,
     UpstreamConfig,
 )
+from proxy.control.health import HealthChecker, Timing
 from proxy.core.scheduler import Scheduler
 from proxy.edge.app import LIFECYCLE, METRICS, SCHEDULER, create_app
-from proxy.edge.keys import UPSTREAMS
+from proxy.edge.keys import HEALTH, UPSTREAMS
 from proxy.observe.accesslog import AccessLog
 
 BOUND_S = 10.0  # deadlock guard for every wait: a failing test fails, it does not hang
@@ -56,6 +58,15 @@ class FakeReplica:
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     health_status: int = 200
     health_hits: int = 0
+    #: When set, each probe of /health answers the next status put here (it waits for one).
+    health_script: asyncio.Queue[int] | None = None
+    #: When set, every request (not /health) is answered with this status: a replica that
+    #: passes its probe and fails all work.
+    answer_status: int | None = None
+    #: ``step`` streams send each event after the first only once a token is put here.
+    steps: asyncio.Queue[None] = field(default_factory=asyncio.Queue)
+    #: (method, path, body) of every request that reached the catch-all route.
+    seen: list[tuple[str, str, bytes]] = field(default_factory=list)
     in_flight: int = 0
     peak: int = 0
     arrivals: int = 0
@@ -74,6 +85,8 @@ class FakeReplica:
 
     async def health(self, _request: web.Request) -> web.Response:
         self.health_hits += 1
+        if self.health_script is not None:
+            return web.Response(status=await self.health_script.get())
         return web.Response(status=self.health_status)
 
     async def models(self, _request: web.Request) -> web.Response:
@@ -86,9 +99,14 @@ class FakeReplica:
         self.seen_headers.append(dict(request.headers))
         try:
             raw = await request.read()
+            self.seen.append((request.method, request.path_qs, raw))
             spec: dict[str, Any] = {}
             if raw[:1] == b"{":
                 spec = json.loads(raw)
+            if self.answer_status is not None:
+                self.completed += 1
+                return web.json_response({"error": "failing on purpose"},
+                                         status=self.answer_status)
             if spec.get("stream"):
                 return await self._stream(request, spec)
             if spec.get("hold"):
@@ -121,6 +139,8 @@ class FakeReplica:
         for i in range(int(spec.get("events", 3))):
             if i == 1 and spec.get("hold"):
                 await self.gate.wait()
+            if i >= 1 and spec.get("step"):
+                await self.steps.get()
             if i == 1 and spec.get("die"):
                 assert request.transport is not None
                 request.transport.abort()  # the engine crashes mid-stream
@@ -191,6 +211,10 @@ class Proxy:
     def scheduler(self) -> Scheduler:
         return self.app[SCHEDULER]
 
+    @property
+    def health(self) -> HealthChecker:
+        return self.app[HEALTH]
+
     def metric(self, name: str, **labels: str) -> float:
         value = self.app[METRICS].registry.get_sample_value(name, labels)
         return 0.0 if value is None else value
@@ -203,15 +227,19 @@ def make_config(
     retries: int = 2,
     health_interval_s: float = 60.0,
     read_timeout_s: float = 30.0,
+    health: dict[str, Any] | None = None,
+    upstream: dict[str, Any] | None = None,
     **server: Any,
 ) -> Config:
+    """``health`` and ``upstream``: more keys of those sections (e.g. ``unhealthy_after``)."""
     return Config(
         replicas=tuple(ReplicaConfig(name=n, url=u, max_concurrency=c) for n, u, c in replicas),
         server=dataclasses.replace(ServerConfig(host="127.0.0.1", port=0), **server),
         queue=QueueConfig(max_size=max_queue, timeout_s=queue_timeout_s),
-        health=HealthConfig(interval_s=health_interval_s, timeout_s=2.0),
+        health=HealthConfig(interval_s=health_interval_s, timeout_s=2.0, **(health or {})),
         upstream=UpstreamConfig(
-            connect_timeout_s=2.0, read_timeout_s=read_timeout_s, retries=retries
+            connect_timeout_s=2.0, read_timeout_s=read_timeout_s, retries=retries,
+            **(upstream or {}),
         ),
     )
 
@@ -222,8 +250,10 @@ async def proxy() -> AsyncIterator[Callable[[Config], Any]]:
     connection, armed read timer or background task of the proxy left."""
     started: list[Proxy] = []
 
-    async def make(config: Config, access_log: AccessLog | None = None) -> Proxy:
-        app = create_app(config, access_log=access_log)
+    async def make(
+        config: Config, access_log: AccessLog | None = None, timing: Timing | None = None
+    ) -> Proxy:
+        app = create_app(config, access_log=access_log, timing=timing)
         runner, url = await start_app(app)
         handle = Proxy(url, app, runner)
         started.append(handle)
@@ -239,6 +269,41 @@ async def proxy() -> AsyncIterator[Callable[[Config], Any]]:
         await handle.runner.cleanup()
     if started:
         await until(lambda: not proxy_tasks(), f"background tasks left: {proxy_tasks()}")
+
+
+class FakeTime:
+    """The health checker's clocks and sleep, advanced by the test (no waiting on real time).
+
+    ``sleeps`` records every delay asked for; ``advance`` wakes every sleeper whose time has
+    come. The monotonic clock starts at the real one, the wall clock at a round number.
+    """
+
+    def __init__(self, rng: Callable[[], float] = lambda: 0.5) -> None:
+        self.mono = time.monotonic()
+        self.wall = 1_700_000_000.0
+        self.rng = rng
+        self.sleeps: list[float] = []
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
+
+    def timing(self) -> Timing:
+        return Timing(monotonic=lambda: self.mono, wall=lambda: self.wall, sleep=self.sleep,
+                      rng=self.rng)
+
+    async def sleep(self, delay: float) -> None:
+        self.sleeps.append(delay)
+        entry = (self.mono + delay, asyncio.get_running_loop().create_future())
+        self._sleepers.append(entry)
+        try:
+            await entry[1]
+        finally:
+            self._sleepers.remove(entry)
+
+    def advance(self, seconds: float) -> None:
+        self.mono += seconds
+        self.wall += seconds
+        for due, future in self._sleepers:
+            if due <= self.mono and not future.done():
+                future.set_result(None)
 
 
 def proxy_tasks() -> list[asyncio.Task[Any]]:

@@ -71,7 +71,7 @@ async def test_caller_closing_right_after_the_response_loses_no_bookkeeping(
     await until(lambda: r.completed == ROUNDS and r.in_flight == 0, "every request served")
     await until(lambda: p.scheduler.idle(), "every slot released")
     assert p.metric("batchgate_requests_total", replica="r", route="/v1/completions",
-                    code="200") == ROUNDS
+                    code="200", tenant="none") == ROUNDS
     assert r.aborted == 0
     # Each caller hung up only after its answer was complete: not a disconnect.
     assert disconnects(p) == 0

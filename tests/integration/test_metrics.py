@@ -91,9 +91,12 @@ async def test_series_match_the_traffic_sent(
     await until(lambda: p.scheduler.idle(), "all slots back")
 
     m = p.metric
-    assert m("batchgate_requests_total", replica="r", route=COMPLETIONS, code="200") == 2 + 3
-    assert m("batchgate_requests_total", replica="r", route=CHAT, code="200") == 2 + 2 + 1 + 1 + 1
-    assert m("batchgate_requests_total", replica="r", route=COMPLETIONS, code="500") == 1
+    assert m("batchgate_requests_total", replica="r", route=COMPLETIONS, code="200",
+             tenant="none") == 2 + 3
+    assert m("batchgate_requests_total", replica="r", route=CHAT, code="200",
+             tenant="none") == 2 + 2 + 1 + 1 + 1
+    assert m("batchgate_requests_total", replica="r", route=COMPLETIONS, code="500",
+             tenant="none") == 1
     assert m("batchgate_upstream_errors_total", replica="r", kind="status_5xx") == 1
     assert m("batchgate_rejected_requests_total", reason="queue_full") == 1
     assert m("batchgate_client_disconnects_total", stage="streaming") == 1
@@ -144,8 +147,10 @@ async def test_queue_timeout_observes_its_wait_but_no_replica_series(
     assert p.metric("batchgate_rejected_requests_total", reason="queue_timeout") == 1
     assert p.metric("batchgate_queue_wait_seconds_count") == 2
     assert p.metric("batchgate_queue_wait_seconds_sum") >= 0.2
-    assert p.metric("batchgate_requests_total", replica="r", route=COMPLETIONS, code="200") == 1
-    assert p.metric("batchgate_requests_total", replica="r", route=COMPLETIONS, code="503") == 0
+    assert p.metric("batchgate_requests_total", replica="r", route=COMPLETIONS, code="200",
+                    tenant="none") == 1
+    assert p.metric("batchgate_requests_total", replica="r", route=COMPLETIONS, code="503",
+                    tenant="none") == 0
 
 
 async def test_access_log_line_per_request(
@@ -175,7 +180,8 @@ async def test_access_log_line_per_request(
     ok = lines["rid-1"]
     assert set(ok) == {"time", "request_id", "method", "path", "replica", "status", "outcome",
                        "queue_ms", "ttfb_ms", "duration_ms", "prompt_tokens",
-                       "completion_tokens"}
+                       "completion_tokens", "client", "tenant", "model", "stream", "attempts",
+                       "bytes_in", "bytes_out"}
     assert ok["method"] == "POST" and ok["path"] == CHAT and ok["replica"] == "r"
     assert ok["status"] == 200 and ok["outcome"] == "ok"
     assert ok["prompt_tokens"] == 3 and ok["completion_tokens"] == 5

@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.control.health import HealthChecker
 from proxy.edge.app import LIFECYCLE
 from proxy.observe.accesslog import AccessLog
 from proxy.observe.metrics import INTERNAL_ERROR_SITES, Metrics
@@ -51,7 +52,8 @@ async def test_deep_usage_breaks_neither_drain_nor_the_access_log(
     (line,) = log_lines(out)
     assert line["request_id"] == "deep" and line["status"] == 200 and line["outcome"] == "ok"
     assert line["prompt_tokens"] is None
-    assert p.metric("batchgate_requests_total", replica="r", route=COMPLETIONS, code="200") == 1
+    assert p.metric("batchgate_requests_total", replica="r", route=COMPLETIONS, code="200",
+                    tenant="none") == 1
     assert p.metric("batchgate_request_duration_seconds_count", route=COMPLETIONS) == 1
 
 
@@ -61,14 +63,14 @@ def test_internal_errors_exported_at_zero_from_startup() -> None:
         value = metrics.registry.get_sample_value("batchgate_internal_errors_total",
                                                   {"where": where})
         assert value == 0, where
-    assert set(INTERNAL_ERROR_SITES) == {"usage", "metrics", "access_log"}
+    assert set(INTERNAL_ERROR_SITES) == {"usage", "metrics", "access_log", "health"}
 
 
 def _boom(*_args: object) -> None:
     raise RuntimeError("observer bug")
 
 
-@pytest.mark.parametrize("where", ["usage", "metrics", "access_log"])
+@pytest.mark.parametrize("where", ["usage", "metrics", "access_log", "health"])
 async def test_one_failing_observer_skips_no_other(
     replicas: Factory, proxy: Factory, client: aiohttp.ClientSession,
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, where: str,
@@ -78,7 +80,7 @@ async def test_one_failing_observer_skips_no_other(
     access = AccessLog(out, "json")
     p: Proxy = await proxy(make_config(("r", r.url, 1)), access)
     target = {"usage": (UsageTail, "usage"), "metrics": (Metrics, "record"),
-              "access_log": (AccessLog, "record")}[where]
+              "access_log": (AccessLog, "record"), "health": (HealthChecker, "observe")}[where]
     monkeypatch.setattr(*target, _boom)
     async with client.post(p.url + COMPLETIONS, json={},
                            headers={"X-Request-Id": "rid"}) as answer:
@@ -89,7 +91,7 @@ async def test_one_failing_observer_skips_no_other(
     access.close()
 
     assert p.metric("batchgate_internal_errors_total", where=where) == 1
-    for other in {"usage", "metrics", "access_log"} - {where}:
+    for other in {"usage", "metrics", "access_log", "health"} - {where}:
         assert p.metric("batchgate_internal_errors_total", where=other) == 0
     assert any(where in rec.getMessage() and rec.exc_info for rec in caplog.records)
     lines = log_lines(out)

@@ -82,7 +82,8 @@ async def test_replicas_always_get_origin_form(
     (seen,) = r.requests
     assert seen.target == seen_target
     assert not any("secret" in value for _, value in seen.headers)
-    assert p.metric("batchgate_requests_total", replica="r", route=route, code="200") == 1
+    assert p.metric("batchgate_requests_total", replica="r", route=route, code="200",
+                    tenant="none") == 1
 
 
 async def test_models_behind_dot_segments_is_routed_as_models_without_a_slot(

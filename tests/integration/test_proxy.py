@@ -43,7 +43,7 @@ async def test_exact_peaks_across_two_replicas(
     assert (a.peak, b.peak) == (4, 2)
     assert a.completed + b.completed == 60
     assert p.metric("batchgate_requests_total", replica="a", route="/v1/completions",
-                    code="200") == a.completed
+                    code="200", tenant="none") == a.completed
 
 
 async def test_sse_reaches_caller_incrementally_and_byte_for_byte(
@@ -241,7 +241,8 @@ async def test_models_answered_without_a_slot(
     async with client.get(p.url + "/v1/models") as resp:
         assert resp.status == 200
         assert (await resp.json())["data"][0]["id"] == "r"
-    assert p.metric("batchgate_requests_total", replica="r", route="/v1/models", code="200") == 1
+    assert p.metric("batchgate_requests_total", replica="r", route="/v1/models", code="200",
+                    tenant="none") == 1
     r.gate.set()
     (await busy).release()
 
@@ -331,7 +332,7 @@ async def test_upstream_error_status_passes_through(
         assert resp.status == 503
     assert p.metric("batchgate_upstream_errors_total", replica="r", kind="status_5xx") == 1
     assert p.metric("batchgate_requests_total", replica="r", route="/v1/completions",
-                    code="503") == 1
+                    code="503", tenant="none") == 1
 
 
 async def test_draining_flag_refuses_new_work(
@@ -379,7 +380,7 @@ async def test_caller_that_stops_reading_loses_its_slot_after_the_stall_limit(
     replicas: Factory, proxy: Factory
 ) -> None:
     r: FakeReplica = await replicas("r")
-    p: Proxy = await proxy(make_config(("r", r.url, 1), read_timeout_s=0.3))
+    p: Proxy = await proxy(make_config(("r", r.url, 1), send_timeout_s=0.3))
     host, port = p.url.removeprefix("http://").split(":")
     _reader, writer = await asyncio.open_connection(host, int(port))
     body = json.dumps({"stream": True, "events": 400, "pad": 65536}).encode()  # ~26 MB

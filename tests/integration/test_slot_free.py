@@ -112,7 +112,8 @@ async def test_health_probe_answers_200_while_every_slot_is_held_and_the_queue_i
         assert resp.status == 200
         assert await resp.text() == "pong GET\n"
     assert p.scheduler.replicas[0].in_flight == 1  # still only the held generation
-    assert p.metric("batchgate_requests_total", replica="r", route="other", code="200") == 2
+    assert p.metric("batchgate_requests_total", replica="r", route="other", code="200",
+                    tenant="none") == 2
     await release(r, held)
 
 
@@ -215,7 +216,7 @@ async def test_models_lists_the_union_of_the_healthy_replicas(
     assert a.seen_headers[-1]["Authorization"] == b.seen_headers[-1]["Authorization"]
     for name in ("a", "b"):
         assert p.metric("batchgate_requests_total", replica=name, route="/v1/models",
-                        code="200") == 1
+                        code="200", tenant="none") == 1
     for replica in (a, b):
         replica.gate.set()
     for task in held:
@@ -250,7 +251,8 @@ async def test_models_skips_a_replica_that_fails_or_is_silent(
     async with client.get(p.url + "/v1/models?hold=c") as resp:
         assert resp.status == 200
         assert (await resp.json())["data"] == [model("m-a", "a")]
-    assert p.metric("batchgate_requests_total", replica="b", route="/v1/models", code="500") == 1
+    assert p.metric("batchgate_requests_total", replica="b", route="/v1/models", code="500",
+                    tenant="none") == 1
     c.gate.set()
     assert c.runner is not None
     await c.runner.cleanup()  # now refuses connections: skipped too

@@ -91,9 +91,10 @@ async def test_unknown_ca_is_refused_with_502_not_a_traceback(
     r = tls_replica.replica
     # The system CAs do not know the test's CA.
     p: Proxy = await proxy(tls_config(f"https://127.0.0.1:{tls_replica.port}", TlsConfig(),
-                                      retries=0))
+                                      retries=0, health={"unhealthy_after": 1}))
     replica = p.scheduler.replicas[0]
-    # Health probes use the same TLS settings: the first one marks the replica down.
+    # Health probes use the same TLS settings: the first one marks the replica down
+    # (unhealthy_after: 1, so the one probe of the 60 s interval is enough).
     await until(lambda: not replica.healthy, "the probe fails verification")
     # A request that got there before the probe did (healthy again, as at startup):
     p.scheduler.set_healthy(replica, True)

@@ -522,7 +522,8 @@ async def test_malformed_response_is_a_clean_502_through_the_proxy(
     assert body["error"]["code"] == "upstream_malformed"
     assert set(body["error"]) == {"message", "type", "param", "code"}
     assert p.metric("batchgate_upstream_errors_total", replica="odd", kind="malformed") == 1
-    assert p.metric("batchgate_requests_total", route="/v1/completions", code="200") == 0
+    assert p.metric("batchgate_requests_total", replica="odd", route="/v1/completions",
+                    code="200", tenant="none") == 0
 
 
 async def test_header_bytes_above_0x7f_are_relayed(

@@ -28,11 +28,13 @@ def test_text_values_are_quoted_and_escaped_so_no_field_can_be_forged() -> None:
     first, second = text.splitlines()
     words = shlex.split(first)  # read as logfmt tools do: quotes honoured
     assert words[1:5] == ["GET", "/v1/a b replica=evil", "200", "ok"]
-    assert [w.split("=", 1)[0] for w in words[5:]] == ["request_id", "replica", "duration_ms"]
+    assert [w.split("=", 1)[0] for w in words[5:]] == [
+        "request_id", "replica", "duration_ms", "stream", "attempts", "bytes_in", "bytes_out"]
     assert words[5].startswith("request_id=x replica=evil status=500")
     assert words[6] == "replica=r"
     # Plain values stay unquoted, as before.
     assert " GET /v1/models 200 ok request_id=plain replica=r duration_ms=" in second
+    assert second.endswith(" stream=false attempts=0 bytes_in=0 bytes_out=0")
 
 
 def test_one_bad_line_never_costs_another() -> None:

@@ -268,17 +268,21 @@ BAD_CONFIGS: list[tuple[str, str | bytes | None, str]] = [
     (
         "unknown top-level key",
         REPLICA + "serverr: {}\n",
-        "serverr: unknown key (allowed: replicas, server, queue, health, upstream, logging)",
+        "serverr: unknown key (allowed: replicas, server, queue, health, upstream, logging,"
+        " auth, admin)",
     ),
     (
         "unknown section key",
         REPLICA + "server: {prot: 8080}\n",
-        "server.prot: unknown key (allowed: host, port, max_body_bytes, drain_timeout_s)",
+        "server.prot: unknown key (allowed: host, port, max_body_bytes, drain_timeout_s, "
+        "header_timeout_s, body_timeout_s, min_body_rate, keepalive_timeout_s, max_connections, "
+        "max_header_bytes, max_headers, send_timeout_s)",
     ),
     (
         "unknown replica key beats missing",
         "replicas: [{name: a, url: 'http://h', max_concurency: 1}]\n",
-        "replicas[0].max_concurency: unknown key (allowed: name, max_concurrency, url, simulated)",
+        "replicas[0].max_concurency: unknown key (allowed: name, max_concurrency, url, simulated,"
+        " api_key)",
     ),
     (
         "unknown simulated key",
