@@ -1,6 +1,7 @@
-"""The proxy in-process on a real loopback socket, for the suites, with the same end-of-run
-checks as the integration fixture: no slot, waiter, handler, checked-out connection, armed
-read timer or background task of the proxy is left when it stops.
+"""The proxy in-process on a real loopback socket, served as ``batchgate serve`` serves it
+(:class:`proxy.edge.protocol.LimitedRunner`: the server limits in force), with the same
+end-of-run checks as the integration fixture: no slot, waiter, handler, checked-out
+connection, armed read timer or background task of the proxy is left when it stops.
 
 A context manager rather than a fixture, so a hypothesis test or a long chaos run holds one
 proxy across all of its cases and checks the state between them.
@@ -19,8 +20,9 @@ from proxy.core.scheduler import Scheduler
 from proxy.edge.app import LIFECYCLE, METRICS, SCHEDULER, create_app
 from proxy.edge.keys import UPSTREAMS
 from proxy.edge.light import LIGHT
+from proxy.edge.protocol import LimitedRunner
 from proxy.observe.accesslog import AccessLog
-from tests.integration.conftest import BOUND_S, proxy_tasks, start_app, until
+from tests.integration.conftest import BOUND_S, proxy_tasks, until
 
 
 @dataclass
@@ -61,7 +63,12 @@ async def running_proxy(
     config: Config, access_log: AccessLog | None = None
 ) -> AsyncIterator[RunningProxy]:
     app = create_app(config, access_log=access_log)
-    runner, url = await start_app(app)
+    # As proxy.server serves it: through the runner that applies server.*'s limits.
+    runner = LimitedRunner(app, config.server, handler_cancellation=True, access_log=None,
+                           shutdown_timeout=1, auto_decompress=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     handle = RunningProxy(url, app, runner)
     try:
         yield handle
