@@ -65,6 +65,15 @@ clean:
 bench: $(STAMP)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
+# Not in `make test`: SOAK_S seconds (default 10 minutes) of mixed load with hang-ups and an
+# engine killed and restarted, batchgate's RSS and open descriptors sampled every 10 s
+# (bench/soak.py); writes bench/results/soak-<date>.json and the soak section of
+# docs/benchmarks.md. Exits non-zero if the queue or a slot is not back to 0 after the load.
+SOAK_S ?= 600
+.PHONY: soak
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py --seconds $(SOAK_S)
+
 # Instructions per request under valgrind's callgrind, this tree against BASELINE (a commit):
 # exact whatever else the machine runs, where rates move by 30 %. About 2 minutes.
 BASELINE ?= f571e5b

@@ -39,6 +39,7 @@ import report
 import spy
 import wrk
 from procs import LOAD_CPU, Procs, ensure_tools, machine_info, pin_self, raise_nofile
+from soak import keep_soak
 
 PHASES = ("raw", "profile", "streams", "queued", "p4", "seed")
 RESULTS = cs.HERE / "results"
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table(summary), end="")
     print(f"wall time {results['wall_time_s']:.0f} s; raw numbers in {out.relative_to(cs.ROOT)}")
     if args.docs if args.docs is not None else not args.quick:
-        DOCS.write_text(docgen.markdown(results, out.relative_to(cs.ROOT)))
+        # The soak section (make soak) is not this run's: carried over as it is.
+        DOCS.write_text(keep_soak(docgen.markdown(results, out.relative_to(cs.ROOT)), DOCS))
         print(f"updated {DOCS.relative_to(cs.ROOT)}")
     return 1 if failed or results["errors"] else 0
 
