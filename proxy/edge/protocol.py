@@ -37,13 +37,15 @@ from proxy.core.errors import (
 )
 from proxy.edge.frame import json_error
 from proxy.edge.keys import METRICS
-from proxy.edge.limits import ALLOWED_METHODS, EdgeLimits, body_deadline
+from proxy.edge.limits import ALLOWED_METHODS, EdgeLimits, body_deadline, raw_answer
 
 log = logging.getLogger("batchgate")
 
 #: How long a connection batchgate ended keeps draining what the caller still sends, so its
 #: answer is read rather than reset away (see LimitedHandler._linger).
 LINGER_S = 2.0
+#: The HTTP versions served; aiohttp's parsers also take 0.9 and 2.0 request lines.
+_VERSIONS = frozenset({(1, 0), (1, 1)})
 
 # The phases of one connection (plain ints: compared on every chunk).
 _HEAD = 0  # a head is arriving (or awaited on a fresh connection): the header deadline runs
@@ -303,6 +305,12 @@ class LimitedHandler(RequestHandler):
         """The request is answered with a refusal: that answer is the connection's last."""
         self._phase = _CUT
 
+    def refuse_raw(self, answer: bytes) -> None:
+        """Refuse with ``answer`` written as it is (an HTTP/1.1 status line whatever the
+        request's version), then end the connection; aiohttp's own answer finds no
+        transport and is dropped (``finish_response`` treats that as a caller gone)."""
+        self._cut(answer)
+
 
 class _LimitedServer(Server):
     """aiohttp's connection factory, making :class:`LimitedHandler`s and checking each request
@@ -332,6 +340,17 @@ class _LimitedServer(Server):
         assert isinstance(protocol, LimitedHandler)
         protocol.request_started(request)
         try:
+            if request.version not in _VERSIONS:
+                # aiohttp's parsers take "HTTP/0.9" and "HTTP/2.0" request lines, and its
+                # answer would echo the version in a status line no caller can read: refused
+                # with a whole HTTP/1.1 answer of our own, never forwarded (found by the fuzz).
+                version = "HTTP/{}.{}".format(*request.version)
+                unsupported = BadRequest(
+                    f"{version} is not supported: batchgate speaks HTTP/1.0 and HTTP/1.1")
+                assert unsupported.reason is not None
+                self.limits.count(unsupported.reason)
+                protocol.refuse_raw(raw_answer(unsupported))
+                return StreamResponse(status=unsupported.status)
             err = self.limits.refusal(request)
             if err is not None:
                 assert err.reason is not None
