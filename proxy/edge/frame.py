@@ -38,10 +38,15 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 Work = Callable[[web.Request, Exchange], Awaitable[web.StreamResponse]]
 
 
+#: Seeded from the OS once and private: code that seeds the global ``random`` (a test
+#: framework, a library) must not make request ids repeat.
+_IDS = random.Random()
+
+
 def new_request_id() -> str:
     # 128 random bits as hex, like a uuid4 but without a getrandom syscall per request:
     # unique enough to correlate logs, never used as a secret.
-    return f"{random.getrandbits(128):032x}"
+    return f"{_IDS.getrandbits(128):032x}"
 
 
 #: On batchgate's own answer to a request that never reached an engine; its value is the

@@ -34,3 +34,15 @@ def test_content_length_is_dropped_next_to_transfer_encoding() -> None:
     headers = downstream_response_headers(upstream, "rid")
     assert "Content-Length" not in headers and "Transfer-Encoding" not in headers
     assert headers["Content-Type"] == "application/json" and headers["X-Request-Id"] == "rid"
+
+
+def test_request_ids_do_not_repeat_when_the_global_random_is_seeded() -> None:
+    """hypothesis (and any library) may seed the global ``random``: ids must not follow it."""
+    import random
+
+    from proxy.edge.frame import new_request_id
+
+    random.seed(7)
+    first = new_request_id()
+    random.seed(7)
+    assert new_request_id() != first
