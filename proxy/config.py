@@ -197,6 +197,21 @@ class ServerConfig:
     port: int = _field(8080, _integer(0, 65535))  # 0 asks the OS for a free port (tests)
     max_body_bytes: int = _field(64 * 1024 * 1024, _integer(1))
     drain_timeout_s: float = _field(30.0, _NON_NEGATIVE)
+    # Limits on slow or hostile callers (proxy.edge.limits and .protocol; README "Hardening").
+    # The whole request head (request line and headers) must arrive within this.
+    header_timeout_s: float = _field(10.0, _POSITIVE)
+    # The body must arrive within body_timeout_s of the end of the head, plus one second for
+    # every min_body_rate bytes received (mod_reqtimeout's body=20,MinRate=500); 0: no extension.
+    body_timeout_s: float = _field(20.0, _POSITIVE)
+    min_body_rate: float = _field(500.0, _NON_NEGATIVE)
+    keepalive_timeout_s: float = _field(75.0, _POSITIVE)  # idle time between two requests
+    max_connections: int = _field(10_000, _integer(1))  # open caller connections; more: 503
+    # The whole head; one line alone may be this long. 1 KiB floor: a real head never fits less.
+    max_header_bytes: int = _field(64 * 1024, _integer(1024))
+    max_headers: int = _field(100, _integer(1))
+    # A caller that takes no byte of its answer for this long loses its slot (and the engine's
+    # generation is aborted), whatever upstream.read_timeout_s says.
+    send_timeout_s: float = _field(60.0, _POSITIVE)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from aiohttp import web
 from proxy.config import Config, ReplicaConfig
 from proxy.edge.admin import create_admin_app
 from proxy.edge.app import CONFIG, LIFECYCLE, RELOADER, SCHEDULER, create_app
+from proxy.edge.protocol import LimitedRunner
 from proxy.observe.accesslog import AccessLog
 
 log = logging.getLogger("batchgate")
@@ -184,9 +185,10 @@ async def serve(
         # upstream connection, which makes the engine abort the generation.
         # auto_decompress=False (a keyword of aiohttp's request handler, through AppRunner's
         # kwargs): request bodies pass through byte for byte, Content-Encoding intact.
-        runner = web.AppRunner(
-            app, handler_cancellation=True, access_log=None, shutdown_timeout=CUT_GRACE_S,
-            auto_decompress=False,
+        # LimitedRunner: aiohttp's runner with server.*'s limits on callers (proxy.edge.protocol).
+        runner = LimitedRunner(
+            app, config.server, handler_cancellation=True, access_log=None,
+            shutdown_timeout=CUT_GRACE_S, auto_decompress=False,
         )
         await runner.setup()
         admin_runner: web.AppRunner | None = None

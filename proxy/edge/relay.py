@@ -192,8 +192,11 @@ async def _write(
     the caller stalled.
 
     A caller that stays connected but stops reading would hold its slot (and the engine)
-    forever: a write that may fill its socket is bounded by the stall limit, and then its
-    connection is closed, so what it got never looks complete.
+    forever: a write that may fill its socket is bounded by the stall limit
+    (``server.send_timeout_s``, like nginx's ``send_timeout``: counted once the kernel's
+    socket buffers are full, not from the caller's last read), and then its connection is
+    closed, so what it got never looks complete; the caller of :func:`pipe` closes the
+    upstream connection, which makes the engine abort the generation.
     """
     whole = isinstance(response, web.Response)
     transport = request.transport

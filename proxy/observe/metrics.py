@@ -36,6 +36,9 @@ KNOWN_ROUTES = frozenset(
 REJECTION_REASONS: tuple[str, ...] = (
     "queue_full", "queue_timeout", "no_healthy_replica", "draining", "overloaded",
     "body_too_large", "bad_request", "unauthorized",
+    # Limits on callers (proxy.edge.limits): timeouts, connection count, head size, Host, method.
+    "header_timeout", "body_timeout", "too_many_connections", "headers_too_large", "bad_host",
+    "method_not_allowed",
 )
 #: Every ``kind`` of ``batchgate_upstream_errors_total``, exported at 0 for every replica.
 UPSTREAM_ERROR_KINDS: tuple[str, ...] = ("connect", "timeout", "reset", "status_5xx")

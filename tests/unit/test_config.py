@@ -274,7 +274,9 @@ BAD_CONFIGS: list[tuple[str, str | bytes | None, str]] = [
     (
         "unknown section key",
         REPLICA + "server: {prot: 8080}\n",
-        "server.prot: unknown key (allowed: host, port, max_body_bytes, drain_timeout_s)",
+        "server.prot: unknown key (allowed: host, port, max_body_bytes, drain_timeout_s, "
+        "header_timeout_s, body_timeout_s, min_body_rate, keepalive_timeout_s, max_connections, "
+        "max_header_bytes, max_headers, send_timeout_s)",
     ),
     (
         "unknown replica key beats missing",
