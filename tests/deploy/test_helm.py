@@ -464,6 +464,9 @@ def test_keda_scales_this_deployment_on_demand_over_max_concurrency() -> None:
     assert trigger["threshold"] == "16"  # ci/sidecar-values.yaml: engine.maxConcurrency
     assert trigger["ignoreNullValues"] == "false"
     assert "replicas" not in one(docs, "Deployment")["spec"]  # KEDA owns it
+    behavior = scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behavior["scaleDown"]["policies"] == [{"type": "Pods", "value": 1,
+                                                  "periodSeconds": 300}]
 
 
 def test_keda_in_gateway_mode_scales_the_engines() -> None:
