@@ -11,6 +11,7 @@ parsing, in string values only, so a variable's text cannot add keys or sections
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -398,7 +399,8 @@ _REPLICA = _section(ReplicaConfig)
 
 
 def _replicas(value: object, path: str) -> tuple[ReplicaConfig, ...]:
-    if not isinstance(value, list) or not value:
+    # `[]` passes here: it is valid beside `discovery` (checked over the whole config, _config).
+    if not isinstance(value, list):
         raise _bad(path, "must be a non-empty list of replicas", value)
     replicas: list[ReplicaConfig] = []
     for i, item in enumerate(value):
@@ -411,6 +413,82 @@ def _replicas(value: object, path: str) -> tuple[ReplicaConfig, ...]:
             raise _bad(f"{path}[{i}].name", "duplicate replica name", replica.name)
         replicas.append(replica)
     return tuple(replicas)
+
+
+_HOST_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_DNS_NAME = re.compile(rf"(?=.{{1,254}}$){_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?")
+#: IPv6 is up to 39 characters; with "-" the replica name stays within its 64.
+_PREFIX_RULE = "must be 1 to 24 characters from A-Z a-z 0-9 _ . -"
+
+
+def _dns_name(value: object, path: str) -> str:
+    if not isinstance(value, str) or not _DNS_NAME.fullmatch(value):
+        raise _bad(path, "must be a DNS name, e.g. vllm-headless.llm.svc.cluster.local", value)
+    return value
+
+
+def _nameserver(value: object, path: str) -> tuple[str, int]:
+    """``10.0.0.10``, ``127.0.0.1:5353``, ``fd00::a`` or ``[fd00::a]:5353`` -> (address, port)."""
+    rule = "must be an IP address with an optional port, e.g. 127.0.0.1:5353 or [::1]:5353"
+    if not isinstance(value, str):
+        raise _bad(path, rule, value)
+    host, port = value, 53
+    bracketed = re.fullmatch(r"\[([^\]]+)\](?::(\d{1,5}))?", value)
+    if bracketed:
+        host, port = bracketed.group(1), int(bracketed.group(2) or 53)
+    elif value.count(":") == 1:
+        host, _, digits = value.partition(":")
+        port = int(digits) if digits.isdigit() and len(digits) <= 5 else 0
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise _bad(path, rule, value) from None
+    if not 1 <= port <= 65535:
+        raise _bad(path, "must have a port between 1 and 65535 if it has one", value)
+    return str(address), port
+
+
+def _nameservers(value: object, path: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _bad(path, "must be a list of DNS servers, e.g. [127.0.0.1:5353]", value)
+    for i, item in enumerate(value):
+        _nameserver(item, f"{path}[{i}]")
+    return tuple(value)
+
+
+def nameserver_address(text: str) -> tuple[str, int]:
+    """One validated ``discovery[].nameservers`` entry as (address, port)."""
+    return _nameserver(text, "nameserver")
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    """Replicas found in DNS (proxy.control.discovery): every A and AAAA record of ``dns``,
+    each a replica ``<name_prefix>-<address>`` at ``http://<address>:<port>``."""
+
+    dns: str = field(metadata={_CHECK: _dns_name})
+    port: int = field(metadata={_CHECK: _integer(1, 65535)})
+    max_concurrency: int = field(metadata={_CHECK: _integer(1)})
+    name_prefix: str = field(metadata={_CHECK: _text(r"[A-Za-z0-9_.-]{1,24}", _PREFIX_RULE)})
+    interval_s: float = _field(5.0, _POSITIVE)
+    # Empty: the system resolver (/etc/resolv.conf, with its search list).
+    nameservers: tuple[str, ...] = _field((), _nameservers)
+
+
+_DISCOVERY_ENTRY = _section(DiscoveryConfig)
+
+
+def _discovery(value: object, path: str) -> tuple[DiscoveryConfig, ...]:
+    if not isinstance(value, list):
+        raise _bad(path, "must be a list of {dns, port, max_concurrency, name_prefix}", value)
+    entries: list[DiscoveryConfig] = []
+    for i, item in enumerate(value):
+        entry = _DISCOVERY_ENTRY(item, f"{path}[{i}]")
+        # The prefix is what keeps two entries' replicas apart (same address, other port).
+        if any(other.name_prefix == entry.name_prefix for other in entries):
+            raise _bad(f"{path}[{i}].name_prefix", "duplicate name_prefix", entry.name_prefix)
+        entries.append(entry)
+    return tuple(entries)
 
 
 @dataclass(frozen=True, slots=True)
@@ -518,7 +596,8 @@ class AdminConfig:
 class Config:
     """The whole validated config. Build it with `load_config` or `parse_config`."""
 
-    replicas: tuple[ReplicaConfig, ...] = field(metadata={_CHECK: _replicas})
+    # Required unless `discovery` finds them (see _config).
+    replicas: tuple[ReplicaConfig, ...] = _field((), _replicas)
     server: ServerConfig = ServerConfig()
     queue: QueueConfig = QueueConfig()
     health: HealthConfig = field(default=HealthConfig(), metadata={_CHECK: _health})
@@ -528,9 +607,23 @@ class Config:
     # Absent: no admin listener (its endpoints are on the public port). `admin:` with
     # nothing under it is the listener on its defaults.
     admin: AdminConfig | None = field(default=None, metadata={_CHECK: _section(AdminConfig)})
+    # Replicas found in DNS, beside or instead of `replicas`; they are not in `replicas`.
+    discovery: tuple[DiscoveryConfig, ...] = _field((), _discovery)
 
 
-_CONFIG = _section(Config)
+_CONFIG_SECTION = _section(Config)
+
+
+def _config(value: object, path: str) -> Config:
+    config = _CONFIG_SECTION(value, path)
+    if not config.replicas and not config.discovery:
+        if isinstance(value, dict) and "replicas" in value:
+            raise _bad("replicas", "must be a non-empty list of replicas", value["replicas"])
+        raise _Problem("replicas", "required key is missing")
+    return config
+
+
+_CONFIG = _config
 
 
 class LiveConfig:

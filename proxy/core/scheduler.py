@@ -93,9 +93,8 @@ class Scheduler:
         rng: Callable[[], float] = random.random,
         on_retired: Callable[[Replica], None] | None = None,
     ) -> None:
+        # May start empty: replicas found by discovery (proxy.control.discovery) come later.
         self._set = ReplicaSet(replicas)
-        if not len(self._set):
-            raise ValueError("at least one replica is required")
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         self.max_queue = max_queue

@@ -9,6 +9,7 @@ from aiohttp import web
 from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 
 from proxy.config import Config, LiveConfig, TlsConfig, UpstreamConfig
+from proxy.control.discovery import Discovery, Lookup
 from proxy.control.drain import Lifecycle
 from proxy.control.health import HealthChecker, Timing
 from proxy.control.reload import Reloader
@@ -19,7 +20,16 @@ from proxy.edge.auth import AUTH, KeyRing
 from proxy.edge.forward import Forwarder
 from proxy.edge.frame import Frame
 from proxy.edge.headers import origin_form
-from proxy.edge.keys import CONFIG, HEALTH, LIFECYCLE, METRICS, RELOADER, SCHEDULER, UPSTREAMS
+from proxy.edge.keys import (
+    CONFIG,
+    DISCOVERY,
+    HEALTH,
+    LIFECYCLE,
+    METRICS,
+    RELOADER,
+    SCHEDULER,
+    UPSTREAMS,
+)
 from proxy.edge.light import LIGHT, LIGHT_LIMIT_PER_REPLICA, LIGHT_METHODS, Light
 from proxy.observe.accesslog import AccessLog
 from proxy.observe.metrics import Metrics
@@ -27,8 +37,8 @@ from proxy.upstream.client import Upstreams
 from proxy.upstream.tls import context_for
 
 __all__ = [
-    "AUTH", "CONFIG", "HEALTH", "LIFECYCLE", "METRICS", "RELOADER", "SCHEDULER", "UPSTREAMS",
-    "create_app",
+    "AUTH", "CONFIG", "DISCOVERY", "HEALTH", "LIFECYCLE", "METRICS", "RELOADER", "SCHEDULER",
+    "UPSTREAMS", "create_app",
 ]
 
 
@@ -80,12 +90,15 @@ def create_app(
     access_log: AccessLog | None = None,
     timing: Timing | None = None,
     load: Callable[[], Config] | None = None,
+    lookup: Lookup | None = None,
+    discovery_timing: Timing | None = None,
 ) -> web.Application:
     """The proxy application. Background work starts and stops with it (``cleanup_ctx``).
 
     ``access_log`` is owned by the caller (it outlives the app's connections); ``timing``
     is the health checker's clocks and sleep (tests drive them by hand). ``load`` reads the
     config file again, for a reload (``app[RELOADER]``); None: nothing to reload.
+    ``lookup`` and ``discovery_timing``: discovery's DNS lookup and clocks (tests).
     """
     app = web.Application(client_max_size=config.server.max_body_bytes)
     replicas = [
@@ -112,6 +125,11 @@ def create_app(
     # Registered first: a keys file that no longer reads refuses the reload before anything
     # of it applies (KeyRing.replace raises ConfigError and keeps the keys in force).
     reloader.on_reload(lambda new: app[AUTH].replace(new.auth, new.replicas))
+    # Always there, with no loop when there is no entry: a reload may add one.
+    discovery = app[DISCOVERY] = Discovery(config.discovery, reloader, app[METRICS],
+                                           lookup=lookup, timing=discovery_timing)
+    reloader.discovered = lambda: discovery.names
+    reloader.on_reload(lambda new: discovery.reconfigure(new.discovery))
 
     async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         # One TLS context for every https:// replica, pools and probes alike.
@@ -124,9 +142,12 @@ def create_app(
                                     timing=timing, metrics=app[METRICS])
         app[HEALTH].start()
         reloader.attach(app[UPSTREAMS], app[HEALTH], app[LIGHT].slots)
+        # After attach: what it finds gets pools and probes like any replica.
+        discovery.start()
         try:
             yield
         finally:
+            await discovery.close()
             await app[HEALTH].close()
             await app[UPSTREAMS].close()
 

@@ -4,8 +4,9 @@ aiohttp's ``RequestHandler`` times only idle keep-alive connections; :class:`Lim
 subclasses it to time each request's head and body on one timer per connection, to count the
 head's bytes, to refuse connections past ``server.max_connections``, and to answer aiohttp's
 own parse errors as JSON. :class:`LimitedRunner` is ``web.AppRunner`` serving through it. It
-relies on aiohttp internals that tests pin with both of aiohttp's parsers: the queue of parsed
-messages (``_messages``) and the server's handler kwargs (``_kwargs``).
+relies on aiohttp internals, exercised by tests with both of aiohttp's parsers: the queue of
+parsed messages (``RequestHandler._messages``), the server's handler kwargs (``_kwargs``) and
+``AppRunner._make_server``; pyproject.toml pins aiohttp to the minor version tested with.
 """
 
 from __future__ import annotations

@@ -269,7 +269,7 @@ BAD_CONFIGS: list[tuple[str, str | bytes | None, str]] = [
         "unknown top-level key",
         REPLICA + "serverr: {}\n",
         "serverr: unknown key (allowed: replicas, server, queue, health, upstream, logging,"
-        " auth, admin)",
+        " auth, admin, discovery)",
     ),
     (
         "unknown section key",
