@@ -367,6 +367,31 @@ def test_metrics_are_scraped_on_the_admin_listener_when_it_is_set() -> None:
     ports = container(pod_spec(docs), "batchgate")["ports"]
     assert {"name": "admin", "containerPort": 8081, "protocol": "TCP"} in ports
     assert one(docs, "PodMonitor")["spec"]["podMetricsEndpoints"][0]["port"] == "admin"
+    assert [p["name"] for p in one(docs, "Service")["spec"]["ports"]] == ["http"]
+
+
+def test_service_monitor_reaches_the_admin_listener_apart_from_the_callers_service() -> None:
+    """Callers' Service never carries the admin port (/admin/reload); the monitor gets its own."""
+    docs = render(CASES["gateway-all-on"], "config.admin.host=0.0.0.0", "config.admin.port=8081")
+    assert [p["name"] for p in one(docs, "Service")["spec"]["ports"]] == ["http"]
+    metrics = one(docs, "Service", f"{FULLNAME}-metrics")
+    assert metrics["spec"]["ports"] == [
+        {"name": "admin", "port": 8081, "targetPort": "admin", "protocol": "TCP"}]
+    monitor = one(docs, "ServiceMonitor")
+    assert monitor["spec"]["selector"] == {"matchLabels": {
+        **metrics["spec"]["selector"], "batchgate.io/metrics": "true"}}
+    assert metrics["metadata"]["labels"]["batchgate.io/metrics"] == "true"
+    assert monitor["spec"]["endpoints"][0]["port"] == "admin"
+    assert "batchgate.io/metrics" not in one(docs, "Service")["metadata"]["labels"]
+    kubernetes_validate.validate(metrics, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_a_loopback_admin_listener_is_not_monitored() -> None:
+    # `admin:` listens on 127.0.0.1 unless told otherwise: nothing outside the pod reaches it.
+    stderr = render_fails("config.admin.port=8081", "metrics.podMonitor.enabled=true")
+    assert "config.admin.host: 127.0.0.1 is loopback" in stderr
+    assert "is loopback" in render_fails("config.admin.host=::1", "config.admin.port=8081",
+                                         "metrics.serviceMonitor.enabled=true")
 
 
 # --- gateway mode ---------------------------------------------------------------------------

@@ -48,9 +48,20 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- dig "server" "port" 8080 .Values.config | int }}
 {{- end }}
 
-{{/* The port /metrics is served on: the admin listener's when config.admin is set. */}}
+{{/*
+The port /metrics is served on: the admin listener's when config.admin is set. A monitor on a
+loopback admin listener (batchgate's default host for `admin:`) would scrape nothing: refused.
+*/}}
 {{- define "batchgate.metricsPortName" -}}
-{{- if .Values.config.admin }}admin{{ else }}http{{ end }}
+{{- if .Values.config.admin }}
+{{- $host := .Values.config.admin.host | default "127.0.0.1" | toString }}
+{{- if or (hasPrefix "127." $host) (eq $host "::1") (eq $host "localhost") }}
+{{- fail (printf "config.admin.host: %s is loopback, which Prometheus cannot scrape; set 0.0.0.0 (or turn the monitors off)" $host) }}
+{{- end }}
+{{- "admin" }}
+{{- else }}
+{{- "http" }}
+{{- end }}
 {{- end }}
 
 {{- define "batchgate.drainTimeout" -}}
