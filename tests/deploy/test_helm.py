@@ -264,6 +264,8 @@ def test_values_files_meet_the_schema_without_helm(extra: Path | None, tmp_path:
      ({"replicaCont": 2}, "'replicaCont' was unexpected"),
      ({"discovery": [{"dns": "x.svc", "port": 8080, "max_concurrency": 8, "name_prefix": "v",
                       "prot": 8080}]}, "'prot' was unexpected"),
+     # One place for discovery: the top-level `discovery`, which the chart copies into config.
+     ({"config": {"discovery": []}}, "should not be valid under {}"),
      # batchgate requires these four (proxy/config.py, DiscoveryConfig).
      ({"discovery": [{"dns": "x.svc", "port": 8080}]}, "'max_concurrency' is a required"),
      ({"discovery": [{"dns": "x.svc", "port": 8080, "max_concurrency": 8,
