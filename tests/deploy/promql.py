@@ -43,7 +43,8 @@ def _histogram(name: str, labels: Labels) -> dict[str, Labels]:
 
 
 #: Every series batchgate exports (the README's metrics table), with each label's allowed
-#: values where the set is closed. `job` and `instance` are added by Prometheus (TARGET_LABELS).
+#: values where the set is closed. `job`, `instance` (and
+#: `namespace`) are added by Prometheus (TARGET_LABELS).
 CATALOGUE: dict[str, Labels] = {
     "batchgate_queue_depth": {},
     "batchgate_queue_capacity": {},
@@ -89,8 +90,11 @@ CATALOGUE: dict[str, Labels] = {
     "process_max_fds": {},
 }
 
-#: Labels Prometheus attaches to every scraped series.
-TARGET_LABELS = frozenset({"job", "instance"})
+#: Labels Prometheus attaches to every scraped series: `job` and `instance` always, `namespace`
+#: when it discovers its targets in Kubernetes (the Prometheus Operator's PodMonitor and
+#: ServiceMonitor always set it). Dashboard and rules filter and group by `namespace` and `job`
+#: together, because one deployment is a job in a namespace.
+TARGET_LABELS = frozenset({"job", "instance", "namespace"})
 
 
 # --- scanning ------------------------------------------------------------------------------

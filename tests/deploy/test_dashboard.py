@@ -35,7 +35,9 @@ BUILTINS = {
     "__interval_ms": "60000", "__range_s": "3600", "__range_ms": "3600000",
 }
 _VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)|\[\[(\w+)\]\]")
-_LABEL_VALUES = re.compile(r"label_values\(\s*(\w+)\s*,\s*(\w+)\s*\)")
+_LABEL_VALUES = re.compile(r"label_values\(\s*(\w+)(\{[^}]*\})?\s*,\s*(\w+)\s*\)")
+#: The matchers that keep one deployment's series apart from another's on a shared Prometheus.
+DEPLOYMENT_FILTERS = (Matcher("job", "=~", "$job"), Matcher("namespace", "=~", "$namespace"))
 
 
 def _dashboard() -> dict[str, Any]:
@@ -54,10 +56,13 @@ def _variables(dashboard: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return {v["name"]: v for v in dashboard["templating"]["list"]}
 
 
-def _substitutions(dashboard: Mapping[str, Any]) -> dict[str, str]:
+def _substitutions(dashboard: Mapping[str, Any], keep: bool = False) -> dict[str, str]:
+    """What Grafana puts in place of each variable; `keep` leaves the dashboard's own variables
+    as they are written (`$job`), for the checks that each query is filtered by them."""
     # Every query variable of this dashboard is used inside a regex matcher (`=~"$replica"`),
-    # where "All" becomes its allValue, `.*`.
-    user = {name: ".*" for name, v in _variables(dashboard).items() if v["type"] != "datasource"}
+    # where "All" becomes its allValue, `.*` (a single value is a regex too).
+    user = {name: f"${name}" if keep else ".*"
+            for name, v in _variables(dashboard).items() if v["type"] != "datasource"}
     return {**BUILTINS, **user}
 
 
@@ -71,9 +76,9 @@ def to_promql(expr: str, substitutions: Mapping[str, str]) -> str:
     return _VARIABLE.sub(replace, expr)
 
 
-def _queries(dashboard: Mapping[str, Any]) -> list[tuple[str, str]]:
+def _queries(dashboard: Mapping[str, Any], keep: bool = False) -> list[tuple[str, str]]:
     """(where, PromQL) for every panel target."""
-    subs = _substitutions(dashboard)
+    subs = _substitutions(dashboard, keep)
     return [
         (f"panel {panel['id']} {panel.get('title', '')!r} target {target['refId']}",
          to_promql(target["expr"], subs))
@@ -98,18 +103,57 @@ def test_imports_as_is() -> None:
     assert dashboard["id"] is None
 
 
+def _variable_query(variable: Mapping[str, Any]) -> str:
+    query = variable["query"]
+    return str(query["query"] if isinstance(query, dict) else query)
+
+
 def test_variables() -> None:
     variables = _variables(_dashboard())
+    assert list(variables) == ["datasource", "namespace", "job", "replica"]  # each narrows the next
     datasource = variables["datasource"]
     assert (datasource["type"], datasource["query"]) == ("datasource", "prometheus")
     replica = variables["replica"]
-    query = replica["query"]
-    query = query["query"] if isinstance(query, dict) else query
-    assert query == "label_values(batchgate_replica_max_concurrency, replica)"
+    assert _variable_query(replica) == (
+        'label_values(batchgate_replica_max_concurrency{job=~"$job", namespace=~"$namespace"},'
+        " replica)"
+    )
     assert replica["type"] == "query"
     assert replica["datasource"] == DATASOURCE
     assert replica["multi"] is True
     assert replica["includeAll"] is True
+
+
+@pytest.mark.parametrize(
+    ("name", "query"),
+    [
+        ("namespace", "label_values(batchgate_build_info, namespace)"),
+        ("job", 'label_values(batchgate_build_info{namespace=~"$namespace"}, job)'),
+    ],
+)
+def test_one_deployment_at_a_time(name: str, query: str) -> None:
+    """Two deployments on one Prometheus (each with a replica `sim-0`, say) must never add up:
+    the dashboard shows one job of one namespace, so neither variable offers "All" or several
+    values at once."""
+    variable = _variables(_dashboard())[name]
+    assert _variable_query(variable) == query
+    assert (variable["type"], variable["datasource"]) == ("query", DATASOURCE)
+    assert variable["multi"] is False
+    assert variable["includeAll"] is False
+    assert variable["refresh"] == 2  # on time range change: deployments come and go
+
+
+def test_every_query_is_filtered_to_the_deployment() -> None:
+    """Every selector of every panel carries `job=~"$job", namespace=~"$namespace"`: one
+    selector without them (the right-hand side of an `and`, say) mixes in other deployments."""
+    found = [
+        f"{where}: {sel.name} lacks {m.label}=~{m.value!r}"
+        for where, expr in _queries(_dashboard(), keep=True)
+        for sel in scan(expr).selectors
+        for m in DEPLOYMENT_FILTERS
+        if m not in sel.matchers
+    ]
+    assert found == []
 
 
 def test_variable_queries_read_catalogue_series() -> None:
@@ -119,7 +163,7 @@ def test_variable_queries_read_catalogue_series() -> None:
         query = v["query"]["query"] if isinstance(v["query"], dict) else v["query"]
         m = _LABEL_VALUES.fullmatch(query)
         assert m, f"variable {v['name']}: expected label_values(metric, label), got {query!r}"
-        metric, label = m.groups()
+        metric, _, label = m.groups()
         assert metric in CATALOGUE, f"variable {v['name']}: {metric!r} is not in the catalogue"
         assert label in set(CATALOGUE[metric]) | TARGET_LABELS, f"{metric} has no label {label}"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -24,7 +25,10 @@ RECORDED = {
     "batchgate:ttft_seconds:p95_5m",
     "batchgate:queue_utilisation:ratio",
     "batchgate:requests:rate5m",
+    "batchgate:demand",
 }
+#: Every `by (...)` and `on (...)` clause of the rules: the labels in it.
+_CLAUSE = re.compile(r"\b(by|on)\s*\(([^)]*)\)")
 
 
 def _rules() -> list[dict[str, Any]]:
@@ -97,3 +101,24 @@ def test_ttft_alert_and_recording_rule_read_streams_only() -> None:
         assert selectors, name
         for sel in selectors:
             assert Matcher("stream", "=", "true") in sel.matchers, (name, sel)
+
+
+def test_rules_keep_deployments_apart() -> None:
+    """Every aggregation and every vector match keeps `namespace` and `job`: two deployments on
+    one Prometheus (a sidecar tier and a gateway tier, or two namespaces with a replica named
+    sim-0 each) never add up. The promtool cases in rules_test.yaml show it on series."""
+    found = [
+        f"{rule.get('record') or rule.get('alert')}: {m.group()}"
+        for rule in _rules()
+        for m in _CLAUSE.finditer(rule["expr"])
+        if not {"namespace", "job"} <= {label.strip() for label in m.group(2).split(",")}
+    ]
+    assert found == []
+
+
+def test_demand_is_queued_plus_in_flight_per_deployment() -> None:
+    rules = {r.get("record"): r for r in _rules()}
+    demand = scan(rules["batchgate:demand"]["expr"])
+    assert {sel.name for sel in demand.selectors} == {
+        "batchgate_queue_depth", "batchgate_replica_in_flight"}
+    assert demand.grouping == {"namespace", "job"}
