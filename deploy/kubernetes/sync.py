@@ -6,7 +6,8 @@ folder, so the overlays carry copies, generated from the sources of truth:
 
 - monitoring/prometheusrule.yaml: a PrometheusRule whose spec is deploy/prometheus/rules.yaml
   (its text, comments kept, indented under `spec:`);
-- monitoring/batchgate.json: deploy/grafana/batchgate.json byte for byte.
+- monitoring/batchgate.json: deploy/grafana/batchgate.json byte for byte;
+- deploy/helm/batchgate/files/: both sources byte for byte, for the chart.
 
 `make deploy-sync` writes them; `--check` (and tests/deploy/test_kubernetes.py) fails when a
 copy is stale. Never edit the copies: edit the sources and run `make deploy-sync`.
@@ -51,6 +52,10 @@ def render(root: Path = ROOT) -> dict[Path, bytes]:
     return {
         here / "monitoring/prometheusrule.yaml": prometheus_rule(rules).encode(),
         here / "monitoring/batchgate.json": (root / "deploy/grafana/batchgate.json").read_bytes(),
+        # The chart's copies (a chart reads no file outside its folder either): verbatim.
+        Path("deploy/helm/batchgate/files/rules.yaml"): rules.encode(),
+        Path("deploy/helm/batchgate/files/batchgate.json"):
+            (root / "deploy/grafana/batchgate.json").read_bytes(),
     }
 
 
