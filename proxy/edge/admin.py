@@ -62,19 +62,16 @@ def replica_entry(replica: Replica) -> dict[str, object]:
     """One replica as ``/admin/replicas`` shows it.
 
     ``state`` is the health of the replica: ``healthy``, ``unhealthy`` or ``ejected`` (passive
-    outlier ejection, read from ``Replica.health`` where that exists); ``ejected_until`` the
-    Unix time its ejection ends. ``draining``: removed by a reload, finishing its requests.
+    outlier ejection: ``Replica.health``); ``ejected_until`` the Unix time its ejection ends.
+    ``draining``: removed by a reload or by discovery, finishing its requests.
     """
-    state = getattr(replica, "health", None)
-    if not isinstance(state, str):
-        state = "healthy" if replica.healthy else "unhealthy"
     return {
         "name": replica.name,
         "url": replica.url,
-        "state": state,
+        "state": replica.health,
         "in_flight": replica.in_flight,
         "max_concurrency": replica.max_concurrency,
-        "ejected_until": getattr(replica, "ejected_until", None),
+        "ejected_until": replica.ejected_until,
         "draining": replica.state == DRAINING,
     }
 

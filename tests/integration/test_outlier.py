@@ -64,6 +64,9 @@ async def test_failing_replica_is_ejected_then_returns_after_a_passing_probe(
     assert p.metric("batchgate_replica_ejections_total", replica="b") == 0
     assert p.metric("batchgate_replica_state", replica="a", state="ejected") == 1
     assert p.metric("batchgate_replica_healthy", replica="a") == 0
+    async with client.get(p.url + "/admin/replicas") as r:  # what an operator sees
+        shown = {e["name"]: (e["state"], e["ejected_until"]) for e in await r.json()}
+    assert shown == {"a": ("ejected", time.wall + 10), "b": ("healthy", None)}
     before = a.arrivals
     assert await send(client, p, 6) == [200] * 6
     assert a.arrivals == before  # all of them to b
