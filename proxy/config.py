@@ -196,6 +196,9 @@ class ServerConfig:
     host: str = _field("0.0.0.0", _text(r"\S+", "must be a non-empty host or address"))
     port: int = _field(8080, _integer(0, 65535))  # 0 asks the OS for a free port (tests)
     max_body_bytes: int = _field(64 * 1024 * 1024, _integer(1))
+    # X-Batchgate-In-Flight, -Max-Concurrency, -Queue-Depth on every proxied answer: for a
+    # gateway in front (proxy.core.load). GET /load answers the same whatever this says.
+    load_headers: bool = _field(False, _boolean)
     drain_timeout_s: float = _field(30.0, _NON_NEGATIVE)
 
 
@@ -383,7 +386,8 @@ _REPLICA = _section(ReplicaConfig)
 
 
 def _replicas(value: object, path: str) -> tuple[ReplicaConfig, ...]:
-    if not isinstance(value, list) or not value:
+    # An empty list is judged with the rest of the config (health.ready_without_replicas).
+    if not isinstance(value, list):
         raise _bad(path, "must be a non-empty list of replicas", value)
     replicas: list[ReplicaConfig] = []
     for i, item in enumerate(value):
@@ -443,6 +447,9 @@ class HealthConfig:
     # A real probe (POST path with a JSON body) for engines whose /health says nothing.
     method: str = _field("GET", _probe_method)
     body: dict[str, Any] | None = field(default=None, metadata={_CHECK: _probe_body})
+    # /readyz stays 200 with no healthy replica, and `replicas: []` is valid: a gateway that
+    # holds requests while engines scale up from zero stays in its Service.
+    ready_without_replicas: bool = _field(False, _boolean)
 
 
 def _health(value: object, path: str) -> HealthConfig:
@@ -515,7 +522,18 @@ class Config:
     admin: AdminConfig | None = field(default=None, metadata={_CHECK: _section(AdminConfig)})
 
 
-_CONFIG = _section(Config)
+_CONFIG_SECTION = _section(Config)
+
+
+def _config(value: object, path: str) -> Config:
+    config = _CONFIG_SECTION(value, path)
+    if not config.replicas and not config.health.ready_without_replicas:
+        raise _bad(_join(path, "replicas"), "must be a non-empty list of replicas (or set "
+                   "health.ready_without_replicas: true to wait for them)", [])
+    return config
+
+
+_CONFIG = _config
 
 
 class LiveConfig:

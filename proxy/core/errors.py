@@ -143,6 +143,14 @@ class UpstreamTimeout(UpstreamError):
         super().__init__(message, kind="timeout", replica=replica)
 
 
+#: batchgate's own rejections of requests that never reached an engine: answered with
+#: ``X-Batchgate-Rejected: <reason>`` (proxy.edge.frame), so a batchgate in front of this one
+#: (a gateway before a sidecar) may send the request to another replica (proxy.core.retry).
+UNDELIVERED_REASONS = frozenset({
+    QueueFull.reason, QueueTimeout.reason, NoHealthyReplica.reason, Draining.reason,
+})
+
+
 def error_body(err: ProxyError) -> dict[str, dict[str, str | None]]:
     """The OpenAI error envelope, so SDKs surface our message as they would the engine's."""
     return {"error": {"message": err.message, "type": err.type, "param": None, "code": err.code}}

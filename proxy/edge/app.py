@@ -11,7 +11,9 @@ from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 from proxy.config import Config, LiveConfig, TlsConfig, UpstreamConfig
 from proxy.control.drain import Lifecycle
 from proxy.control.health import HealthChecker, Timing
+from proxy.control.loadpoll import LOAD_POLLER, LoadPoller
 from proxy.control.reload import Reloader
+from proxy.core.load import LoadBoard
 from proxy.core.replicas import Replica
 from proxy.core.scheduler import Scheduler
 from proxy.edge.admin import AdminHandlers, hide_admin_routes, public_guard
@@ -47,9 +49,15 @@ class Handlers:
     async def readyz(self, _request: web.Request) -> web.Response:
         if self.app[LIFECYCLE].draining:
             return web.Response(status=503, text="draining\n")
-        if not self.app[SCHEDULER].any_healthy():
+        if (not self.app[SCHEDULER].any_healthy()
+                and not self.app[CONFIG].current.health.ready_without_replicas):
             return web.Response(status=503, text="no healthy replica\n")
         return web.Response(text="ready\n")
+
+    async def load(self, _request: web.Request) -> web.Response:
+        """This batchgate's load, for a gateway in front (proxy.core.load): public like
+        /readyz (counts only, no API key), always on, whatever server.load_headers says."""
+        return web.json_response(self.app[SCHEDULER].reading().json())
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         """The union of the healthy replicas' models, without a slot (proxy.edge.light)."""
@@ -99,8 +107,11 @@ def create_app(
         assert reloader is not None
         reloader.retired(replica)
 
+    # A reading older than two probe intervals is unknown (two polls missed, or no answer).
+    board = LoadBoard(max_age_s=2 * config.health.interval_s,
+                      clock=(timing if timing is not None else Timing()).monotonic)
     scheduler = Scheduler(replicas, config.queue.max_size, max_bytes=config.queue.max_bytes,
-                          on_retired=retired)
+                          on_retired=retired, load=board)
     live = app[CONFIG] = LiveConfig(config)
     app[SCHEDULER] = scheduler
     app[METRICS] = metrics if metrics is not None else Metrics()
@@ -113,6 +124,11 @@ def create_app(
     # of it applies (KeyRing.replace raises ConfigError and keeps the keys in force).
     reloader.on_reload(lambda new: app[AUTH].replace(new.auth, new.replicas))
 
+    def load_age(new: Config) -> None:
+        board.max_age_s = 2 * new.health.interval_s
+
+    reloader.on_reload(load_age)
+
     async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         # One TLS context for every https:// replica, pools and probes alike.
         tls = _tls_context(config.upstream, [r.url for r in scheduler.replicas])
@@ -123,10 +139,14 @@ def create_app(
         app[HEALTH] = HealthChecker(scheduler, config.health, upstream=config.upstream, ssl=tls,
                                     timing=timing, metrics=app[METRICS])
         app[HEALTH].start()
+        poller = app[LOAD_POLLER] = LoadPoller(scheduler, lambda: live.current.health,
+                                               ssl=tls, timing=timing)
+        poller.start()
         reloader.attach(app[UPSTREAMS], app[HEALTH], app[LIGHT].slots)
         try:
             yield
         finally:
+            await poller.close()
             await app[HEALTH].close()
             await app[UPSTREAMS].close()
 
@@ -135,6 +155,7 @@ def create_app(
     handlers = Handlers(app, access_log)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
+    app.router.add_get("/load", handlers.load, allow_head=False)
     if config.admin is None:
         # No admin listener: its endpoints are here, as /metrics always was (see public_guard).
         AdminHandlers(app, guard=public_guard).add_routes(app.router)

@@ -9,12 +9,13 @@ import logging
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 
 import aiohttp
 from aiohttp import web
 
 from proxy.core.errors import (
+    UNDELIVERED_REASONS,
     Draining,
     InternalError,
     ProxyError,
@@ -43,8 +44,25 @@ def new_request_id() -> str:
     return f"{random.getrandbits(128):032x}"
 
 
-def json_error(err: ProxyError, request_id: str | None = None) -> web.Response:
-    headers = {}
+#: On batchgate's own answer to a request that never reached an engine; its value is the
+#: reason (``queue_full``, ``queue_timeout``, ``no_healthy_replica``, ``draining``). A
+#: batchgate in front resends such a request elsewhere (proxy.edge.forward).
+REJECTED_HEADER = "X-Batchgate-Rejected"
+
+
+def mark_rejected(headers: MutableMapping[str, str], reason: str) -> None:
+    """Say on an answer that its request never reached an engine (the one place that does)."""
+    headers[REJECTED_HEADER] = reason
+
+
+def json_error(
+    err: ProxyError, request_id: str | None = None, *, undelivered: bool = False
+) -> web.Response:
+    """The OpenAI-style answer for ``err``. ``undelivered``: the request certainly never
+    reached an engine, so one of :data:`UNDELIVERED_REASONS` is marked as such."""
+    headers: dict[str, str] = {}
+    if undelivered and err.reason in UNDELIVERED_REASONS:
+        mark_rejected(headers, err.reason)
     if err.retry_after_s is not None:
         headers["Retry-After"] = str(err.retry_after_s)
     if request_id is not None:
@@ -110,7 +128,9 @@ class Frame:
         except ProxyError as err:
             exchange.status = err.status
             _end_with(exchange, err)
-            answer = json_error(err, request_id)
+            # "queued": never sent anywhere, or only to replicas that never got it (a
+            # refused connection, a rejection); a request that may have reached one is not.
+            answer = json_error(err, request_id, undelivered=exchange.stage == "queued")
             exchange.bytes_out = answer.content_length or 0
             return answer
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
@@ -144,7 +164,7 @@ class Frame:
             return json_error(
                 Draining("batchgate is shutting down; request cut at the drain deadline",
                          retry_after_s=1),
-                request_id,
+                request_id, undelivered=exchange.stage == "queued",
             )
         finally:
             # Drain accounting first: nothing an observer does may make shutdown wait.
