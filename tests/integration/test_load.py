@@ -12,6 +12,7 @@ import aiohttp
 
 from proxy.config import ApiKey, AuthConfig
 from proxy.control.loadpoll import LOAD_POLLER
+from proxy.edge.keys import RELOADER
 from tests.integration.conftest import FakeTime, make_config, until
 
 Factory = Callable[..., Any]
@@ -46,6 +47,18 @@ async def test_no_load_headers_by_default(
     async with client.post(p.url + "/v1/completions", json={"prompt": "x"}) as resp:
         assert resp.status == 200
         assert not any(h in resp.headers for h in LOAD_HEADERS)
+
+
+async def test_load_headers_change_by_a_reload(
+    proxy: Factory, replicas: Factory, client: aiohttp.ClientSession
+) -> None:
+    engine = await replicas("e")
+    p = await proxy(make_config(("e", engine.url, 2)))
+    p.app[RELOADER].load = lambda: make_config(("e", engine.url, 2), load_headers=True)
+    result = await p.app[RELOADER].reload("test")
+    assert result.ok, result.message
+    async with client.post(p.url + "/v1/completions", json={"prompt": "x"}) as resp:
+        assert [resp.headers[h] for h in LOAD_HEADERS] == ["1", "2", "0"]
 
 
 async def test_get_load_is_json_and_public(
