@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.edge.keys import UPSTREAMS
+from proxy.edge.keys import LIFECYCLE, UPSTREAMS
 from tests.integration.conftest import FakeReplica, Proxy, make_config, until
 
 Factory = Callable[..., Any]
@@ -134,3 +134,25 @@ async def test_retries_exhausted_relays_the_last_rejection(
     engine.gate.set()
     async with await held as resp:
         assert resp.status == 200
+
+
+async def test_a_drain_cut_marks_only_the_request_that_never_reached_its_engine(
+    proxy: Factory, replicas: Factory, client: aiohttp.ClientSession
+) -> None:
+    engine = await replicas("e")
+    p = await proxy(make_config(("e", engine.url, 1), max_queue=5))
+    sent = asyncio.create_task(client.post(p.url + "/v1/completions", **_hold()))
+    await until(lambda: engine.in_flight == 1, "one request at the engine")
+    queued = asyncio.create_task(client.post(p.url + "/v1/completions", json={"prompt": "x"}))
+    await until(lambda: p.scheduler.queue_depth == 1, "one request queued")
+    lifecycle = p.app[LIFECYCLE]
+    lifecycle.begin_drain()
+    assert lifecycle.cut() == 2
+    async with await sent as resp:
+        assert resp.status == 503
+        # It may have reached the engine (it was sent): a gateway must not send it again.
+        assert REJECTED not in resp.headers
+    async with await queued as resp:
+        assert resp.status == 503
+        assert resp.headers[REJECTED] == "draining"  # it never left the queue
+    await until(lambda: engine.in_flight == 0, "the engine saw its client leave")
