@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test test-fast e2e lint clean system-deps
+.PHONY: run test test-fast e2e lint clean system-deps deploy-sync
 
 # Debian packages the tests need: prometheus (promtool and a real Prometheus server).
 # CI runs as root on a clean machine; elsewhere sudo is used when present.
@@ -14,6 +14,10 @@ system-deps:
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 	@command -v promtool >/dev/null || { echo "promtool missing after install" >&2; exit 1; }
+	@# kubectl (its built-in kustomize) renders deploy/kubernetes in tests/deploy; Debian's
+	@# kubernetes-client is too old (kustomize v2), so it is not installed from there.
+	@command -v kubectl >/dev/null || { echo "kubectl missing: install kubectl >= 1.27" \
+	  "(https://kubernetes.io/docs/tasks/tools/)" >&2; exit 1; }
 
 # A venv with the package and its test extras, rebuilt when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -27,8 +31,14 @@ run: $(STAMP)
 	$(BIN)/batchgate serve --config config.yaml
 
 lint: $(STAMP)
-	$(BIN)/ruff check proxy tests e2e bench
+	$(BIN)/ruff check proxy tests e2e bench deploy
 	$(BIN)/mypy proxy
+	$(BIN)/hadolint deploy/docker/Dockerfile
+
+# The kustomize overlays carry copies of deploy/prometheus/rules.yaml and the dashboard
+# (kustomize reads no file outside an overlay); make test fails while a copy is stale.
+deploy-sync:
+	$(PYTHON) deploy/kubernetes/sync.py
 
 test-fast: $(STAMP) system-deps
 	$(BIN)/pytest -q tests --ignore=tests/e2e

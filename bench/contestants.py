@@ -69,7 +69,10 @@ def start_sim(procs: Procs, max_batch: int = 32) -> Target:
 
 def batchgate_config(upstream_port: int, port: int, settings: ProxySettings) -> dict[str, object]:
     return {
-        "server": {"host": "127.0.0.1", "port": port, "drain_timeout_s": 2},
+        # max_connections: P5 holds 10,000 callers open at once, the default's bound (HAProxy's
+        # maxconn is raised the same way, see haproxy_maxconn).
+        "server": {"host": "127.0.0.1", "port": port, "drain_timeout_s": 2,
+                   "max_connections": 30000},
         "replicas": [
             {
                 "name": "bench",

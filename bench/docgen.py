@@ -79,6 +79,25 @@ def _profile(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _instructions(results_dir: Path) -> str:
+    """The newest ``make bench-instructions`` figures (bench/instructions.py), if any."""
+    runs = sorted(results_dir.glob("*-instructions.json"))
+    if not runs:
+        return "No `make bench-instructions` run is on record yet."
+    data = json.loads(runs[-1].read_text())
+    base, now = data["per_request"]["baseline"], data["per_request"]["this tree"]
+    rows = [f"| {kind} | {base[kind] / 1000:.1f} k | {now[kind] / 1000:.1f} k | "
+            f"{now[kind] / base[kind]:.3f}x |" for kind in now]
+    return "\n".join([
+        f"From `{runs[-1].relative_to(ROOT)}`: {data['n']} requests each, baseline commit "
+        f"`{data['baseline']}`, this tree `{data['head']}`.",
+        "",
+        f"| request | baseline `{data['baseline']}` | this tree | ratio |",
+        "|---|---|---|---|",
+        *rows,
+    ])
+
+
 def markdown(results: dict[str, Any], json_path: Path) -> str:
     summary = results["summary"]
     m = results["machine"]
@@ -169,6 +188,18 @@ the machine's noise moves far less than a rate.
 ## Where the proxies' CPU goes (small JSON POST, the proxy alone on core 0)
 
 {_profile(results)}
+
+## Instructions per request, against an earlier commit
+
+Rates and CPU seconds move by 30 % on a shared machine; instruction counts do not.
+`make bench-instructions [BASELINE=<commit>]` (bench/instructions.py, about 2 minutes) runs
+this tree's batchgate and the baseline commit's under valgrind's callgrind, in front of the
+same upstream, and counts the user-space instructions of exactly N requests of each kind
+after a warm-up (`json`: P2's small POST; `sse16`: P2's 16-event stream). The kernel's share
+(system calls, the loopback TCP stack) is not in these figures. The default baseline,
+`f571e5b`, is the code behind the 2026-11-27 table.
+
+{_instructions(ROOT / "bench" / "results")}
 """
 
 

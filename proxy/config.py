@@ -11,6 +11,7 @@ parsing, in string values only, so a variable's text cannot add keys or sections
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -200,6 +201,24 @@ class ServerConfig:
     # gateway in front (proxy.core.load). GET /load answers the same whatever this says.
     load_headers: bool = _field(False, _boolean)
     drain_timeout_s: float = _field(30.0, _NON_NEGATIVE)
+    # After SIGTERM (or GET /wait-for-drain): new requests are still served this long, with
+    # Connection: close, while the pod is taken out of rotation (at most drain_timeout_s).
+    drain_quiet_s: float = _field(5.0, _NON_NEGATIVE)
+    # Limits on slow or hostile callers (proxy.edge.limits and .protocol; README "Hardening").
+    # The whole request head (request line and headers) must arrive within this.
+    header_timeout_s: float = _field(10.0, _POSITIVE)
+    # The body must arrive within body_timeout_s of the end of the head, plus one second for
+    # every min_body_rate bytes received (mod_reqtimeout's body=20,MinRate=500); 0: no extension.
+    body_timeout_s: float = _field(20.0, _POSITIVE)
+    min_body_rate: float = _field(500.0, _NON_NEGATIVE)
+    keepalive_timeout_s: float = _field(75.0, _POSITIVE)  # idle time between two requests
+    max_connections: int = _field(10_000, _integer(1))  # open caller connections; more: 503
+    # The whole head; one line alone may be this long. 1 KiB floor: a real head never fits less.
+    max_header_bytes: int = _field(64 * 1024, _integer(1024))
+    max_headers: int = _field(100, _integer(1))
+    # A caller that takes no byte of its answer for this long loses its slot (and the engine's
+    # generation is aborted), whatever upstream.read_timeout_s says.
+    send_timeout_s: float = _field(60.0, _POSITIVE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,7 +405,8 @@ _REPLICA = _section(ReplicaConfig)
 
 
 def _replicas(value: object, path: str) -> tuple[ReplicaConfig, ...]:
-    # An empty list is judged with the rest of the config (health.ready_without_replicas).
+    # `[]` passes here: it is valid beside `discovery`, or with health.ready_without_replicas
+    # (checked over the whole config, _config).
     if not isinstance(value, list):
         raise _bad(path, "must be a non-empty list of replicas", value)
     replicas: list[ReplicaConfig] = []
@@ -400,6 +420,82 @@ def _replicas(value: object, path: str) -> tuple[ReplicaConfig, ...]:
             raise _bad(f"{path}[{i}].name", "duplicate replica name", replica.name)
         replicas.append(replica)
     return tuple(replicas)
+
+
+_HOST_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_DNS_NAME = re.compile(rf"(?=.{{1,254}}$){_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?")
+#: IPv6 is up to 39 characters; with "-" the replica name stays within its 64.
+_PREFIX_RULE = "must be 1 to 24 characters from A-Z a-z 0-9 _ . -"
+
+
+def _dns_name(value: object, path: str) -> str:
+    if not isinstance(value, str) or not _DNS_NAME.fullmatch(value):
+        raise _bad(path, "must be a DNS name, e.g. vllm-headless.llm.svc.cluster.local", value)
+    return value
+
+
+def _nameserver(value: object, path: str) -> tuple[str, int]:
+    """``10.0.0.10``, ``127.0.0.1:5353``, ``fd00::a`` or ``[fd00::a]:5353`` -> (address, port)."""
+    rule = "must be an IP address with an optional port, e.g. 127.0.0.1:5353 or [::1]:5353"
+    if not isinstance(value, str):
+        raise _bad(path, rule, value)
+    host, port = value, 53
+    bracketed = re.fullmatch(r"\[([^\]]+)\](?::(\d{1,5}))?", value)
+    if bracketed:
+        host, port = bracketed.group(1), int(bracketed.group(2) or 53)
+    elif value.count(":") == 1:
+        host, _, digits = value.partition(":")
+        port = int(digits) if digits.isdigit() and len(digits) <= 5 else 0
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise _bad(path, rule, value) from None
+    if not 1 <= port <= 65535:
+        raise _bad(path, "must have a port between 1 and 65535 if it has one", value)
+    return str(address), port
+
+
+def _nameservers(value: object, path: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _bad(path, "must be a list of DNS servers, e.g. [127.0.0.1:5353]", value)
+    for i, item in enumerate(value):
+        _nameserver(item, f"{path}[{i}]")
+    return tuple(value)
+
+
+def nameserver_address(text: str) -> tuple[str, int]:
+    """One validated ``discovery[].nameservers`` entry as (address, port)."""
+    return _nameserver(text, "nameserver")
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    """Replicas found in DNS (proxy.control.discovery): every A and AAAA record of ``dns``,
+    each a replica ``<name_prefix>-<address>`` at ``http://<address>:<port>``."""
+
+    dns: str = field(metadata={_CHECK: _dns_name})
+    port: int = field(metadata={_CHECK: _integer(1, 65535)})
+    max_concurrency: int = field(metadata={_CHECK: _integer(1)})
+    name_prefix: str = field(metadata={_CHECK: _text(r"[A-Za-z0-9_.-]{1,24}", _PREFIX_RULE)})
+    interval_s: float = _field(5.0, _POSITIVE)
+    # Empty: the system resolver (/etc/resolv.conf, with its search list).
+    nameservers: tuple[str, ...] = _field((), _nameservers)
+
+
+_DISCOVERY_ENTRY = _section(DiscoveryConfig)
+
+
+def _discovery(value: object, path: str) -> tuple[DiscoveryConfig, ...]:
+    if not isinstance(value, list):
+        raise _bad(path, "must be a list of {dns, port, max_concurrency, name_prefix}", value)
+    entries: list[DiscoveryConfig] = []
+    for i, item in enumerate(value):
+        entry = _DISCOVERY_ENTRY(item, f"{path}[{i}]")
+        # The prefix is what keeps two entries' replicas apart (same address, other port).
+        if any(other.name_prefix == entry.name_prefix for other in entries):
+            raise _bad(f"{path}[{i}].name_prefix", "duplicate name_prefix", entry.name_prefix)
+        entries.append(entry)
+    return tuple(entries)
 
 
 @dataclass(frozen=True, slots=True)
@@ -510,7 +606,8 @@ class AdminConfig:
 class Config:
     """The whole validated config. Build it with `load_config` or `parse_config`."""
 
-    replicas: tuple[ReplicaConfig, ...] = field(metadata={_CHECK: _replicas})
+    # Required unless `discovery` finds them (see _config).
+    replicas: tuple[ReplicaConfig, ...] = _field((), _replicas)
     server: ServerConfig = ServerConfig()
     queue: QueueConfig = QueueConfig()
     health: HealthConfig = field(default=HealthConfig(), metadata={_CHECK: _health})
@@ -520,6 +617,8 @@ class Config:
     # Absent: no admin listener (its endpoints are on the public port). `admin:` with
     # nothing under it is the listener on its defaults.
     admin: AdminConfig | None = field(default=None, metadata={_CHECK: _section(AdminConfig)})
+    # Replicas found in DNS, beside or instead of `replicas`; they are not in `replicas`.
+    discovery: tuple[DiscoveryConfig, ...] = _field((), _discovery)
 
 
 _CONFIG_SECTION = _section(Config)
@@ -527,9 +626,13 @@ _CONFIG_SECTION = _section(Config)
 
 def _config(value: object, path: str) -> Config:
     config = _CONFIG_SECTION(value, path)
-    if not config.replicas and not config.health.ready_without_replicas:
-        raise _bad(_join(path, "replicas"), "must be a non-empty list of replicas (or set "
-                   "health.ready_without_replicas: true to wait for them)", [])
+    if (not config.replicas and not config.discovery
+            and not config.health.ready_without_replicas):
+        if isinstance(value, dict) and "replicas" in value:
+            raise _bad("replicas", "must be a non-empty list of replicas (or set "
+                       "health.ready_without_replicas: true to wait for them)",
+                       value["replicas"])
+        raise _Problem("replicas", "required key is missing")
     return config
 
 

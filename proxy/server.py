@@ -1,8 +1,9 @@
 """Running the proxy: embedded simulated replicas, the listeners, reload, graceful shutdown.
 
 aiohttp's ``run_app`` closes the listener first on SIGTERM. Kubernetes needs the opposite: keep
-answering (readiness 503, new work 503) while endpoints are withdrawn and in-flight work
-finishes. So the lifecycle is driven here, explicitly.
+answering (readiness 503, new work still served for a quiet period, then 503) while endpoints
+are withdrawn and in-flight work finishes. So the lifecycle is driven here, explicitly
+(the drain itself: :mod:`proxy.control.drain`).
 """
 
 from __future__ import annotations
@@ -18,14 +19,13 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from aiohttp import web
 
 from proxy.config import Config, ReplicaConfig
+from proxy.control.drain import CUT_GRACE_S
 from proxy.edge.admin import create_admin_app
-from proxy.edge.app import CONFIG, LIFECYCLE, RELOADER, SCHEDULER, create_app
+from proxy.edge.app import CONFIG, LIFECYCLE, RELOADER, create_app
+from proxy.edge.protocol import LimitedRunner
 from proxy.observe.accesslog import AccessLog
 
 log = logging.getLogger("batchgate")
-
-#: After cutting what the drain deadline left, how long handlers get to send their last words.
-CUT_GRACE_S = 2.0
 
 
 def _bound_port(runner: web.AppRunner) -> int:
@@ -129,7 +129,8 @@ async def serve(
     load: Callable[[], Config] | None = None,
     on_reload: Sequence[Callable[[Config], None]] = (),
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or ``stop``), then drain and return.
+    """Serve until SIGTERM/SIGINT (or ``stop``), then drain and return; or until a drain
+    started by ``GET /wait-for-drain`` is over (a signal during it joins it).
 
     A second SIGTERM/SIGINT during the drain calls ``on_second_signal`` (the CLI exits the
     process there and then: an operator who asks twice does not want to wait for the drain).
@@ -140,11 +141,15 @@ async def serve(
     loop = asyncio.get_running_loop()
     stop = stop if stop is not None else asyncio.Event()
     stop_requested = stop
+    why = ["stop requested"]  # what started the drain, for its log line
 
     def on_signal(sig: signal.Signals) -> None:
+        # Only signals count: one that arrives during a drain begun by GET /wait-for-drain
+        # is the first, and joins it.
         if stop_requested.is_set() and on_second_signal is not None:
             on_second_signal(sig)
             return
+        why[0] = sig.name
         stop_requested.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -184,9 +189,10 @@ async def serve(
         # upstream connection, which makes the engine abort the generation.
         # auto_decompress=False (a keyword of aiohttp's request handler, through AppRunner's
         # kwargs): request bodies pass through byte for byte, Content-Encoding intact.
-        runner = web.AppRunner(
-            app, handler_cancellation=True, access_log=None, shutdown_timeout=CUT_GRACE_S,
-            auto_decompress=False,
+        # LimitedRunner: aiohttp's runner with server.*'s limits on callers (proxy.edge.protocol).
+        runner = LimitedRunner(
+            app, config.server, handler_cancellation=True, access_log=None,
+            shutdown_timeout=CUT_GRACE_S, auto_decompress=False,
         )
         await runner.setup()
         admin_runner: web.AppRunner | None = None
@@ -205,9 +211,7 @@ async def serve(
             serving.append(app)
             if on_ready is not None:
                 on_ready(host, port)
-            await stop.wait()
-            # Read now: a reload may have changed it.
-            await _drain(app, app[CONFIG].current.server.drain_timeout_s)
+            await _until_drain(app, stop, why)
         finally:
             serving.clear()
             for task in reloads:
@@ -231,24 +235,23 @@ async def _listen(
             f"cannot listen on {host}:{port} ({keys}): {err.strerror or err}") from err
 
 
-async def _drain(app: web.Application, drain_timeout_s: float) -> None:
-    """The shutdown checklist, in order. The listener stays open throughout."""
+async def _until_drain(app: web.Application, stop: asyncio.Event, why: list[str]) -> None:
+    """Serve until a signal (``stop``) or ``GET /wait-for-drain`` starts the drain, then
+    until it is over. The listener stays open throughout; the checklist (fail readiness,
+    the quiet period, refuse new work, serve what was accepted, cut at the deadline) is
+    :meth:`Lifecycle.start_drain`'s.
+    """
     lifecycle = app[LIFECYCLE]
-    scheduler = app[SCHEDULER]
-    # 1. Fail readiness and refuse new work (503 + Retry-After), so the load balancer takes
-    #    this pod out of rotation while it still answers.
-    lifecycle.begin_drain()
-    log.info(
-        "draining: %d queued, %d in flight, deadline %gs",
-        scheduler.queue_depth, scheduler.in_flight, drain_timeout_s,
-    )
-    # 2. Serve what was already accepted, queued and in flight, streams to their end.
-    if await lifecycle.wait_idle(drain_timeout_s):
-        log.info("drained")
-        return
-    # 3. The deadline passed: cut what is left. Queued requests get 503; streams get a final
-    #    SSE error event; each handler's finally releases its slot and closes its upstream.
-    cut = lifecycle.cut()
-    log.warning("drain deadline passed: cutting %d requests", cut)
-    # 4. Give the cut handlers a moment to write their last words.
-    await lifecycle.wait_idle(CUT_GRACE_S)
+    signalled = asyncio.ensure_future(stop.wait())
+    drained = asyncio.ensure_future(lifecycle.finished.wait())
+    try:
+        await asyncio.wait((signalled, drained), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        signalled.cancel()
+        drained.cancel()
+        await asyncio.gather(signalled, drained, return_exceptions=True)
+    # Read now: a reload may have changed them. A drain begun by GET /wait-for-drain keeps
+    # its own start and deadline: SIGTERM then only joins it.
+    server = app[CONFIG].current.server
+    lifecycle.start_drain(server.drain_quiet_s, server.drain_timeout_s, why[0])
+    await lifecycle.finished.wait()

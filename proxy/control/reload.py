@@ -15,9 +15,9 @@ work and finishes what it holds; a lowered cap or queue bound cuts nothing, it o
 dispatch or admission until the work is under it); every reload is counted and logged.
 
 Keys that cannot change live (each needs a restart, and a reload that changes one is refused,
-naming it): ``server.*`` except ``drain_timeout_s`` and ``load_headers`` (the listener and
-its per-connection settings are fixed once bound; ``max_body_bytes`` is aiohttp's per-app
-``client_max_size``);
+naming it): ``server.*`` except ``drain_timeout_s``, ``drain_quiet_s`` and ``load_headers``
+(the listener and its per-connection settings are fixed once bound; ``max_body_bytes`` is
+aiohttp's per-app ``client_max_size``);
 ``admin`` (the admin listener is bound at startup, and moving ``/metrics`` between ports under
 a running Prometheus is not a reload's job); ``upstream.*`` except ``retries`` (timeouts and
 TLS are built into each replica's pool); and the ``url`` (or ``simulated`` settings) of a
@@ -50,8 +50,9 @@ log = logging.getLogger("batchgate.reload")
 
 #: Keys of these sections that a reload may change; any other key of them is fixed.
 LIVE_KEYS: dict[str, frozenset[str]] = {
-    # load_headers: read per answer (proxy.edge.forward).
-    "server": frozenset({"drain_timeout_s", "load_headers"}),
+    # drain_quiet_s: read when a drain begins. load_headers: read per answer
+    # (proxy.edge.forward).
+    "server": frozenset({"drain_timeout_s", "drain_quiet_s", "load_headers"}),
     # retries: read per request. The passive outlier keys (proxy.control.health, where they
     # exist): applied by HealthControl.reconfigure.
     "upstream": frozenset({"retries", "eject_after", "eject_s", "max_ejected_percent"}),
@@ -100,9 +101,13 @@ def _same_engine(old: ReplicaConfig, new: ReplicaConfig) -> str | None:
     return None if old.url == new.url else "url"
 
 
-def plan(old: Config, new: Config, *, draining: Collection[str] = ()) -> Plan:
+def plan(
+    old: Config, new: Config, *, draining: Collection[str] = (), taken: Collection[str] = ()
+) -> Plan:
     """Compare the config in force with a new one. ``draining``: names of replicas removed by
     an earlier reload that still hold work (their names cannot be reused until they are gone).
+    ``taken``: names of replicas found by discovery (never in ``replicas``, so never
+    "removed" here; a file replica cannot take one of their names).
     """
     fixed: list[str] = []
     blocked: list[str] = []
@@ -130,7 +135,11 @@ def plan(old: Config, new: Config, *, draining: Collection[str] = ()) -> Plan:
     for i, replica in enumerate(new.replicas):
         was = current.get(replica.name)
         if was is None:
-            if replica.name in draining:
+            if replica.name in taken:
+                blocked.append(
+                    f"replicas[{i}] ({replica.name}) has the name of a replica found by "
+                    "discovery; give it another name")
+            elif replica.name in draining:
                 blocked.append(
                     f"replicas[{i}] ({replica.name}) is still finishing its work after an "
                     "earlier reload removed it; reload again once it is gone")
@@ -227,6 +236,11 @@ class Reloader:
         self._health: HealthControl | None = None
         self._slot_free: SlotFree | None = None
         self.resolve: Resolve | None = None
+        #: Names of the replicas found by discovery (proxy.control.discovery sets it).
+        self.discovered: Callable[[], Collection[str]] = tuple
+        # Dropped by the scheduler, not yet retired (pools, probes, series): the name is not
+        # free for a new replica until then.
+        self._retiring: set[str] = set()
         # As Prometheus does: the config loaded at startup is the first successful load.
         metrics.config_loaded(clock())
 
@@ -265,7 +279,8 @@ class Reloader:
             return ReloadResult(INVALID, str(err))
         old = self._live.current
         draining = {r.name for r in self._scheduler.replicas if r.state == DRAINING}
-        changes = plan(old, new, draining=draining)
+        changes = plan(old, new, draining=draining | self._retiring,
+                       taken=set(self.discovered()))
         if changes.refused:
             return ReloadResult(REFUSED, changes.refusal())
         if self.resolve is not None:
@@ -293,7 +308,7 @@ class Reloader:
     def _apply(self, new: Config, changes: Plan) -> None:
         """Synchronous on purpose: no request runs between the first change and the last."""
         scheduler = self._scheduler
-        pools, health = self._pools, self._health
+        health = self._health
         # 1. Per-request reads (queue.timeout_s, upstream.retries, ...) see the new config.
         self._live.current = new
         # 2. Queue bounds: lowered below what waits now drops nobody; new arrivals are
@@ -304,35 +319,55 @@ class Reloader:
         #    after this synchronous step, when the pools, counters and probes exist.
         by_name = {r.name: r for r in new.replicas}
         for added in changes.added:
-            self._metrics.add_replica(added.name)
-            scheduler.add_replica(added.name, by_name[added.name].url or "",
-                                  added.max_concurrency,
-                                  healthy=new.health.assume_healthy_at_start)
-            replica = scheduler.replica(added.name)
-            assert replica is not None
-            if pools is not None:
-                pools.add(replica)
-            if health is not None:
-                health.add(replica)
+            self.add_replica(added.name, by_name[added.name].url or "", added.max_concurrency,
+                             healthy=new.health.assume_healthy_at_start)
         # 4. Caps: raised, waiters are granted at once; lowered, nothing new is dispatched to
         #    the replica until its work in flight is under the new cap.
         for name, _, cap in changes.limits:
-            replica = scheduler.replica(name)
-            if replica is None:
-                continue
-            if pools is not None:
-                pools.set_limit(name, cap)
-            scheduler.set_limit(replica, cap)
+            self.set_limit(name, cap)
         # 5. Removed replicas take no new work from now; each leaves (retired) when its last
         #    request is done, at once if it holds none.
         for name in changes.removed:
-            replica = scheduler.replica(name)
-            if replica is not None and not scheduler.remove_replica(replica):
-                log.info("replica %s removed from the config: finishing its %d requests",
-                         name, replica.in_flight)
+            self.remove_replica(name, "removed from the config")
         # 6. Probes (and passive ejection) follow the new settings.
         if changes.changed & {"health", "upstream"} and health is not None:
             health.reconfigure(new.health, new.upstream)
+
+    # -- the replica set's changes, shared with discovery (proxy.control.discovery) ---------
+    # Each is synchronous: a caller that makes several changes makes them in one step.
+
+    def add_replica(self, name: str, url: str, max_concurrency: int, *, healthy: bool) -> None:
+        """A new replica with its counters, slots, pools and probes (``healthy=False``: it
+        takes work after its first passing probe). The name must be free (:meth:`name_free`).
+        """
+        scheduler = self._scheduler
+        self._metrics.add_replica(name)
+        scheduler.add_replica(name, url, max_concurrency, healthy=healthy)
+        replica = scheduler.replica(name)
+        assert replica is not None
+        if self._pools is not None:
+            self._pools.add(replica)
+        if self._health is not None:
+            self._health.add(replica)
+
+    def set_limit(self, name: str, max_concurrency: int) -> None:
+        replica = self._scheduler.replica(name)
+        if replica is None:
+            return
+        if self._pools is not None:
+            self._pools.set_limit(name, max_concurrency)
+        self._scheduler.set_limit(replica, max_concurrency)
+
+    def remove_replica(self, name: str, why: str) -> None:
+        """No new work for the replica from now; it is retired once its last request is done
+        (at once if it holds none). ``why``: for the log."""
+        replica = self._scheduler.replica(name)
+        if replica is not None and not self._scheduler.remove_replica(replica):
+            log.info("replica %s %s: finishing its %d requests", name, why, replica.in_flight)
+
+    def name_free(self, name: str) -> bool:
+        """No replica has this name, nor is one of that name still being retired."""
+        return self._scheduler.replica(name) is None and name not in self._retiring
 
     def retired(self, replica: Replica) -> None:
         """The scheduler's ``on_retired``: a removed replica's last slot came back. It goes
@@ -344,6 +379,7 @@ class Reloader:
         """
         loop = asyncio.get_running_loop()
         slot_free = self._slot_free
+        self._retiring.add(replica.name)
 
         def when_slot_free_idle() -> None:
             loop.call_soon(self._retire, replica)
@@ -365,5 +401,6 @@ class Reloader:
                 callback(replica.name)
         except Exception:
             log.exception("retiring replica %s failed", replica.name)
-        log.info("replica %s is gone (removed from the config, its last request done)",
-                 replica.name)
+        finally:
+            self._retiring.discard(replica.name)
+        log.info("replica %s is gone (removed, its last request done)", replica.name)

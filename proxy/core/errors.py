@@ -90,6 +90,54 @@ class Unauthorized(ProxyError):
         return "invalid_api_key"  # OpenAI's code, which SDKs raise as AuthenticationError
 
 
+class HeaderTimeout(ProxyError):
+    """The request head did not arrive within ``server.header_timeout_s``."""
+
+    status = 408
+    type = "invalid_request_error"
+    reason = "header_timeout"
+
+
+class BodyTimeout(ProxyError):
+    """The body fell behind ``server.body_timeout_s`` and ``server.min_body_rate``."""
+
+    status = 408
+    type = "invalid_request_error"
+    reason = "body_timeout"
+
+
+class TooManyConnections(ProxyError):
+    """``server.max_connections`` caller connections are open already."""
+
+    status = 503
+    type = "service_unavailable"
+    reason = "too_many_connections"
+
+
+class HeadersTooLarge(ProxyError):
+    """The head is over ``server.max_header_bytes`` or has over ``server.max_headers`` fields."""
+
+    status = 431
+    type = "invalid_request_error"
+    reason = "headers_too_large"
+
+
+class BadHost(ProxyError):
+    """A ``Host`` header that is missing or empty on HTTP/1.1, repeated, or not a host[:port]."""
+
+    status = 400
+    type = "invalid_request_error"
+    reason = "bad_host"
+
+
+class MethodNotAllowed(ProxyError):
+    """``TRACE`` and ``CONNECT``: never forwarded (a proxy must not reflect or tunnel them)."""
+
+    status = 405
+    type = "invalid_request_error"
+    reason = "method_not_allowed"
+
+
 class InternalError(ProxyError):
     """A failure inside batchgate itself (a bug): still an OpenAI-style answer."""
 

@@ -99,6 +99,7 @@ class Scheduler:
         on_retired: Callable[[Replica], None] | None = None,
         load: LoadBoard | None = None,
     ) -> None:
+        # May start empty: replicas found by discovery (proxy.control.discovery) come later.
         self._set = ReplicaSet(replicas, load=load, rng=rng)
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")

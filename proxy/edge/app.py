@@ -9,6 +9,7 @@ from aiohttp import web
 from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 
 from proxy.config import Config, LiveConfig, TlsConfig, UpstreamConfig
+from proxy.control.discovery import Discovery, Lookup
 from proxy.control.drain import Lifecycle
 from proxy.control.health import HealthChecker, Timing
 from proxy.control.loadpoll import LOAD_POLLER, LoadPoller
@@ -21,7 +22,16 @@ from proxy.edge.auth import AUTH, KeyRing
 from proxy.edge.forward import Forwarder
 from proxy.edge.frame import Frame
 from proxy.edge.headers import origin_form
-from proxy.edge.keys import CONFIG, HEALTH, LIFECYCLE, METRICS, RELOADER, SCHEDULER, UPSTREAMS
+from proxy.edge.keys import (
+    CONFIG,
+    DISCOVERY,
+    HEALTH,
+    LIFECYCLE,
+    METRICS,
+    RELOADER,
+    SCHEDULER,
+    UPSTREAMS,
+)
 from proxy.edge.light import LIGHT, LIGHT_LIMIT_PER_REPLICA, LIGHT_METHODS, Light
 from proxy.observe.accesslog import AccessLog
 from proxy.observe.metrics import Metrics
@@ -29,8 +39,8 @@ from proxy.upstream.client import Upstreams
 from proxy.upstream.tls import context_for
 
 __all__ = [
-    "AUTH", "CONFIG", "HEALTH", "LIFECYCLE", "METRICS", "RELOADER", "SCHEDULER", "UPSTREAMS",
-    "create_app",
+    "AUTH", "CONFIG", "DISCOVERY", "HEALTH", "LIFECYCLE", "METRICS", "RELOADER", "SCHEDULER",
+    "UPSTREAMS", "create_app",
 ]
 
 
@@ -44,11 +54,16 @@ class Handlers:
         self.light = app[LIGHT] = Light(app, self.forwarder)
 
     async def healthz(self, _request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+        answer = web.Response(text="ok\n")
+        if self.app[LIFECYCLE].draining:
+            answer.force_close()  # as every answer while draining
+        return answer
 
     async def readyz(self, _request: web.Request) -> web.Response:
         if self.app[LIFECYCLE].draining:
-            return web.Response(status=503, text="draining\n")
+            answer = web.Response(status=503, text="draining\n")
+            answer.force_close()
+            return answer
         if (not self.app[SCHEDULER].any_healthy()
                 and not self.app[CONFIG].current.health.ready_without_replicas):
             return web.Response(status=503, text="no healthy replica\n")
@@ -58,6 +73,25 @@ class Handlers:
         """This batchgate's load, for a gateway in front (proxy.core.load): public like
         /readyz (counts only, no API key), always on, whatever server.load_headers says."""
         return web.json_response(self.app[SCHEDULER].reading().json())
+
+    async def wait_for_drain(self, _request: web.Request) -> web.Response:
+        """Start the drain, as SIGTERM does, and answer once it has settled: nothing left in
+        flight or queued after the quiet period, or the deadline passed (and the rest cut).
+
+        The engine container's ``preStop`` hook calls it, so the engine is stopped only after
+        batchgate has finished its streams; it carries no key (like ``/healthz``). Every
+        caller gets the answer, at once if the drain is over; a caller that hangs up stops
+        nothing. The process exits when the drain is over, as after SIGTERM.
+        """
+        lifecycle = self.app[LIFECYCLE]
+        server = self.app[CONFIG].current.server
+        lifecycle.start_drain(server.drain_quiet_s, server.drain_timeout_s,
+                              "GET /wait-for-drain")
+        await lifecycle.settled.wait()
+        answer = web.json_response({"drained": lifecycle.cut_count == 0,
+                                    "cut": lifecycle.cut_count})
+        answer.force_close()
+        return answer
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         """The union of the healthy replicas' models, without a slot (proxy.edge.light)."""
@@ -88,12 +122,15 @@ def create_app(
     access_log: AccessLog | None = None,
     timing: Timing | None = None,
     load: Callable[[], Config] | None = None,
+    lookup: Lookup | None = None,
+    discovery_timing: Timing | None = None,
 ) -> web.Application:
     """The proxy application. Background work starts and stops with it (``cleanup_ctx``).
 
     ``access_log`` is owned by the caller (it outlives the app's connections); ``timing``
-    is the health checker's clocks and sleep (tests drive them by hand). ``load`` reads the
-    config file again, for a reload (``app[RELOADER]``); None: nothing to reload.
+    is the health checker's and the drain's clocks and sleep (tests drive them by hand).
+    ``load`` reads the config file again, for a reload (``app[RELOADER]``); None: nothing to
+    reload. ``lookup`` and ``discovery_timing``: discovery's DNS lookup and clocks (tests).
     """
     app = web.Application(client_max_size=config.server.max_body_bytes)
     replicas = [
@@ -116,13 +153,22 @@ def create_app(
     app[SCHEDULER] = scheduler
     app[METRICS] = metrics if metrics is not None else Metrics()
     app[METRICS].watch(scheduler)
-    app[LIFECYCLE] = Lifecycle()
+    timing = timing if timing is not None else Timing()
+    app[LIFECYCLE] = Lifecycle(
+        clock=timing.monotonic, sleep=timing.sleep,
+        describe=lambda: f"{scheduler.queue_depth} queued, {scheduler.in_flight} in flight",
+    )
     # Always present (off without `auth`), so a reload can turn auth on: KeyRing.replace.
     app[AUTH] = KeyRing(config.auth, config.replicas)
     reloader = app[RELOADER] = Reloader(live, scheduler, app[METRICS], load=load)
     # Registered first: a keys file that no longer reads refuses the reload before anything
     # of it applies (KeyRing.replace raises ConfigError and keeps the keys in force).
     reloader.on_reload(lambda new: app[AUTH].replace(new.auth, new.replicas))
+    # Always there, with no loop when there is no entry: a reload may add one.
+    discovery = app[DISCOVERY] = Discovery(config.discovery, reloader, app[METRICS],
+                                           lookup=lookup, timing=discovery_timing)
+    reloader.discovered = lambda: discovery.names
+    reloader.on_reload(lambda new: discovery.reconfigure(new.discovery))
 
     def load_age(new: Config) -> None:
         board.max_age_s = 2 * new.health.interval_s
@@ -143,9 +189,13 @@ def create_app(
                                                ssl=tls, timing=timing)
         poller.start()
         reloader.attach(app[UPSTREAMS], app[HEALTH], app[LIGHT].slots)
+        # After attach: what it finds gets pools and probes like any replica.
+        discovery.start()
         try:
             yield
         finally:
+            await app[LIFECYCLE].close()  # a drain still running (in-process use)
+            await discovery.close()
             await poller.close()
             await app[HEALTH].close()
             await app[UPSTREAMS].close()
@@ -156,6 +206,9 @@ def create_app(
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/load", handlers.load, allow_head=False)
+    # On the public port whether or not the admin listener is set: the preStop hook of the
+    # engine's container calls the port the manifest knows, the one the Service targets.
+    app.router.add_get("/wait-for-drain", handlers.wait_for_drain, allow_head=False)
     if config.admin is None:
         # No admin listener: its endpoints are here, as /metrics always was (see public_guard).
         AdminHandlers(app, guard=public_guard).add_routes(app.router)

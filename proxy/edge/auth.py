@@ -14,9 +14,10 @@ Guarantees:
 - :meth:`KeyRing.replace` swaps every key at once (live reload): a request sees the old ring
   or the new one, never a mix, and a bad keys file leaves the old ring in force.
 
-Not guarded: ``/healthz``, ``/readyz`` (probes carry no key) and ``/metrics`` (off the public
-port once the admin listener is set). Admin handlers on the public port use :func:`denied`
-(a guard returning the 401 or None) or :func:`require_key` (the same as a decorator).
+Not guarded: ``/healthz``, ``/readyz`` (probes carry no key), ``/wait-for-drain`` (nor does a
+``preStop`` hook) and ``/metrics`` (off the public port once the admin listener is set).
+Admin handlers on the public port use :func:`denied` (a guard returning the 401 or None) or
+:func:`require_key` (the same as a decorator).
 """
 
 from __future__ import annotations

@@ -166,8 +166,9 @@ class Forwarder:
             response = await pipe(
                 request, upstream, exchange,
                 is_cut=lambda: lifecycle.cutting,
+                is_draining=lambda: lifecycle.draining,
                 on_gap=metrics.inter_chunk_observer(exchange.route),
-                stall_limit_s=self.config.upstream.read_timeout_s,
+                stall_limit_s=self.config.server.send_timeout_s,
             )
             completed = exchange.stage == "done"
             if exchange.upstream_error is not None:

@@ -118,12 +118,16 @@ class Frame:
                 # Before anything else: a caller without a key learns nothing, not even
                 # that the proxy is draining, and its body is never read.
                 exchange.tenant = self.auth.authorize(request.headers)
-            if lifecycle.draining:
+            if lifecycle.refusing:
                 raise Draining("batchgate is shutting down", retry_after_s=1)
             response = await work(request, exchange)
             if not exchange.bytes_out and isinstance(response, web.Response):
                 # Answers built whole (/v1/models, a relayed 4xx); the relay counts the rest.
                 exchange.bytes_out = response.content_length or 0
+            if lifecycle.draining and not response.prepared:
+                # Its head is still to go out: Connection: close, and the connection closes
+                # after it (the relay does the same for the answers it sends itself).
+                response.force_close()
             return response
         except ProxyError as err:
             exchange.status = err.status
@@ -131,6 +135,8 @@ class Frame:
             # "queued": never sent anywhere, or only to replicas that never got it (a
             # refused connection, a rejection); a request that may have reached one is not.
             answer = json_error(err, request_id, undelivered=exchange.stage == "queued")
+            if lifecycle.draining:
+                answer.force_close()
             exchange.bytes_out = answer.content_length or 0
             return answer
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
@@ -161,11 +167,13 @@ class Frame:
                 raise
             exchange.end(Outcome.REJECTED, Draining.reason)
             exchange.status = Draining.status
-            return json_error(
+            answer = json_error(
                 Draining("batchgate is shutting down; request cut at the drain deadline",
                          retry_after_s=1),
                 request_id, undelivered=exchange.stage == "queued",
             )
+            answer.force_close()
+            return answer
         finally:
             # Drain accounting first: nothing an observer does may make shutdown wait.
             lifecycle.leave(task)

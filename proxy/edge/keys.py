@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.config import LiveConfig
+from proxy.control.discovery import Discovery
 from proxy.control.drain import Lifecycle
 from proxy.control.health import HealthChecker
 from proxy.control.reload import Reloader
@@ -20,3 +21,4 @@ LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 UPSTREAMS = web.AppKey("upstreams", Upstreams)
 HEALTH = web.AppKey("health", HealthChecker)
 RELOADER = web.AppKey("reloader", Reloader)
+DISCOVERY = web.AppKey("discovery", Discovery)

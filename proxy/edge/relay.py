@@ -48,6 +48,7 @@ async def pipe(
     exchange: Exchange,
     *,
     is_cut: Callable[[], bool],
+    is_draining: Callable[[], bool],
     on_gap: Callable[[float], None],
     stall_limit_s: float,
 ) -> web.StreamResponse:
@@ -58,6 +59,9 @@ async def pipe(
     event inside a properly ended body. Any other answer commits nothing before its first
     body bytes (or its end): a replica failing before then raises :class:`UpstreamError`
     (502, or :class:`UpstreamTimeout` 504), which the frame answers like any other error.
+
+    While draining (``is_draining``), a head that goes out says ``Connection: close``, and
+    the caller's connection is closed after this answer.
 
     Each chunk is written to the caller first; only then is it looked at (the usage tail,
     the gap since the previous chunk of an event stream), so observation never delays bytes.
@@ -110,6 +114,8 @@ async def pipe(
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                           headers=headers)
     try:
+        if is_draining():
+            response.force_close()
         await response.prepare(request)
         exchange.prepared = True
         if not sse:
@@ -192,8 +198,11 @@ async def _write(
     the caller stalled.
 
     A caller that stays connected but stops reading would hold its slot (and the engine)
-    forever: a write that may fill its socket is bounded by the stall limit, and then its
-    connection is closed, so what it got never looks complete.
+    forever: a write that may fill its socket is bounded by the stall limit
+    (``server.send_timeout_s``, like nginx's ``send_timeout``: counted once the kernel's
+    socket buffers are full, not from the caller's last read), and then its connection is
+    closed, so what it got never looks complete; the caller of :func:`pipe` closes the
+    upstream connection, which makes the engine abort the generation.
     """
     whole = isinstance(response, web.Response)
     transport = request.transport

@@ -36,6 +36,9 @@ KNOWN_ROUTES = frozenset(
 REJECTION_REASONS: tuple[str, ...] = (
     "queue_full", "queue_timeout", "no_healthy_replica", "draining", "overloaded",
     "body_too_large", "bad_request", "unauthorized",
+    # Limits on callers (proxy.edge.limits): timeouts, connection count, head size, Host, method.
+    "header_timeout", "body_timeout", "too_many_connections", "headers_too_large", "bad_host",
+    "method_not_allowed",
 )
 #: Every ``kind`` of ``batchgate_upstream_errors_total``, exported at 0 for every replica.
 UPSTREAM_ERROR_KINDS: tuple[str, ...] = ("connect", "timeout", "reset", "status_5xx",
@@ -55,8 +58,8 @@ DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0
 
 
 #: The `where` label of `batchgate_internal_errors_total`: the observers, each guarded alone
-#: (``health``: the outcome feed of passive outlier ejection).
-INTERNAL_ERROR_SITES = ("usage", "metrics", "access_log", "health")
+#: (``health``: the outcome feed of passive outlier ejection; ``discovery``: a lookup loop).
+INTERNAL_ERROR_SITES = ("usage", "metrics", "access_log", "health", "discovery")
 #: The `result` label of `batchgate_config_reloads_total`.
 RELOAD_RESULTS = ("success", "failure")
 
@@ -226,6 +229,13 @@ class Metrics:
         )
         for result in RELOAD_RESULTS:
             self.reloads.labels(result)
+        self.discovery_errors = Counter(
+            "batchgate_discovery_errors",
+            "Failed DNS lookups of a discovery entry (timeout, SERVFAIL, refused), by its dns "
+            "name; the replicas found before stay. NXDOMAIN or no record is an answer (no "
+            "replica), not an error.",
+            ["dns"], registry=r,
+        )
         self.last_reload = Gauge(
             "batchgate_config_last_reload_success_timestamp_seconds",
             "Unix time the config in force was loaded (at startup, then each successful "
@@ -278,6 +288,18 @@ class Metrics:
         for counter in (self.retries, self.ejections):
             with contextlib.suppress(KeyError):
                 counter.remove(name)
+
+    def discovery_watch(self, dns: str) -> None:
+        """A discovery entry looks ``dns`` up: its error counter exists from now, at 0."""
+        self.discovery_errors.labels(dns)
+
+    def discovery_error(self, dns: str) -> None:
+        self.discovery_errors.labels(dns).inc()
+
+    def discovery_forget(self, dns: str) -> None:
+        """No entry looks ``dns`` up any more (a reload removed it): its series goes."""
+        with contextlib.suppress(KeyError):
+            self.discovery_errors.remove(dns)
 
     def config_loaded(self, when: float) -> None:
         """The config in force was loaded at ``when`` (Unix time): at startup, or reloaded."""

@@ -251,9 +251,10 @@ async def proxy() -> AsyncIterator[Callable[[Config], Any]]:
     started: list[Proxy] = []
 
     async def make(
-        config: Config, access_log: AccessLog | None = None, timing: Timing | None = None
+        config: Config, access_log: AccessLog | None = None, timing: Timing | None = None,
+        **more: Any,
     ) -> Proxy:
-        app = create_app(config, access_log=access_log, timing=timing)
+        app = create_app(config, access_log=access_log, timing=timing, **more)
         runner, url = await start_app(app)
         handle = Proxy(url, app, runner)
         started.append(handle)

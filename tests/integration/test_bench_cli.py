@@ -379,7 +379,7 @@ async def test_serve_loads_no_bench_sim_tqdm_or_matplotlib(
     replica = await replicas("r")
     config = tmp_path / "config.yaml"
     config.write_text(
-        "server: {host: 127.0.0.1, port: 0}\n"
+        "server: {host: 127.0.0.1, port: 0, drain_quiet_s: 0}\n"
         f"replicas: [{{name: r, url: '{replica.url}', max_concurrency: 2}}]\n"
         "logging: {format: text, level: info}\n"
     )

@@ -170,7 +170,7 @@ def test_serve_with_an_https_replica_starts_and_stops(tmp_path: Path) -> None:
         port = probe.getsockname()[1]
     path = tmp_path / "config.yaml"
     path.write_text(
-        f"server: {{host: 127.0.0.1, port: {port}}}\n"
+        f"server: {{host: 127.0.0.1, port: {port}, drain_quiet_s: 0}}\n"
         "replicas: [{name: r, url: 'https://127.0.0.1:9', max_concurrency: 1}]\n"
         "logging: {format: text, level: info}\n"
     )
@@ -257,7 +257,7 @@ def test_serve_raises_the_soft_open_files_limit_to_the_hard_one(tmp_path: Path) 
         pytest.skip(f"hard RLIMIT_NOFILE is {hard}: nothing to raise")
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({
-        "server": {"host": "127.0.0.1", "port": 0},
+        "server": {"host": "127.0.0.1", "port": 0, "drain_quiet_s": 0},
         "replicas": [{"name": "r", "url": "http://127.0.0.1:9", "max_concurrency": 1}],
         "health": {"interval_s": 60},
         "logging": {"format": "text"},

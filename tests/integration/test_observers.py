@@ -63,7 +63,8 @@ def test_internal_errors_exported_at_zero_from_startup() -> None:
         value = metrics.registry.get_sample_value("batchgate_internal_errors_total",
                                                   {"where": where})
         assert value == 0, where
-    assert set(INTERNAL_ERROR_SITES) == {"usage", "metrics", "access_log", "health"}
+    assert set(INTERNAL_ERROR_SITES) == {"usage", "metrics", "access_log", "health",
+                                        "discovery"}
 
 
 def _boom(*_args: object) -> None:

@@ -342,7 +342,7 @@ async def test_draining_flag_refuses_new_work(
 
     r: FakeReplica = await replicas("r")
     p: Proxy = await proxy(make_config(("r", r.url, 1)))
-    p.app[LIFECYCLE].begin_drain()
+    p.app[LIFECYCLE].start_drain(0, 30, "test")  # no quiet period: refused at once
     async with client.post(p.url + "/v1/chat/completions", json={}) as resp:
         assert resp.status == 503
         assert resp.headers["Retry-After"] == "1"
@@ -380,7 +380,7 @@ async def test_caller_that_stops_reading_loses_its_slot_after_the_stall_limit(
     replicas: Factory, proxy: Factory
 ) -> None:
     r: FakeReplica = await replicas("r")
-    p: Proxy = await proxy(make_config(("r", r.url, 1), read_timeout_s=0.3))
+    p: Proxy = await proxy(make_config(("r", r.url, 1), send_timeout_s=0.3))
     host, port = p.url.removeprefix("http://").split(":")
     _reader, writer = await asyncio.open_connection(host, int(port))
     body = json.dumps({"stream": True, "events": 400, "pad": 65536}).encode()  # ~26 MB

@@ -199,7 +199,7 @@ async def test_stalled_caller_gets_its_connection_closed_and_a_body_that_is_not_
     replicas: Factory, proxy: Factory
 ) -> None:
     r: FakeReplica = await replicas("r")
-    p: Proxy = await proxy(make_config(("r", r.url, 1), read_timeout_s=0.3))
+    p: Proxy = await proxy(make_config(("r", r.url, 1), send_timeout_s=0.3))
     caller = await Caller.open(p.url)
     body = json.dumps({"stream": True, "events": 400, "pad": 65536}).encode()  # ~26 MB
     try:

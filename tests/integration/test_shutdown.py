@@ -24,6 +24,7 @@ import aiohttp
 import yaml
 
 from tests.integration.conftest import BOUND_S, FakeReplica, sse_event, until
+from tests.integration.raw import Caller
 
 Factory = Callable[..., Any]
 
@@ -45,10 +46,16 @@ class Served:
         return await asyncio.wait_for(self.proc.wait(), bound)
 
 
-def write_config(tmp_path: Path, replica: FakeReplica, *, drain_timeout_s: float) -> Path:
+def write_config(
+    tmp_path: Path, replica: FakeReplica, *, drain_timeout_s: float, drain_quiet_s: float = 0
+) -> Path:
+    """``drain_quiet_s`` 0 unless asked: most tests here are about what follows the quiet
+    period, which real time would otherwise have to wait out."""
     path = tmp_path / "batchgate.yaml"
+    server = {"host": "127.0.0.1", "port": 0, "drain_timeout_s": drain_timeout_s,
+              "drain_quiet_s": drain_quiet_s}
     config = {
-        "server": {"host": "127.0.0.1", "port": 0, "drain_timeout_s": drain_timeout_s},
+        "server": server,
         "replicas": [{"name": replica.name, "url": replica.url, "max_concurrency": 1}],
         "health": {"interval_s": 60},
         "logging": {"format": "text"},
@@ -168,6 +175,9 @@ async def terminate_and_see_draining(served: Served, probe: aiohttp.ClientSessio
     async with probe.post(served.url + "/v1/completions", json={"i": 2}) as r:
         assert r.status == 503
         assert int(r.headers["Retry-After"]) >= 1
+        # Off this pod's connections, and a gateway in front may send it elsewhere.
+        assert r.headers["Connection"] == "close"
+        assert r.headers["X-Batchgate-Rejected"] == "draining"
         body = await r.json()
     assert body["error"]["code"] == "draining"
     assert body["error"]["type"] == "service_unavailable"
@@ -346,3 +356,149 @@ async def test_second_sigterm_exits_at_once_without_waiting_for_the_drain(
         # Its sockets died with it: the engine saw its client leave.
         await until(lambda: replica.aborted == 1, "the replica to see its client leave")
         assert replica.completed == 0
+
+
+async def test_sigterm_quiet_period_serves_keep_alive_callers_and_closes_their_connections(
+    tmp_path: Path, replicas: Factory
+) -> None:
+    replica: FakeReplica = await replicas("r")
+    # A quiet period far longer than the bound of every wait below: it lasts the whole test.
+    config = write_config(tmp_path, replica, drain_timeout_s=BOUND_S * 12,
+                          drain_quiet_s=BOUND_S * 6)
+    body = json.dumps({"i": 1}).encode()
+    async with serving(config) as served, fresh_connections() as probe:
+        kept = await Caller.open(served.url)
+        try:
+            before = await kept.request("POST", "/v1/completions", body)
+            assert before.status == 200 and before.header("Connection") is None
+            served.proc.send_signal(signal.SIGTERM)
+
+            async def not_ready() -> bool:
+                async with probe.get(served.url + "/readyz") as r:
+                    return r.status == 503
+
+            await poll(not_ready, "/readyz to answer 503 after SIGTERM")
+            # Served on the connection that was open at SIGTERM, then that connection closes.
+            during = await kept.request("POST", "/v1/completions", body)
+            assert during.status == 200, during.body
+            assert json.loads(during.body)["replica"] == "r"
+            assert during.header("Connection") == "close"
+            assert await kept.at_eof()
+        finally:
+            kept.close()
+        # A new connection is served too.
+        async with probe.post(served.url + "/v1/completions", json={"i": 2}) as r:
+            assert (r.status, r.headers["Connection"]) == (200, "close")
+        assert replica.arrivals == 3
+        assert served.proc.returncode is None  # still in its quiet period
+        assert served.logged("draining (SIGTERM)")
+
+
+async def test_wait_for_drain_drains_then_the_process_exits_0(
+    tmp_path: Path, replicas: Factory
+) -> None:
+    """What the engine's preStop hook does: the drain begins, the hook gets its 200 once the
+    stream is over, and batchgate exits as after SIGTERM."""
+    replica: FakeReplica = await replicas("r")
+    config = write_config(tmp_path, replica, drain_timeout_s=30)
+    async with (
+        serving(config) as served,
+        fresh_connections() as probe,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        stream = await RawStream.post(
+            served.url, "/v1/completions", {"stream": True, "hold": True, "events": 2}
+        )
+        stack.push_async_callback(stream.close)
+        assert await stream.read_until_event() == sse_event(0)
+
+        async def pre_stop() -> tuple[int, dict[str, Any]]:
+            async with probe.get(served.url + "/wait-for-drain") as r:
+                return r.status, await r.json()
+
+        hook = asyncio.create_task(pre_stop())
+        stack.push_async_callback(_cancel, hook)
+
+        async def not_ready() -> bool:
+            async with probe.get(served.url + "/readyz") as r:
+                return r.status == 503
+
+        await poll(not_ready, "/readyz to answer 503 once /wait-for-drain is called")
+        assert not hook.done() and served.proc.returncode is None
+
+        replica.gate.set()
+        assert await stream.read_to_end() == sse_event(1) + b"data: [DONE]\n\n"
+        assert await asyncio.wait_for(hook, BOUND_S) == (200, {"drained": True, "cut": 0})
+        assert await served.exit_code() == 0
+        assert served.logged("draining (GET /wait-for-drain)") and served.logged("drained")
+        assert not served.logged("Traceback"), b"".join(served.stdout).decode()
+        assert (replica.completed, replica.aborted) == (1, 0)
+
+
+async def test_sigterm_during_a_wait_for_drain_drain_joins_it_and_is_not_a_second_signal(
+    tmp_path: Path, replicas: Factory
+) -> None:
+    replica: FakeReplica = await replicas("r")
+    config = write_config(tmp_path, replica, drain_timeout_s=BOUND_S * 6)
+    async with (
+        serving(config) as served,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=BOUND_S * 2)) as client,
+        fresh_connections() as probe,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        async def held_call() -> int:
+            async with client.post(served.url + "/v1/completions", json={"hold": True}) as r:
+                await r.read()
+                return r.status
+
+        held = asyncio.create_task(held_call())
+        stack.push_async_callback(_cancel, held)
+        await until(lambda: replica.in_flight == 1, "a request held by the replica")
+        hook = asyncio.create_task(probe.get(served.url + "/wait-for-drain"))
+        stack.push_async_callback(_cancel, hook)
+        await poll(lambda: _logged(served, "draining (GET /wait-for-drain)"), "the drain")
+
+        served.proc.send_signal(signal.SIGTERM)
+        async with probe.post(served.url + "/v1/completions", json={"i": 2}) as r:
+            assert r.status == 503  # answered: the process did not exit at the signal
+        assert served.proc.returncode is None and not hook.done()
+        assert not served.logged("second SIGTERM")
+
+        replica.gate.set()
+        assert await asyncio.wait_for(held, BOUND_S) == 200
+        answer = await asyncio.wait_for(hook, BOUND_S)
+        assert answer.status == 200
+        answer.release()
+        assert await served.exit_code() == 0
+        assert served.logged("drained") and served.logged("batchgate stopped")
+
+
+async def _logged(served: Served, text: str) -> bool:
+    return served.logged(text)
+
+
+async def test_a_reloaded_drain_quiet_s_applies_to_the_next_sigterm(
+    tmp_path: Path, replicas: Factory
+) -> None:
+    replica: FakeReplica = await replicas("r")
+    config = write_config(tmp_path, replica, drain_timeout_s=BOUND_S * 12)  # no quiet period
+    async with serving(config) as served, fresh_connections() as probe:
+        write_config(tmp_path, replica, drain_timeout_s=BOUND_S * 12, drain_quiet_s=BOUND_S * 6)
+        served.proc.send_signal(signal.SIGHUP)
+
+        async def reloaded() -> bool:
+            async with probe.get(served.url + "/metrics") as r:
+                text = await r.text()
+            return 'batchgate_config_reloads_total{result="success"} 1.0' in text
+
+        await poll(reloaded, "the reload to apply")
+        served.proc.send_signal(signal.SIGTERM)
+
+        async def not_ready() -> bool:
+            async with probe.get(served.url + "/readyz") as r:
+                return r.status == 503
+
+        await poll(not_ready, "/readyz to answer 503 after SIGTERM")
+        async with probe.post(served.url + "/v1/completions", json={"i": 1}) as r:
+            assert (r.status, r.headers["Connection"]) == (200, "close")  # quiet period
+        assert served.logged(f"quiet period {BOUND_S * 6:g}s")

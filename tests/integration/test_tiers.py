@@ -146,7 +146,7 @@ async def test_a_drain_cut_marks_only_the_request_that_never_reached_its_engine(
     queued = asyncio.create_task(client.post(p.url + "/v1/completions", json={"prompt": "x"}))
     await until(lambda: p.scheduler.queue_depth == 1, "one request queued")
     lifecycle = p.app[LIFECYCLE]
-    lifecycle.begin_drain()
+    assert lifecycle.start_drain(0.0, 60.0, "test")  # refusing at once; cut by hand below
     assert lifecycle.cut() == 2
     async with await sent as resp:
         assert resp.status == 503

@@ -271,13 +271,14 @@ BAD_CONFIGS: list[tuple[str, str | bytes | None, str]] = [
         "unknown top-level key",
         REPLICA + "serverr: {}\n",
         "serverr: unknown key (allowed: replicas, server, queue, health, upstream, logging,"
-        " auth, admin)",
+        " auth, admin, discovery)",
     ),
     (
         "unknown section key",
         REPLICA + "server: {prot: 8080}\n",
         "server.prot: unknown key (allowed: host, port, max_body_bytes, load_headers, "
-        "drain_timeout_s)",
+        "drain_timeout_s, drain_quiet_s, header_timeout_s, body_timeout_s, min_body_rate, "
+        "keepalive_timeout_s, max_connections, max_header_bytes, max_headers, send_timeout_s)",
     ),
     (
         "unknown replica key beats missing",
