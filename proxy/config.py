@@ -197,6 +197,9 @@ class ServerConfig:
     host: str = _field("0.0.0.0", _text(r"\S+", "must be a non-empty host or address"))
     port: int = _field(8080, _integer(0, 65535))  # 0 asks the OS for a free port (tests)
     max_body_bytes: int = _field(64 * 1024 * 1024, _integer(1))
+    # X-Batchgate-In-Flight, -Max-Concurrency, -Queue-Depth on every proxied answer: for a
+    # gateway in front (proxy.core.load). GET /load answers the same whatever this says.
+    load_headers: bool = _field(False, _boolean)
     drain_timeout_s: float = _field(30.0, _NON_NEGATIVE)
     # After SIGTERM (or GET /wait-for-drain): new requests are still served this long, with
     # Connection: close, while the pod is taken out of rotation (at most drain_timeout_s).
@@ -402,7 +405,8 @@ _REPLICA = _section(ReplicaConfig)
 
 
 def _replicas(value: object, path: str) -> tuple[ReplicaConfig, ...]:
-    # `[]` passes here: it is valid beside `discovery` (checked over the whole config, _config).
+    # `[]` passes here: it is valid beside `discovery`, or with health.ready_without_replicas
+    # (checked over the whole config, _config).
     if not isinstance(value, list):
         raise _bad(path, "must be a non-empty list of replicas", value)
     replicas: list[ReplicaConfig] = []
@@ -539,6 +543,9 @@ class HealthConfig:
     # A real probe (POST path with a JSON body) for engines whose /health says nothing.
     method: str = _field("GET", _probe_method)
     body: dict[str, Any] | None = field(default=None, metadata={_CHECK: _probe_body})
+    # /readyz stays 200 with no healthy replica, and `replicas: []` is valid: a gateway that
+    # holds requests while engines scale up from zero stays in its Service.
+    ready_without_replicas: bool = _field(False, _boolean)
 
 
 def _health(value: object, path: str) -> HealthConfig:
@@ -619,9 +626,12 @@ _CONFIG_SECTION = _section(Config)
 
 def _config(value: object, path: str) -> Config:
     config = _CONFIG_SECTION(value, path)
-    if not config.replicas and not config.discovery:
+    if (not config.replicas and not config.discovery
+            and not config.health.ready_without_replicas):
         if isinstance(value, dict) and "replicas" in value:
-            raise _bad("replicas", "must be a non-empty list of replicas", value["replicas"])
+            raise _bad("replicas", "must be a non-empty list of replicas (or set "
+                       "health.ready_without_replicas: true to wait for them)",
+                       value["replicas"])
         raise _Problem("replicas", "required key is missing")
     return config
 

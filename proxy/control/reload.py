@@ -15,9 +15,9 @@ work and finishes what it holds; a lowered cap or queue bound cuts nothing, it o
 dispatch or admission until the work is under it); every reload is counted and logged.
 
 Keys that cannot change live (each needs a restart, and a reload that changes one is refused,
-naming it): ``server.*`` except ``drain_timeout_s`` and ``drain_quiet_s`` (the listener and its
-per-connection settings are fixed once bound; ``max_body_bytes`` is aiohttp's per-app
-``client_max_size``);
+naming it): ``server.*`` except ``drain_timeout_s``, ``drain_quiet_s`` and ``load_headers``
+(the listener and its per-connection settings are fixed once bound; ``max_body_bytes`` is
+aiohttp's per-app ``client_max_size``);
 ``admin`` (the admin listener is bound at startup, and moving ``/metrics`` between ports under
 a running Prometheus is not a reload's job); ``upstream.*`` except ``retries`` (timeouts and
 TLS are built into each replica's pool); and the ``url`` (or ``simulated`` settings) of a
@@ -50,8 +50,9 @@ log = logging.getLogger("batchgate.reload")
 
 #: Keys of these sections that a reload may change; any other key of them is fixed.
 LIVE_KEYS: dict[str, frozenset[str]] = {
-    # Read when a drain begins.
-    "server": frozenset({"drain_timeout_s", "drain_quiet_s"}),
+    # drain_quiet_s: read when a drain begins. load_headers: read per answer
+    # (proxy.edge.forward).
+    "server": frozenset({"drain_timeout_s", "drain_quiet_s", "load_headers"}),
     # retries: read per request. The passive outlier keys (proxy.control.health, where they
     # exist): applied by HealthControl.reconfigure.
     "upstream": frozenset({"retries", "eject_after", "eject_s", "max_ejected_percent"}),

@@ -18,7 +18,10 @@ replica takes no work until the ejection is lifted, then the probes' verdict app
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import random
+from collections.abc import Callable, Iterable
+
+from proxy.core.load import LoadBoard
 
 ACTIVE = "active"
 DRAINING = "draining"
@@ -91,11 +94,20 @@ def _check_limit(max_concurrency: int) -> None:
 class ReplicaSet:
     """Every replica and its slots; the only code that changes ``in_flight`` or health."""
 
-    __slots__ = ("_next", "_replicas")
+    __slots__ = ("_next", "_replicas", "_rng", "load")
 
-    def __init__(self, replicas: Iterable[Replica] = ()) -> None:
+    def __init__(
+        self,
+        replicas: Iterable[Replica] = (),
+        *,
+        load: LoadBoard | None = None,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
         self._replicas: tuple[Replica, ...] = ()
         self._next = 0  # round-robin start for tie-breaking
+        #: The replicas' own load readings (batchgate sidecars); see :mod:`proxy.core.load`.
+        self.load = load if load is not None else LoadBoard(max_age_s=0.0)
+        self._rng = rng  # [0, 1): power-of-two-choices among replicas with equal room
         for replica in replicas:
             self._insert(replica)
 
@@ -131,26 +143,74 @@ class ReplicaSet:
 
     # -- slots (the hot path) ------------------------------------------------------------
 
-    def pick(self) -> Replica | None:
-        """The replica that takes work with a free slot and the lowest load; ties round-robin."""
-        replicas = self._replicas
-        count = len(replicas)
-        start = self._next
-        best: Replica | None = None
-        for offset in range(count):
-            replica = replicas[(start + offset) % count]
-            if (
-                not replica.healthy
-                or replica.state != ACTIVE
-                or replica.in_flight >= replica.max_concurrency
-            ):
-                continue
-            if best is None or replica.less_loaded_than(best):
-                best = replica
+    def pick(self, avoid: Replica | None = None) -> Replica | None:
+        """The replica that takes work with a free slot and the lowest load; ties round-robin.
+
+        With load readings (replicas that are batchgates reporting their load), the one with
+        the most room among those with a free local slot (see :meth:`_pick_by_room`).
+        ``avoid``: a replica that just rejected this request; another is preferred, and it is
+        picked only when no other has a free slot.
+        """
+        if self.load.readings:
+            best = self._pick_by_room(avoid)
+        else:
+            replicas = self._replicas
+            count = len(replicas)
+            start = self._next
+            best = None
+            for offset in range(count):
+                replica = replicas[(start + offset) % count]
+                if (
+                    not replica.healthy
+                    or replica.state != ACTIVE
+                    or replica.in_flight >= replica.max_concurrency
+                    or replica is avoid
+                ):
+                    continue
+                if best is None or replica.less_loaded_than(best):
+                    best = replica
+            if best is None and avoid is not None and _usable(avoid):
+                best = avoid
         if best is not None:
             best.in_flight += 1
-            self._next = (best.index + 1) % count
+            self._next = (best.index + 1) % len(self._replicas)
         return best
+
+    def _pick_by_room(self, avoid: Replica | None) -> Replica | None:
+        """The most room by the freshest readings; power-of-two-choices among equals.
+
+        Among the replicas tied for the most room, two are sampled at random and the one
+        less loaded locally wins (the first sampled on a tie): gateways that see the same
+        readings do not all send to the same replica. Any candidate without a fresh
+        reading: the local least-loaded pick, round-robin on ties, as without readings.
+        """
+        count = len(self._replicas)
+        start = self._next
+        ordered = [self._replicas[(start + i) % count] for i in range(count)]
+        candidates = [r for r in ordered if _usable(r) and r is not avoid]
+        if not candidates:
+            candidates = [avoid] if avoid is not None and _usable(avoid) else []
+            if not candidates:
+                return None
+        load = self.load
+        rooms = [load.room(r) for r in candidates]
+        if None in rooms:
+            best = candidates[0]
+            for replica in candidates[1:]:
+                if replica.less_loaded_than(best):
+                    best = replica
+            return best
+        most = max(room for room in rooms if room is not None)
+        tied = [r for r, room in zip(candidates, rooms, strict=True) if room == most]
+        if len(tied) == 1:
+            return tied[0]
+        rng = self._rng
+        first = min(int(rng() * len(tied)), len(tied) - 1)
+        second = min(int(rng() * (len(tied) - 1)), len(tied) - 2)
+        if second >= first:
+            second += 1
+        a, b = tied[first], tied[second]
+        return b if b.less_loaded_than(a) else a
 
     def give_back(self, replica: Replica) -> bool:
         """A slot comes back. True if that was a draining replica's last one (now removed)."""
@@ -216,10 +276,16 @@ class ReplicaSet:
 
     def _drop(self, replica: Replica) -> None:
         replica.state = REMOVED
+        self.load.forget(replica.name)
         self._replicas = tuple(r for r in self._replicas if r is not replica)
         for i, r in enumerate(self._replicas):
             r.index = i
         self._next = self._next % len(self._replicas) if self._replicas else 0
+
+
+def _usable(replica: Replica) -> bool:
+    return (replica.healthy and replica.state == ACTIVE
+            and replica.in_flight < replica.max_concurrency)
 
 
 def _brief(r: Replica) -> str:

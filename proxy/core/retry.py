@@ -1,8 +1,9 @@
 """Which failed requests may go out again: "a request that may have reached a replica is
 never sent twice" (README), decided without I/O.
 
-A request is resent only when it certainly never reached a replica (the connect failed, or
-not one byte of it was written), or when it is idempotent (GET, HEAD, OPTIONS, or it carries
+A request is resent only when it certainly never reached a replica (the connect failed, not
+one byte of it was written, or the replica is a batchgate that says it refused it before its
+engine saw it: ``REJECTED_KIND``), or when it is idempotent (GET, HEAD, OPTIONS, or it carries
 ``Idempotency-Key``) and its connection was lost before the response began. A pooled
 connection found closed before the write is not a failure at all: the pool opens another.
 """
@@ -15,6 +16,13 @@ from collections.abc import Mapping
 from proxy.core.errors import UpstreamError
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+#: The upstream error kind of an answer marked ``X-Batchgate-Rejected`` (a batchgate in front
+#: of an engine refused it before the engine saw it: full, timed out, draining, or without a
+#: healthy engine). Never delivered, so always resent, to another replica if one has room,
+#: within ``upstream.retries``; once those are spent the answer is relayed as is. It never
+#: counts against the replica for outlier ejection (proxy.control.health: not a failure kind).
+REJECTED_KIND = "rejected"
 
 
 class Decision(enum.Enum):

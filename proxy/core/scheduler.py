@@ -37,6 +37,7 @@ from typing import NamedTuple
 
 from proxy.core.errors import NoHealthyReplica, ProxyError, QueueFull, QueueTimeout
 from proxy.core.estimate import RETRY_AFTER_MIN_S, ServiceTimes, retry_after_s
+from proxy.core.load import LoadBoard, Reading
 from proxy.core.queue import FifoQueue, Notify, Waiter, WaitQueue
 from proxy.core.replicas import Replica, ReplicaSet
 
@@ -79,7 +80,11 @@ class Scheduler:
     once is never queued, so never counted). ``clock`` decides deadlines and the service-time
     window behind ``Retry-After``, ``rng`` its randomised rounding (both injectable, so they
     are tested without sleeping or luck); ``queue`` is the waiting policy (FIFO by default).
-    ``on_retired`` hears of a removed replica once its last lease has come back.
+    ``on_retired`` hears of a removed replica once its last lease has come back. ``load``:
+    the replicas' own load readings, which the pick follows when there are any (a gateway in
+    front of batchgate sidecars; :mod:`proxy.core.load`). No replica at all is allowed (a
+    gateway waiting for its engines to scale up from zero): requests wait until their
+    deadline.
     """
 
     def __init__(
@@ -92,9 +97,10 @@ class Scheduler:
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
         on_retired: Callable[[Replica], None] | None = None,
+        load: LoadBoard | None = None,
     ) -> None:
         # May start empty: replicas found by discovery (proxy.control.discovery) come later.
-        self._set = ReplicaSet(replicas)
+        self._set = ReplicaSet(replicas, load=load, rng=rng)
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         self.max_queue = max_queue
@@ -117,6 +123,15 @@ class Scheduler:
 
     def replica(self, name: str) -> Replica | None:
         return self._set.get(name)
+
+    @property
+    def load(self) -> LoadBoard:
+        """The replicas' load readings (fed by the edge; empty unless they are batchgates)."""
+        return self._set.load
+
+    def reading(self) -> Reading:
+        """This batchgate's own load, as ``server.load_headers`` and ``GET /load`` tell it."""
+        return Reading(self._set.in_flight, self._set.usable_slots(), len(self._queue))
 
     @property
     def queue_depth(self) -> int:
@@ -155,6 +170,7 @@ class Scheduler:
         deadline: float = math.inf,
         size: int = 0,
         front: bool = False,
+        avoid: Replica | None = None,
     ) -> Lease | Waiter:
         """Take a slot now, or join the queue until ``deadline`` (on :meth:`now`'s clock).
 
@@ -162,13 +178,15 @@ class Scheduler:
         ``front`` puts a request back at the head: it was admitted once already and lost its
         slot through no fault of its own (the replica refused the connection), so it neither
         goes to the back nor is refused by the queue's bounds (its bytes still count).
+        ``avoid``: the replica that just rejected it; a free slot elsewhere is preferred (if
+        it has to wait, the first slot to free serves it, whichever replica it is on).
 
         Raises :class:`QueueFull`, or :class:`NoHealthyReplica` when waiting is not allowed
         and no replica is healthy.
         """
         queue = self._queue
         if not len(queue):
-            replica = self._pick()
+            replica = self._pick(avoid)
             if replica is not None:
                 return Lease(self, replica, self._clock())
         if not front:
@@ -327,16 +345,19 @@ class Scheduler:
 
     # -- waiting (async) -----------------------------------------------------------------
 
-    async def acquire(self, deadline: float, *, size: int = 0, front: bool = False) -> Lease:
-        """Wait for a slot until ``deadline`` (on :meth:`now`'s clock); ``size`` as in
-        :meth:`submit`.
+    async def acquire(
+        self, deadline: float, *, size: int = 0, front: bool = False,
+        avoid: Replica | None = None,
+    ) -> Lease:
+        """Wait for a slot until ``deadline`` (on :meth:`now`'s clock); ``size``, ``front``
+        and ``avoid`` as in :meth:`submit`.
 
         Cancel-safe: a caller cancelled while queued leaves the queue; one cancelled just as
         its slot was granted gives that slot to the next waiter before the error propagates.
         """
         if not len(self._queue):
             # The common case under capacity: a free slot now, no Future or closure needed.
-            replica = self._pick()
+            replica = self._pick(avoid)
             if replica is not None:
                 return Lease(self, replica, self._clock())
         loop = asyncio.get_running_loop()
@@ -351,7 +372,7 @@ class Scheduler:
                 future.set_exception(result)
             return True
 
-        got = self.submit(notify, deadline=deadline, size=size, front=front)
+        got = self.submit(notify, deadline=deadline, size=size, front=front, avoid=avoid)
         if isinstance(got, Lease):
             return got
         waiter = got

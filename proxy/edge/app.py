@@ -12,7 +12,9 @@ from proxy.config import Config, LiveConfig, TlsConfig, UpstreamConfig
 from proxy.control.discovery import Discovery, Lookup
 from proxy.control.drain import Lifecycle
 from proxy.control.health import HealthChecker, Timing
+from proxy.control.loadpoll import LOAD_POLLER, LoadPoller
 from proxy.control.reload import Reloader
+from proxy.core.load import LoadBoard
 from proxy.core.replicas import Replica
 from proxy.core.scheduler import Scheduler
 from proxy.edge.admin import AdminHandlers, hide_admin_routes, public_guard
@@ -62,9 +64,15 @@ class Handlers:
             answer = web.Response(status=503, text="draining\n")
             answer.force_close()
             return answer
-        if not self.app[SCHEDULER].any_healthy():
+        if (not self.app[SCHEDULER].any_healthy()
+                and not self.app[CONFIG].current.health.ready_without_replicas):
             return web.Response(status=503, text="no healthy replica\n")
         return web.Response(text="ready\n")
+
+    async def load(self, _request: web.Request) -> web.Response:
+        """This batchgate's load, for a gateway in front (proxy.core.load): public like
+        /readyz (counts only, no API key), always on, whatever server.load_headers says."""
+        return web.json_response(self.app[SCHEDULER].reading().json())
 
     async def wait_for_drain(self, _request: web.Request) -> web.Response:
         """Start the drain, as SIGTERM does, and answer once it has settled: nothing left in
@@ -136,8 +144,11 @@ def create_app(
         assert reloader is not None
         reloader.retired(replica)
 
+    # A reading older than two probe intervals is unknown (two polls missed, or no answer).
+    board = LoadBoard(max_age_s=2 * config.health.interval_s,
+                      clock=(timing if timing is not None else Timing()).monotonic)
     scheduler = Scheduler(replicas, config.queue.max_size, max_bytes=config.queue.max_bytes,
-                          on_retired=retired)
+                          on_retired=retired, load=board)
     live = app[CONFIG] = LiveConfig(config)
     app[SCHEDULER] = scheduler
     app[METRICS] = metrics if metrics is not None else Metrics()
@@ -159,6 +170,11 @@ def create_app(
     reloader.discovered = lambda: discovery.names
     reloader.on_reload(lambda new: discovery.reconfigure(new.discovery))
 
+    def load_age(new: Config) -> None:
+        board.max_age_s = 2 * new.health.interval_s
+
+    reloader.on_reload(load_age)
+
     async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         # One TLS context for every https:// replica, pools and probes alike.
         tls = _tls_context(config.upstream, [r.url for r in scheduler.replicas])
@@ -169,6 +185,9 @@ def create_app(
         app[HEALTH] = HealthChecker(scheduler, config.health, upstream=config.upstream, ssl=tls,
                                     timing=timing, metrics=app[METRICS])
         app[HEALTH].start()
+        poller = app[LOAD_POLLER] = LoadPoller(scheduler, lambda: live.current.health,
+                                               ssl=tls, timing=timing)
+        poller.start()
         reloader.attach(app[UPSTREAMS], app[HEALTH], app[LIGHT].slots)
         # After attach: what it finds gets pools and probes like any replica.
         discovery.start()
@@ -177,6 +196,7 @@ def create_app(
         finally:
             await app[LIFECYCLE].close()  # a drain still running (in-process use)
             await discovery.close()
+            await poller.close()
             await app[HEALTH].close()
             await app[UPSTREAMS].close()
 
@@ -185,6 +205,7 @@ def create_app(
     handlers = Handlers(app, access_log)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
+    app.router.add_get("/load", handlers.load, allow_head=False)
     # On the public port whether or not the admin listener is set: the preStop hook of the
     # engine's container calls the port the manifest knows, the one the Service targets.
     app.router.add_get("/wait-for-drain", handlers.wait_for_drain, allow_head=False)

@@ -10,9 +10,11 @@ from aiohttp import web
 
 from proxy.config import Config
 from proxy.core.errors import BadRequest, BodyTooLarge, ProxyError, UpstreamError
+from proxy.core.load import IN_FLIGHT_HEADER, parse_headers
 from proxy.core.replicas import Replica
-from proxy.core.retry import Decision, classify, is_idempotent
+from proxy.core.retry import REJECTED_KIND, Decision, classify, is_idempotent
 from proxy.core.scheduler import Scheduler
+from proxy.edge.frame import REJECTED_HEADER
 from proxy.edge.headers import upstream_request_headers
 from proxy.edge.keys import CONFIG, HEALTH, LIFECYCLE, METRICS, SCHEDULER, UPSTREAMS
 from proxy.edge.relay import is_event_stream, pipe
@@ -21,6 +23,10 @@ from proxy.observe.model import request_model
 from proxy.upstream.connection import Response
 
 log = logging.getLogger("batchgate")
+
+#: A rejection's body is a small JSON error: read whole (so its connection can be reused)
+#: only up to this; anything larger is not what a batchgate sends, and its connection closes.
+REJECTION_BODY_LIMIT = 64 * 1024
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
@@ -64,11 +70,12 @@ class Forwarder:
         deadline = scheduler.now() + self.config.queue.timeout_s
         headers = upstream_request_headers(request, exchange.request_id)
         fresh = False
+        avoid: Replica | None = None
         exchange.enqueued_at = time.monotonic()
         while True:
             try:
                 lease = await scheduler.acquire(
-                    deadline, size=len(body), front=exchange.attempts > 0
+                    deadline, size=len(body), front=exchange.attempts > 0, avoid=avoid
                 )
             except ProxyError as err:
                 if not err.waited:
@@ -100,6 +107,31 @@ class Forwarder:
                     fresh = True
                     exchange.stage = "queued"
                     continue
+                answer = upstream.headers
+                if IN_FLIGHT_HEADER in answer:
+                    # The replica is a batchgate reporting its load: the freshest reading.
+                    reading = parse_headers(answer)
+                    if reading is not None:
+                        scheduler.load.record(replica, reading)
+                if REJECTED_HEADER in answer:
+                    # The replica is a batchgate that refused it before its engine saw it:
+                    # never delivered, so it goes back to the head of the queue, for another
+                    # replica if one has room (proxy.core.retry: "rejected").
+                    metrics.upstream_error(replica.name, REJECTED_KIND)
+                    scheduler.load.seen(replica.name)  # a batchgate: poll its /load
+                    if exchange.attempts <= retries:
+                        await _discard(upstream)
+                        metrics.retries.labels(replica.name).inc()
+                        avoid = replica
+                        exchange.stage = "queued"
+                        continue
+                    # Out of resends: its answer is relayed as is (status, Retry-After, the
+                    # header itself, so a tier in front may resend it too), and says nothing
+                    # against the replica (no outlier ejection: it is full, not failing).
+                    response = await self.relay(request, upstream, exchange, replica)
+                    if exchange.outcome is Outcome.OK:
+                        exchange.end(Outcome.UPSTREAM_ERROR, REJECTED_KIND)
+                    return response
                 return await self.relay(request, upstream, exchange, replica)
             finally:
                 lease.release()
@@ -114,6 +146,12 @@ class Forwarder:
         """Relay the answer; shared with the slot-free path (proxy.edge.light)."""
         metrics = self.app[METRICS]
         name = replica.name
+        if self.config.server.load_headers:
+            # Our own load, as of now, replaces any a batchgate behind us sent (its reading
+            # was recorded already; the caller is told about this tier).
+            headers = upstream.headers
+            for key, value in self.app[SCHEDULER].reading().headers().items():
+                headers[key] = value
         exchange.status = upstream.status
         exchange.stream = is_event_stream(upstream.headers)
         # Counted now, before the body: a caller that hangs up cannot make it go missing.
@@ -158,3 +196,22 @@ class Forwarder:
         if replica.healthy:
             log.warning("replica %s marked unhealthy: %s", replica.name, why)
         scheduler.set_healthy(replica, False)
+
+
+async def _discard(upstream: Response) -> None:
+    """Read a rejection's small body to its end, so its connection can be reused; close it
+    instead if it is large or fails (it is never relayed: the request goes elsewhere)."""
+    read = 0
+    try:
+        while not upstream.complete and read <= REJECTION_BODY_LIMIT:
+            chunk = await upstream.readany()
+            if not chunk:
+                break
+            read += len(chunk)
+    except (UpstreamError, OSError):
+        upstream.close()
+        return
+    if upstream.complete:
+        upstream.release()  # a draining sidecar says Connection: close: the pool closes it
+    else:
+        upstream.close()

@@ -41,7 +41,8 @@ REJECTION_REASONS: tuple[str, ...] = (
     "method_not_allowed",
 )
 #: Every ``kind`` of ``batchgate_upstream_errors_total``, exported at 0 for every replica.
-UPSTREAM_ERROR_KINDS: tuple[str, ...] = ("connect", "timeout", "reset", "status_5xx")
+UPSTREAM_ERROR_KINDS: tuple[str, ...] = ("connect", "timeout", "reset", "status_5xx",
+                                          "rejected")
 #: Every ``stage`` of ``batchgate_client_disconnects_total``.
 DISCONNECT_STAGES: tuple[str, ...] = ("queued", "waiting_first_byte", "streaming")
 
@@ -158,7 +159,8 @@ class Metrics:
         )
         self.upstream_errors = Counter(
             "batchgate_upstream_errors",
-            "Failures talking to a replica, by kind (connect, timeout, reset, status_5xx).",
+            "Failures talking to a replica, by kind (connect, timeout, reset, status_5xx, "
+            "rejected: a batchgate replica refused it before its engine saw it).",
             ["replica", "kind"], registry=r,
         )
         self.client_disconnects = Counter(

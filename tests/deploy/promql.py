@@ -61,7 +61,8 @@ CATALOGUE: dict[str, Labels] = {
                              "overloaded", "body_too_large", "bad_request", "unauthorized"}),
     },
     "batchgate_upstream_errors_total": {
-        "replica": ANY, "kind": frozenset({"connect", "timeout", "reset", "status_5xx"}),
+        "replica": ANY,
+        "kind": frozenset({"connect", "timeout", "reset", "status_5xx", "rejected"}),
     },
     "batchgate_upstream_retries_total": _REPLICA,
     "batchgate_client_disconnects_total": {

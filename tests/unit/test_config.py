@@ -245,7 +245,9 @@ BAD_CONFIGS: list[tuple[str, str | bytes | None, str]] = [
     # Structure and required keys.
     ("empty file", "", "replicas: required key is missing"),
     ("no replicas", "server: {port: 80}\n", "replicas: required key is missing"),
-    ("empty replicas", "replicas: []\n", "replicas: must be a non-empty list of replicas, got []"),
+    ("empty replicas", "replicas: []\n",
+     "replicas: must be a non-empty list of replicas (or set health.ready_without_replicas: "
+     "true to wait for them), got []"),
     ("null replicas", "replicas:\n", "replicas: must be a non-empty list of replicas, got None"),
     (
         "replicas mapping",
@@ -274,9 +276,9 @@ BAD_CONFIGS: list[tuple[str, str | bytes | None, str]] = [
     (
         "unknown section key",
         REPLICA + "server: {prot: 8080}\n",
-        "server.prot: unknown key (allowed: host, port, max_body_bytes, drain_timeout_s, "
-        "drain_quiet_s, header_timeout_s, body_timeout_s, min_body_rate, keepalive_timeout_s, "
-        "max_connections, max_header_bytes, max_headers, send_timeout_s)",
+        "server.prot: unknown key (allowed: host, port, max_body_bytes, load_headers, "
+        "drain_timeout_s, drain_quiet_s, header_timeout_s, body_timeout_s, min_body_rate, "
+        "keepalive_timeout_s, max_connections, max_header_bytes, max_headers, send_timeout_s)",
     ),
     (
         "unknown replica key beats missing",

@@ -55,7 +55,8 @@ def test_nameserver_forms(text: str, address: tuple[str, int]) -> None:
 BAD = [
     ("no replicas, no discovery", "queue: {max_size: 1}\n", "replicas: required key is missing"),
     ("empty both", "replicas: []\ndiscovery: []\n",
-     "replicas: must be a non-empty list of replicas, got []"),
+     "replicas: must be a non-empty list of replicas (or set health.ready_without_replicas: "
+     "true to wait for them), got []"),
     ("discovery not a list", "discovery: {dns: x}\n",
      "discovery: must be a list of {dns, port, max_concurrency, name_prefix}, got {'dns': 'x'}"),
     ("missing port", "discovery: [{dns: x, max_concurrency: 1, name_prefix: v}]\n",
