@@ -19,7 +19,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from aiohttp import web
 
 from proxy.config import Config, ReplicaConfig
-from proxy.control.drain import CUT_GRACE_S
+from proxy.control.drain import CUT_GRACE_S, first_of
 from proxy.edge.admin import create_admin_app
 from proxy.edge.app import CONFIG, LIFECYCLE, RELOADER, create_app
 from proxy.edge.protocol import LimitedRunner
@@ -242,14 +242,7 @@ async def _until_drain(app: web.Application, stop: asyncio.Event, why: list[str]
     :meth:`Lifecycle.start_drain`'s.
     """
     lifecycle = app[LIFECYCLE]
-    signalled = asyncio.ensure_future(stop.wait())
-    drained = asyncio.ensure_future(lifecycle.finished.wait())
-    try:
-        await asyncio.wait((signalled, drained), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        signalled.cancel()
-        drained.cancel()
-        await asyncio.gather(signalled, drained, return_exceptions=True)
+    await first_of(stop.wait(), lifecycle.finished.wait())
     # Read now: a reload may have changed them. A drain begun by GET /wait-for-drain keeps
     # its own start and deadline: SIGTERM then only joins it.
     server = app[CONFIG].current.server

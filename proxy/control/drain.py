@@ -24,12 +24,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 log = logging.getLogger("batchgate")
 
 #: After cutting what the drain deadline left, how long handlers get to send their last words.
 CUT_GRACE_S = 2.0
+
+
+async def first_of(*waits: Coroutine[Any, Any, object]) -> None:
+    """Wait until the first of ``waits`` is done; the others are cancelled and awaited (also
+    when this wait itself is cancelled), so none is left running."""
+    tasks = [asyncio.ensure_future(wait) for wait in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class Lifecycle:
@@ -148,14 +161,7 @@ class Lifecycle:
         while self._active:
             if when - self._clock() <= 0:
                 return False
-            idle = asyncio.ensure_future(self._idle_event().wait())
-            timer = asyncio.ensure_future(self._sleep_until(when))
-            try:
-                await asyncio.wait((idle, timer), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                idle.cancel()
-                timer.cancel()
-                await asyncio.gather(idle, timer, return_exceptions=True)
+            await first_of(self._idle_event().wait(), self._sleep_until(when))
         return True
 
     def _idle_event(self) -> asyncio.Event:
