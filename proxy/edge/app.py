@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from ssl import SSLContext
 
@@ -124,6 +125,7 @@ def create_app(
     load: Callable[[], Config] | None = None,
     lookup: Lookup | None = None,
     discovery_timing: Timing | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> web.Application:
     """The proxy application. Background work starts and stops with it (``cleanup_ctx``).
 
@@ -131,6 +133,7 @@ def create_app(
     is the health checker's and the drain's clocks and sleep (tests drive them by hand).
     ``load`` reads the config file again, for a reload (``app[RELOADER]``); None: nothing to
     reload. ``lookup`` and ``discovery_timing``: discovery's DNS lookup and clocks (tests).
+    ``clock``: the scheduler's (deadlines, queue waits, service times; tests drive it).
     """
     app = web.Application(client_max_size=config.server.max_body_bytes)
     replicas = [
@@ -148,7 +151,8 @@ def create_app(
     board = LoadBoard(max_age_s=2 * config.health.interval_s,
                       clock=(timing if timing is not None else Timing()).monotonic)
     scheduler = Scheduler(replicas, config.queue.max_size, max_bytes=config.queue.max_bytes,
-                          on_retired=retired, load=board)
+                          on_retired=retired, load=board,
+                          clock=clock if clock is not None else time.monotonic)
     live = app[CONFIG] = LiveConfig(config)
     app[SCHEDULER] = scheduler
     app[METRICS] = metrics if metrics is not None else Metrics()

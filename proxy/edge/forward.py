@@ -67,20 +67,26 @@ class Forwarder:
         retries = self.config.upstream.retries
         # Counted from joining the queue, on the scheduler's clock (which decides deadlines):
         # the body upload before it is the caller's time, not the queue's. A resend keeps it.
-        deadline = scheduler.now() + self.config.queue.timeout_s
+        joined = scheduler.now()
+        deadline = joined + self.config.queue.timeout_s
+        waited = 0.0  # seconds spent waiting for a slot, over every attempt
         headers = upstream_request_headers(request, exchange.request_id)
         fresh = False
         avoid: Replica | None = None
         exchange.enqueued_at = time.monotonic()
         while True:
+            asked = joined if exchange.attempts == 0 else scheduler.now()
             try:
                 lease = await scheduler.acquire(
                     deadline, size=len(body), front=exchange.attempts > 0, avoid=avoid
                 )
             except ProxyError as err:
+                exchange.queue_ms = _ms(waited + scheduler.now() - asked)
                 if not err.waited:
                     exchange.enqueued_at = None  # refused at the door: it never waited
                 raise
+            waited += scheduler.now() - asked
+            exchange.queue_ms = _ms(waited)
             try:
                 replica = lease.replica
                 exchange.dispatched_at = time.monotonic()
@@ -196,6 +202,11 @@ class Forwarder:
         if replica.healthy:
             log.warning("replica %s marked unhealthy: %s", replica.name, why)
         scheduler.set_healthy(replica, False)
+
+
+def _ms(seconds: float) -> int:
+    # Whole milliseconds, rounded down: a request served at once says 0, never 1.
+    return max(0, int(seconds * 1000))
 
 
 async def _discard(upstream: Response) -> None:

@@ -24,7 +24,7 @@ from proxy.core.errors import (
     error_body,
 )
 from proxy.edge.auth import AUTH
-from proxy.edge.headers import with_origin_form
+from proxy.edge.headers import QUEUE_MS_HEADER, with_origin_form
 from proxy.edge.keys import HEALTH, LIFECYCLE, METRICS
 from proxy.observe.accesslog import AccessLog
 from proxy.observe.exchange import Exchange, Outcome
@@ -140,6 +140,8 @@ class Frame:
             # "queued": never sent anywhere, or only to replicas that never got it (a
             # refused connection, a rejection); a request that may have reached one is not.
             answer = json_error(err, request_id, undelivered=exchange.stage == "queued")
+            if exchange.queue_ms is not None:
+                answer.headers[QUEUE_MS_HEADER] = str(exchange.queue_ms)
             if lifecycle.draining:
                 answer.force_close()
             exchange.bytes_out = answer.content_length or 0

@@ -47,8 +47,14 @@ def upstream_request_headers(request: web.BaseRequest, request_id: str) -> list[
     return list(headers.items())
 
 
+#: Whole milliseconds the request waited for a slot (0: dispatched at once), on every answer
+#: to a request that went through the queue, batchgate's own rejections included.
+QUEUE_MS_HEADER = "X-Batchgate-Queue-Ms"
+
+
 def downstream_response_headers(
-    upstream: CIMultiDictProxy[str] | CIMultiDict[str], request_id: str
+    upstream: CIMultiDictProxy[str] | CIMultiDict[str], request_id: str,
+    queue_ms: int | None = None,
 ) -> CIMultiDict[str]:
     headers = _strip_hop_by_hop(upstream)
     if "Transfer-Encoding" in upstream:
@@ -56,6 +62,9 @@ def downstream_response_headers(
         # sent alongside is not its length (RFC 9112 6.3).
         headers.popall("Content-Length", None)
     headers["X-Request-Id"] = request_id
+    if queue_ms is not None:
+        # Replaces a batchgate's behind us: the caller is told this tier's wait.
+        headers[QUEUE_MS_HEADER] = str(queue_ms)
     return headers
 
 

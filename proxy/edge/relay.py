@@ -70,7 +70,8 @@ async def pipe(
     there is no error status left to give, only a connection to close.
     """
     sse = is_event_stream(upstream.headers)
-    headers = downstream_response_headers(upstream.headers, exchange.request_id)
+    headers = downstream_response_headers(upstream.headers, exchange.request_id,
+                                          exchange.queue_ms)
     tail = exchange.usage = UsageTail()
     clock = time.monotonic
     chunk = b""

@@ -107,6 +107,9 @@ class Exchange:
     attempts: int = 0
     enqueued_at: float | None = None
     dispatched_at: float | None = None
+    #: Whole milliseconds spent waiting for a slot, on the scheduler's clock (resends add
+    #: up); None: the request never reached the queue (slot-free, or refused before it).
+    queue_ms: int | None = None
     first_byte_at: float | None = None
     last_byte_at: float | None = None
     prepared: bool = False  # response headers sent to the caller
