@@ -45,6 +45,15 @@ class QueueTimeout(ProxyError):
     reason = "queue_timeout"
 
 
+class DeadlineUnreachable(ProxyError):
+    """The request cannot start before its deadline (``queue.timeout_s`` or the caller's
+    ``X-Batchgate-Deadline-Ms``) at the measured drain rate: refused now, not at the deadline."""
+
+    status = 429
+    type = "rate_limit_error"
+    reason = "deadline_unreachable"
+
+
 class NoHealthyReplica(ProxyError):
     """No replica could take the request (all failed their health checks)."""
 
@@ -196,6 +205,7 @@ class UpstreamTimeout(UpstreamError):
 #: (a gateway before a sidecar) may send the request to another replica (proxy.core.retry).
 UNDELIVERED_REASONS = frozenset({
     QueueFull.reason, QueueTimeout.reason, NoHealthyReplica.reason, Draining.reason,
+    DeadlineUnreachable.reason,
 })
 
 

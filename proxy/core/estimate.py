@@ -80,3 +80,16 @@ def retry_after_s(
     whole = math.floor(estimate)
     seconds = whole + (1 if rng() < estimate - whole else 0)
     return max(RETRY_AFTER_MIN_S, min(RETRY_AFTER_MAX_S, seconds))
+
+
+def start_in_s(position: int, slots: int, mean_service_s: float | None) -> float | None:
+    """Seconds until the waiter at ``position`` can start, at the earliest the measured rate
+    allows: the ``position - 1`` ahead of it served by ``slots`` at ``mean_service_s`` each.
+
+    The basis of early refusal, so it errs short: the head (nothing ahead) is 0, whatever the
+    requests in flight have left, and it never counts a slot's remaining time. None: no
+    history or no usable slot, the rate is unknown, and nobody may be refused on a guess.
+    """
+    if mean_service_s is None or slots <= 0:
+        return None
+    return (position - 1) * mean_service_s / slots

@@ -35,8 +35,14 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
-from proxy.core.errors import NoHealthyReplica, ProxyError, QueueFull, QueueTimeout
-from proxy.core.estimate import RETRY_AFTER_MIN_S, ServiceTimes, retry_after_s
+from proxy.core.errors import (
+    DeadlineUnreachable,
+    NoHealthyReplica,
+    ProxyError,
+    QueueFull,
+    QueueTimeout,
+)
+from proxy.core.estimate import RETRY_AFTER_MIN_S, ServiceTimes, retry_after_s, start_in_s
 from proxy.core.load import LoadBoard, Reading
 from proxy.core.queue import FifoQueue, Notify, Waiter, WaitQueue
 from proxy.core.replicas import Replica, ReplicaSet
@@ -181,8 +187,10 @@ class Scheduler:
         ``avoid``: the replica that just rejected it; a free slot elsewhere is preferred (if
         it has to wait, the first slot to free serves it, whichever replica it is on).
 
-        Raises :class:`QueueFull`, or :class:`NoHealthyReplica` when waiting is not allowed
-        and no replica is healthy.
+        Raises :class:`QueueFull`, :class:`DeadlineUnreachable` when the ones ahead of it
+        would take past ``deadline`` at the measured rate (never with no history, never for
+        the head or a ``front`` resend), or :class:`NoHealthyReplica` when waiting is not
+        allowed and no replica is healthy.
         """
         queue = self._queue
         if not len(queue):
@@ -206,6 +214,8 @@ class Scheduler:
                     "retry later",
                     retry_after_s=self.retry_after_s(len(queue) + 1),
                 )
+            if deadline < math.inf:
+                self._refuse_if_unreachable(len(queue) + 1, deadline)
         waiter = Waiter(notify, deadline, size)
         queue.push(waiter, front=front)
         waiter.queued = True
@@ -302,6 +312,18 @@ class Scheduler:
         return retry_after_s(position, slots, mean, self._rng)
 
     # -- internals -----------------------------------------------------------------------
+
+    def _refuse_if_unreachable(self, position: int, deadline: float) -> None:
+        # Only on the way into the queue (the fast path never gets here): a caller told now
+        # can go elsewhere, one told at its deadline has lost all that time for nothing.
+        now = self._clock()
+        start = start_in_s(position, self._set.usable_slots(), self._service.mean(now))
+        if start is not None and now + start > deadline:
+            raise DeadlineUnreachable(
+                f"cannot start before its deadline: {position - 1} requests ahead, about "
+                f"{start:.1f} s at the measured rate, deadline in {deadline - now:.1f} s",
+                retry_after_s=self.retry_after_s(position),
+            )
 
     def _unqueue(self, waiter: Waiter) -> None:
         self._queue.remove(waiter)

@@ -28,6 +28,25 @@ log = logging.getLogger("batchgate")
 #: only up to this; anything larger is not what a batchgate sends, and its connection closes.
 REJECTION_BODY_LIMIT = 64 * 1024
 
+#: The caller's own deadline for a slot, in whole milliseconds: shortens ``queue.timeout_s``
+#: (never lengthens it), and early refusal judges against it.
+DEADLINE_HEADER = "X-Batchgate-Deadline-Ms"
+
+
+def deadline_s(request: web.BaseRequest, timeout_s: float) -> float:
+    """The request's longest wait for a slot: ``queue.timeout_s``, or the caller's shorter
+    ``X-Batchgate-Deadline-Ms``. A value that is not a positive integer is a 400."""
+    raw = request.headers.get(DEADLINE_HEADER)
+    if raw is None:
+        return timeout_s
+    # At most 10 digits (about 115 days): int() of a huge string is slow, and no deadline
+    # that long means anything next to queue.timeout_s.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 10 or int(raw) == 0:
+        raise BadRequest(
+            f"{DEADLINE_HEADER} must be a positive integer of milliseconds, got {raw[:32]!r}"
+        )
+    return min(timeout_s, int(raw) / 1000)
+
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
@@ -54,12 +73,14 @@ class Forwarder:
         return self.app[CONFIG].current  # swapped by a reload: read it per request
 
     async def proxied(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
-        body = await _read_body(request, self.config.server.max_body_bytes)
+        config = self.config
+        wait_s = deadline_s(request, config.queue.timeout_s)  # a bad header: 400, body unread
+        body = await _read_body(request, config.server.max_body_bytes)
         exchange.model = request_model(body)
-        return await self.forward(request, body, exchange)
+        return await self.forward(request, body, exchange, wait_s)
 
     async def forward(
-        self, request: web.Request, body: bytes, exchange: Exchange
+        self, request: web.Request, body: bytes, exchange: Exchange, wait_s: float
     ) -> web.StreamResponse:
         scheduler = self.app[SCHEDULER]
         upstreams = self.app[UPSTREAMS]
@@ -68,7 +89,7 @@ class Forwarder:
         # Counted from joining the queue, on the scheduler's clock (which decides deadlines):
         # the body upload before it is the caller's time, not the queue's. A resend keeps it.
         joined = scheduler.now()
-        deadline = joined + self.config.queue.timeout_s
+        deadline = joined + wait_s
         waited = 0.0  # seconds spent waiting for a slot, over every attempt
         headers = upstream_request_headers(request, exchange.request_id)
         fresh = False

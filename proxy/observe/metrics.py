@@ -34,7 +34,8 @@ KNOWN_ROUTES = frozenset(
 #: :class:`~proxy.core.errors.ProxyError`; a test checks none is missing). Exported at 0 from
 #: startup, so ``increase()`` and alerts see the first one. Add a new reason here.
 REJECTION_REASONS: tuple[str, ...] = (
-    "queue_full", "queue_timeout", "no_healthy_replica", "draining", "overloaded",
+    "queue_full", "queue_timeout", "deadline_unreachable", "no_healthy_replica", "draining",
+    "overloaded",
     "body_too_large", "bad_request", "unauthorized",
     # Limits on callers (proxy.edge.limits): timeouts, connection count, head size, Host, method.
     "header_timeout", "body_timeout", "too_many_connections", "headers_too_large", "bad_host",

@@ -57,7 +57,8 @@ CATALOGUE: dict[str, Labels] = {
     "batchgate_replica_ejections_total": _REPLICA,
     "batchgate_requests_total": {"replica": ANY, "route": _ROUTES, "code": ANY, "tenant": ANY},
     "batchgate_rejected_requests_total": {
-        "reason": frozenset({"queue_full", "queue_timeout", "no_healthy_replica", "draining",
+        "reason": frozenset({"queue_full", "queue_timeout", "deadline_unreachable",
+                             "no_healthy_replica", "draining",
                              "overloaded", "body_too_large", "bad_request", "unauthorized"}),
     },
     "batchgate_upstream_errors_total": {

@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.core.errors import NoHealthyReplica, QueueFull, QueueTimeout
+from proxy.core.errors import DeadlineUnreachable, NoHealthyReplica, QueueFull, QueueTimeout
+from proxy.core.estimate import start_in_s
 from proxy.core.queue import FifoQueue
 from proxy.core.replicas import Replica
 from proxy.core.scheduler import Lease, Scheduler, Waiter
@@ -677,3 +678,81 @@ async def test_acquire_counts_the_body_while_it_waits(leak_checked: list[Schedul
         await task
     assert s.queued_bytes == 0
     held.release()
+
+
+# -- early refusal: a waiter that cannot start before its deadline -------------------------
+
+
+def test_early_refusal_when_the_ones_ahead_take_longer_than_the_deadline(
+    leak_checked: list[Scheduler],
+) -> None:
+    """One slot at 2 s a request: the 4th in line starts in about 3 x 2 s = 6 s at the
+    earliest; a deadline 5 s away cannot be met and is refused now, one 7 s away waits."""
+    now = [0.0]
+    s = make(1, clock=now, rng=lambda: 0.5)
+    leak_checked.append(s)
+    served(s, now, 3, 2.0)
+    lease = s.submit(lambda _: True)
+    ahead = [s.submit(lambda _: True, deadline=now[0] + 60) for _ in range(3)]
+    with pytest.raises(DeadlineUnreachable) as info:
+        s.submit(lambda _: True, deadline=now[0] + 5)
+    assert info.value.status == 429 and info.value.reason == "deadline_unreachable"
+    assert info.value.retry_after_s == 8  # fourth in line at one per 2 s
+    assert not info.value.waited
+    assert s.queue_depth == 3  # the refused one never joined
+    fourth = s.submit(lambda _: True, deadline=now[0] + 7)
+    assert isinstance(fourth, Waiter)
+    for w in [*ahead, fourth]:
+        assert isinstance(w, Waiter)
+        s.withdraw(w)
+    assert isinstance(lease, Lease)
+    lease.release()
+
+
+def test_no_early_refusal_without_history_for_the_head_or_a_resend(
+    leak_checked: list[Scheduler],
+) -> None:
+    now = [0.0]
+    s = make(1, clock=now, rng=lambda: 0.5)
+    leak_checked.append(s)
+    lease = s.submit(lambda _: True)
+    # No completion measured yet: the rate is unknown, so nobody is refused early.
+    cold = [s.submit(lambda _: True, deadline=now[0] + 0.001) for _ in range(5)]
+    assert all(isinstance(w, Waiter) for w in cold)
+    for w in cold:
+        s.withdraw(w)  # type: ignore[arg-type]
+    assert isinstance(lease, Lease)
+    lease.release()
+    served(s, now, 3, 2.0)
+    lease = s.submit(lambda _: True)
+    # Nobody ahead: the next slot to free is its, however short its deadline.
+    head = s.submit(lambda _: True, deadline=now[0] + 0.001)
+    assert isinstance(head, Waiter)
+    # A resend re-enters at the head and was admitted once already: never refused early.
+    others = [s.submit(lambda _: True, deadline=now[0] + 60) for _ in range(5)]
+    resend = s.submit(lambda _: True, deadline=now[0] + 0.001, front=True)
+    assert isinstance(resend, Waiter)
+    for w in [head, *others, resend]:
+        s.withdraw(w)  # type: ignore[arg-type]
+    lease.release()  # type: ignore[union-attr]
+
+
+def test_no_early_refusal_while_no_replica_is_usable(leak_checked: list[Scheduler]) -> None:
+    """With no healthy replica the line does not move at any measured rate: it waits (its
+    deadline still ends it), rather than being refused on a guess."""
+    now = [0.0]
+    s = make(1, clock=now, rng=lambda: 0.5)
+    leak_checked.append(s)
+    served(s, now, 3, 2.0)
+    s.set_healthy(s.replicas[0], False)
+    waiters = [s.submit(lambda _: True, deadline=now[0] + 1) for _ in range(5)]
+    assert all(isinstance(w, Waiter) for w in waiters)
+    for w in waiters:
+        s.withdraw(w)  # type: ignore[arg-type]
+
+
+def test_start_estimate_is_the_ones_ahead_at_the_measured_rate() -> None:
+    assert start_in_s(1, 4, 2.0) == 0.0
+    assert start_in_s(9, 4, 2.0) == 4.0
+    assert start_in_s(9, 4, None) is None
+    assert start_in_s(9, 0, 2.0) is None
