@@ -13,183 +13,72 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import math
 import os
 import re
-import ssl
-from collections.abc import Callable, Mapping
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
 
 import yaml
 
-if TYPE_CHECKING:
-    from _typeshed import DataclassInstance
+from proxy.config.auth import (
+    _SECRET,
+    REDACTED,
+    AuthConfig,
+    _optional_secret,
+)
+from proxy.config.auth import (
+    NO_TENANT as NO_TENANT,
+)
+from proxy.config.auth import (
+    ApiKey as ApiKey,
+)
+from proxy.config.auth import (
+    read_keys_file as read_keys_file,
+)
+from proxy.config.rules import (
+    _CHECK,
+    _NON_NEGATIVE,
+    _POSITIVE,
+    ConfigError,
+    _bad,
+    _boolean,
+    _ca_file,
+    _choice,
+    _field,
+    _integer,
+    _join,
+    _Problem,
+    _section,
+    _text,
+    _url,
+)
 
+__all__ = [
+    "NO_TENANT",
+    "REDACTED",
+    "AdminConfig",
+    "ApiKey",
+    "AuthConfig",
+    "Config",
+    "ConfigError",
+    "DiscoveryConfig",
+    "HealthConfig",
+    "LiveConfig",
+    "LoggingConfig",
+    "QueueConfig",
+    "ReplicaConfig",
+    "ServerConfig",
+    "SimulatedConfig",
+    "TlsConfig",
+    "UpstreamConfig",
+    "config_to_dict",
+    "load_config",
+    "nameserver_address",
+    "parse_config",
+    "read_keys_file",
+]
 
-class ConfigError(Exception):
-    """The config cannot be used; `str(err)` is the whole one-line message."""
-
-
-class _Problem(Exception):
-    """A validation failure at a dotted path; parse_config adds the source prefix."""
-
-    def __init__(self, path: str, text: str) -> None:
-        super().__init__(f"{path}: {text}" if path else text)
-
-
-def _bad(path: str, rule: str, value: object) -> _Problem:
-    text = repr(value)
-    # A whole mapping can be the bad value; keep the line readable in a terminal.
-    return _Problem(path, f"{rule}, got {text if len(text) <= 80 else text[:77] + '...'}")
-
-
-def _join(path: str, key: object) -> str:
-    return f"{path}.{key}" if path else str(key)
-
-
-# A validator takes (value, dotted path) and returns the clean value or raises _Problem.
-_Check = Callable[[object, str], Any]
-_CHECK = "batchgate.check"  # dataclass field metadata key holding the field's validator
-_T = TypeVar("_T", bound="DataclassInstance")
-
-
-def _field(default: object, check: _Check) -> Any:
-    return field(default=default, metadata={_CHECK: check})
-
-
-def _integer(low: int, high: float = math.inf) -> _Check:
-    rule = f"must be an integer >= {low}"
-    if high < math.inf:
-        rule = f"must be an integer between {low} and {high}"
-
-    def check(value: object, path: str) -> int:
-        # bool is an int subclass; `port: yes` must not quietly become port 1.
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise _bad(path, rule, value)
-        return value
-
-    return check
-
-
-def _number(low: float, *, inclusive: bool) -> _Check:
-    rule = f"must be a number {'>=' if inclusive else '>'} {low:g}"
-
-    def check(value: object, path: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _bad(path, rule, value)
-        try:
-            number = float(value)
-        except OverflowError:  # an integer literal too large for a float
-            number = math.inf
-        if not math.isfinite(number):
-            raise _bad(path, "must be a finite number", value)
-        if number < low or (number == low and not inclusive):
-            raise _bad(path, rule, value)
-        return number
-
-    return check
-
-
-def _text(pattern: str, rule: str, *, fold_case: bool = False) -> _Check:
-    regex = re.compile(pattern, re.IGNORECASE if fold_case else 0)
-
-    def check(value: object, path: str) -> str:
-        if isinstance(value, str) and regex.fullmatch(value):
-            return value.lower() if fold_case else value
-        raise _bad(path, rule, value)
-
-    return check
-
-
-def _choice(*allowed: str, fold_case: bool = False) -> _Check:
-    pattern = "|".join(map(re.escape, allowed))
-    return _text(pattern, f"must be one of {', '.join(allowed)}", fold_case=fold_case)
-
-
-def _url(value: object, path: str) -> str:
-    rule = "must be an http:// or https:// URL with a host, e.g. http://10.0.0.5:8000"
-    if not isinstance(value, str) or re.search(r"\s", value):
-        raise _bad(path, rule, value)
-    try:
-        parts = urlsplit(value)  # ValueError: a malformed [IPv6] host
-    except ValueError:
-        raise _bad(path, rule, value) from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise _bad(path, rule, value)
-    try:
-        port = parts.port  # ValueError: not a number in 0..65535
-    except ValueError:
-        port = 0
-    if port == 0 or parts.netloc.endswith(":"):
-        raise _bad(path, "must have a port between 1 and 65535 if it has one", value)
-    if parts.username is not None:
-        # Not echoed: the value holds a secret and this message goes to logs.
-        raise _Problem(path, "must not contain credentials (user:password@)")
-    if parts.query or parts.fragment:
-        raise _bad(path, "must not have a query or fragment", value)
-    if parts.path not in ("", "/"):
-        # The caller's path (/v1/chat/completions) is forwarded as is: a base URL ending in
-        # /v1, as the OpenAI SDKs want it, would send /v1/v1/chat/completions.
-        raise _bad(path, "must not have a path (the caller's path is forwarded as is)", value)
-    return value.rstrip("/")
-
-
-def _boolean(value: object, path: str) -> bool:
-    if not isinstance(value, bool):  # `yes`/`no` are YAML booleans already; "1" is not one
-        raise _bad(path, "must be true or false", value)
-    return value
-
-
-def _ca_file(value: object, path: str) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value:
-        raise _bad(path, "must be the path of a PEM file of CA certificates", value)
-    try:
-        with open(value, "rb"):
-            pass
-    except OSError as err:
-        raise _bad(path, f"cannot read CA file: {err.strerror or err}", value) from None
-    try:
-        # Loaded once here too, so a file that is not PEM fails at check-config, not serve.
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=value)
-    except (ssl.SSLError, ValueError) as err:
-        raise _bad(path, f"not a PEM file of CA certificates ({err})", value) from None
-    return value
-
-
-def _section(cls: type[_T]) -> Callable[[object, str], _T]:
-    """A validator for a mapping onto dataclass `cls`.
-
-    Each field is checked by the validator in its metadata or, when its default is itself a
-    config dataclass, as a nested section. Fields without a default are required.
-    """
-
-    specs = fields(cls)
-    required = [f.name for f in specs if f.default is MISSING]
-    runs = {f.name: f.metadata.get(_CHECK) or _section(type(f.default)) for f in specs}
-
-    def check(value: object, path: str) -> _T:
-        if value is None:  # `server:` with nothing under it means all defaults
-            value = {}
-        if not isinstance(value, dict):
-            raise _bad(path, "must be a mapping" if path else "top level must be a mapping", value)
-        # Unknown keys first: a typo in a required key should say "unknown", not "missing".
-        for key in value:
-            if key not in runs:
-                raise _Problem(_join(path, key), f"unknown key (allowed: {', '.join(runs)})")
-        for name in required:
-            if name not in value:
-                raise _Problem(_join(path, name), "required key is missing")
-        return cls(**{key: runs[key](item, _join(path, key)) for key, item in value.items()})
-
-    return check
-
-
-_POSITIVE = _number(0, inclusive=False)
-_NON_NEGATIVE = _number(0, inclusive=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,151 +121,6 @@ class SimulatedConfig:
     time_scale: float = _field(1.0, _POSITIVE)
     prompt_ms_per_token: float = _field(0.0, _NON_NEGATIVE)
     default_max_tokens: int = _field(100, _integer(1))  # for requests without max_tokens
-
-
-_SECRET = "batchgate.secret"  # field metadata: a credential, redacted by config_to_dict
-_SECRET_TEXT = re.compile(r"[!-~]{1,4096}")  # what a Bearer token can carry, as typed
-_SECRET_RULE = "must be 1 to 4096 printable ASCII characters without spaces"
-_TENANT_TEXT = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # no ":", the keys file's separator
-_TENANT_RULE = "must be 1 to 64 characters from A-Z a-z 0-9 _ . -"
-#: The `tenant` of requests that carry no key (auth off); no key may be named so.
-NO_TENANT = "none"
-_RESERVED = f"'{NO_TENANT}' is reserved (the tenant of requests without a key)"
-#: What check-config prints for a credential. Refused as one: output pasted back as a config
-#: would otherwise make this public word a working key.
-REDACTED = "<redacted>"
-_PLACEHOLDER_KEY = "is check-config's placeholder for a hidden key, not a key"
-
-
-def _secret(value: object, path: str, *, optional: bool = False) -> str | None:
-    # Never echoed: the value is a credential and these messages go to logs.
-    if value is None and optional:
-        return None
-    if not isinstance(value, str):
-        # `key: ${K}` with K=0123 is re-read as a YAML number: say how to keep it text.
-        raise _Problem(path, "must be a string (quote it, or quote the variable's value)")
-    if not _SECRET_TEXT.fullmatch(value):
-        raise _Problem(path, _SECRET_RULE)
-    if value == REDACTED:
-        raise _Problem(path, _PLACEHOLDER_KEY)
-    return value
-
-
-def _optional_secret(value: object, path: str) -> str | None:
-    return _secret(value, path, optional=True)
-
-
-def _tenant(value: object, path: str) -> str:
-    if not isinstance(value, str) or not _TENANT_TEXT.fullmatch(value):
-        raise _bad(path, _TENANT_RULE, value)
-    if value == NO_TENANT:
-        raise _Problem(path, _RESERVED)
-    return value
-
-
-@dataclass(frozen=True, slots=True)
-class ApiKey:
-    """A caller key; ``name`` is the caller's tenant (a metric label and log field)."""
-
-    name: str = field(metadata={_CHECK: _tenant})
-    key: str = field(repr=False, metadata={_CHECK: _secret, _SECRET: True})
-
-
-_API_KEY = _section(ApiKey)
-
-
-def _api_keys(value: object, path: str) -> tuple[ApiKey, ...]:
-    # No value is echoed here: a list of keys is all secret. `[]` is no key (check-config
-    # prints it for the default).
-    if not isinstance(value, list):
-        raise _Problem(path, "must be a list of {name, key} mappings")
-    keys: list[ApiKey] = []
-    for i, item in enumerate(value):
-        if not isinstance(item, dict):
-            raise _Problem(f"{path}[{i}]", "must be a mapping with name and key")
-        key = _API_KEY(item, f"{path}[{i}]")
-        # One key, one tenant: a key listed twice (under another name, or a copy-paste)
-        # would make whose requests they are depend on the order of the list.
-        for j, other in enumerate(keys):
-            if other.key == key.key:
-                raise _Problem(f"{path}[{i}].key", f"the same key as {path}[{j}]")
-        keys.append(key)
-    return tuple(keys)
-
-
-def _read_keys(path: str, where: str) -> tuple[ApiKey, ...]:
-    try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
-    except OSError as err:
-        raise _bad(where, f"cannot read keys file: {err.strerror or err}", path) from None
-    except UnicodeDecodeError as err:
-        raise _Problem(where, f"{path}: not valid UTF-8 at byte {err.start}") from None
-    lines: list[tuple[int, ApiKey]] = []
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, colon, key = (part.strip() for part in line.partition(":"))
-        # Each message names the file and the line, never what the line holds.
-        problem = None
-        if not colon:
-            problem = "expected name:key"
-        elif not _TENANT_TEXT.fullmatch(name):
-            problem = f"name {_TENANT_RULE}"
-        elif name == NO_TENANT:
-            problem = f"name {_RESERVED}"
-        elif not _SECRET_TEXT.fullmatch(key):
-            problem = f"key {_SECRET_RULE}"
-        elif key == REDACTED:
-            problem = f"key {_PLACEHOLDER_KEY}"
-        else:
-            for earlier, other in lines:
-                if other.key == key:
-                    problem = f"the same key as line {earlier}"
-        if problem is not None:
-            raise _Problem(where, f"{path} line {number}: {problem}")
-        lines.append((number, ApiKey(name, key)))
-    return tuple(key for _, key in lines)
-
-
-def read_keys_file(path: str) -> tuple[ApiKey, ...]:
-    """The keys in ``auth.api_keys_file`` (``name:key`` lines; ``#`` comments, blank lines).
-
-    Read at load (so check-config finds a bad line) and again by the key ring on each reload.
-    Raises ConfigError naming the file and line, never the key.
-    """
-    try:
-        return _read_keys(path, "auth.api_keys_file")
-    except _Problem as problem:
-        raise ConfigError(str(problem)) from None
-
-
-def _keys_file(value: object, path: str) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value:
-        raise _bad(path, "must be the path of a file of name:key lines", value)
-    _read_keys(value, path)
-    return value
-
-
-@dataclass(frozen=True, slots=True)
-class AuthConfig:
-    """Caller API keys (proxy.edge.auth) and the credentials sent to replicas instead."""
-
-    api_keys: tuple[ApiKey, ...] = _field((), _api_keys)
-    # One `name:key` per line; re-read on reload. Set (even to an empty file): auth is on.
-    api_keys_file: str | None = _field(None, _keys_file)
-    # Replaces the caller's Authorization toward every replica without its own `api_key`.
-    upstream_api_key: str | None = field(
-        default=None, repr=False,
-        metadata={_CHECK: _optional_secret, _SECRET: True})
-
-    @property
-    def enabled(self) -> bool:
-        """Callers must present a key: fail closed once either source is configured."""
-        return bool(self.api_keys) or self.api_keys_file is not None
 
 
 _NAME_RULE = "must be 1 to 64 characters from A-Z a-z 0-9 _ . : -"
@@ -613,7 +357,7 @@ class Config:
     health: HealthConfig = field(default=HealthConfig(), metadata={_CHECK: _health})
     upstream: UpstreamConfig = UpstreamConfig()
     logging: LoggingConfig = LoggingConfig()
-    auth: AuthConfig = AuthConfig()
+    auth: AuthConfig = AuthConfig()  # noqa: RUF009 (a frozen dataclass, shared safely)
     # Absent: no admin listener (its endpoints are on the public port). `admin:` with
     # nothing under it is the listener on its defaults.
     admin: AdminConfig | None = field(default=None, metadata={_CHECK: _section(AdminConfig)})
