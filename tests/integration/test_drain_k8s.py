@@ -70,12 +70,20 @@ async def held(client: aiohttp.ClientSession, url: str, **spec: Any) -> asyncio.
     return asyncio.create_task(call())
 
 
+async def drain_setup(
+    replicas: Factory, proxy: Factory, cap: int, **config: Any
+) -> tuple[FakeReplica, FakeTime, Proxy]:
+    """One replica ``r`` with ``cap`` slots behind a proxy whose drain runs on a fake clock."""
+    r: FakeReplica = await replicas("r")
+    time = FakeTime()
+    p: Proxy = await proxy(make_config(("r", r.url, cap), **config), timing=time.timing())
+    return r, time, p
+
+
 async def test_the_quiet_period_serves_keep_alive_callers_then_closes_their_connections(
     replicas: Factory, proxy: Factory, client: aiohttp.ClientSession
 ) -> None:
-    r: FakeReplica = await replicas("r")
-    time = FakeTime()
-    p: Proxy = await proxy(make_config(("r", r.url, 1), drain_quiet_s=5), timing=time.timing())
+    r, time, p = await drain_setup(replicas, proxy, 1, drain_quiet_s=5)
     async with caller(p.url) as kept, caller(p.url) as idle:
         before = await post(kept)
         assert before.status == 200 and before.header("Connection") is None  # keep-alive
@@ -118,9 +126,7 @@ async def test_the_quiet_period_serves_keep_alive_callers_then_closes_their_conn
 async def test_after_the_quiet_period_503_draining_closes_the_connection_and_says_rejected(
     replicas: Factory, proxy: Factory, client: aiohttp.ClientSession
 ) -> None:
-    r: FakeReplica = await replicas("r")
-    time = FakeTime()
-    p: Proxy = await proxy(make_config(("r", r.url, 1), drain_quiet_s=5), timing=time.timing())
+    r, time, p = await drain_setup(replicas, proxy, 1, drain_quiet_s=5)
     async with caller(p.url) as kept:
         assert (await post(kept)).status == 200
         waiting = wait_for_drain(client, p.url)
@@ -144,9 +150,7 @@ async def test_after_the_quiet_period_503_draining_closes_the_connection_and_say
 async def test_a_stream_started_in_the_quiet_period_says_close_and_runs_to_its_end(
     replicas: Factory, proxy: Factory, client: aiohttp.ClientSession
 ) -> None:
-    r: FakeReplica = await replicas("r")
-    time = FakeTime()
-    p: Proxy = await proxy(make_config(("r", r.url, 2), drain_quiet_s=5), timing=time.timing())
+    r, time, p = await drain_setup(replicas, proxy, 2, drain_quiet_s=5)
     async with caller(p.url) as before, caller(p.url) as after:
         body = json.dumps({"stream": True, "hold": True, "events": 3}).encode()
         before.send(f"POST {COMPLETIONS} HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}"
@@ -179,10 +183,7 @@ async def test_a_stream_started_in_the_quiet_period_says_close_and_runs_to_its_e
 async def test_the_deadline_counts_from_the_drains_start_not_from_the_quiet_periods_end(
     replicas: Factory, proxy: Factory, client: aiohttp.ClientSession
 ) -> None:
-    r: FakeReplica = await replicas("r")
-    time = FakeTime()
-    p: Proxy = await proxy(make_config(("r", r.url, 1), drain_quiet_s=2, drain_timeout_s=3),
-                           timing=time.timing())
+    r, time, p = await drain_setup(replicas, proxy, 1, drain_quiet_s=2, drain_timeout_s=3)
     in_flight = await held(client, p.url)
     await until(lambda: r.in_flight == 1, "a request in flight")
     queued = await held(client, p.url)
@@ -210,9 +211,7 @@ async def test_the_deadline_counts_from_the_drains_start_not_from_the_quiet_peri
 async def test_wait_for_drain_answers_once_in_flight_and_queued_work_is_done(
     replicas: Factory, proxy: Factory, client: aiohttp.ClientSession
 ) -> None:
-    r: FakeReplica = await replicas("r")
-    time = FakeTime()
-    p: Proxy = await proxy(make_config(("r", r.url, 1), drain_quiet_s=0), timing=time.timing())
+    r, _time, p = await drain_setup(replicas, proxy, 1, drain_quiet_s=0)
     in_flight = await held(client, p.url)
     await until(lambda: r.in_flight == 1, "a request in flight")
     queued = await held(client, p.url)
@@ -238,9 +237,7 @@ async def test_wait_for_drain_answers_once_in_flight_and_queued_work_is_done(
 async def test_a_wait_for_drain_caller_that_hangs_up_stops_nothing(
     replicas: Factory, proxy: Factory, client: aiohttp.ClientSession
 ) -> None:
-    r: FakeReplica = await replicas("r")
-    time = FakeTime()
-    p: Proxy = await proxy(make_config(("r", r.url, 1), drain_quiet_s=0), timing=time.timing())
+    r, _time, p = await drain_setup(replicas, proxy, 1, drain_quiet_s=0)
     in_flight = await held(client, p.url)
     await until(lambda: r.in_flight == 1, "a request in flight")
     async with caller(p.url) as hook:
@@ -257,9 +254,7 @@ async def test_wait_for_drain_on_an_idle_proxy_waits_for_the_quiet_period(
     replicas: Factory, proxy: Factory, client: aiohttp.ClientSession
 ) -> None:
     """Idle at the call is not drained: the quiet period still takes (and serves) requests."""
-    r: FakeReplica = await replicas("r")
-    time = FakeTime()
-    p: Proxy = await proxy(make_config(("r", r.url, 1), drain_quiet_s=5), timing=time.timing())
+    _r, time, p = await drain_setup(replicas, proxy, 1, drain_quiet_s=5)
     waiting = wait_for_drain(client, p.url)
     await asleep(time, 5.0, "the quiet period")
     async with client.post(p.url + COMPLETIONS, json={}) as served:
@@ -288,10 +283,7 @@ async def test_wait_for_drain_needs_no_api_key(
 async def test_sigterm_and_wait_for_drain_are_one_drain_timed_from_the_first(
     replicas: Factory, proxy: Factory, client: aiohttp.ClientSession
 ) -> None:
-    r: FakeReplica = await replicas("r")
-    time = FakeTime()
-    p: Proxy = await proxy(make_config(("r", r.url, 1), drain_quiet_s=0, drain_timeout_s=4),
-                           timing=time.timing())
+    r, time, p = await drain_setup(replicas, proxy, 1, drain_quiet_s=0, drain_timeout_s=4)
     in_flight = await held(client, p.url)
     await until(lambda: r.in_flight == 1, "a request in flight")
     assert lifecycle(p).start_drain(0, 4, "SIGTERM")
