@@ -121,6 +121,8 @@ class SimulatedConfig:
     time_scale: float = _field(1.0, _POSITIVE)
     prompt_ms_per_token: float = _field(0.0, _NON_NEGATIVE)
     default_max_tokens: int = _field(100, _integer(1))  # for requests without max_tokens
+    # KV-cache budget in tokens (prompt + generated, summed over the batch); 0: unlimited.
+    kv_tokens: int = _field(0, _integer(0))
 
 
 _NAME_RULE = "must be 1 to 64 characters from A-Z a-z 0-9 _ . : -"
