@@ -250,6 +250,9 @@ class QueueConfig:
     timeout_s: float = _field(30.0, _POSITIVE)
     # The sum of the bodies of queued requests: memory stays bounded whatever callers send.
     max_bytes: int = _field(268435456, _integer(0))
+    # A streaming request that has to wait gets its 200 at once and an SSE comment
+    # `: queued position=N` this often (proxy.edge.heartbeat); 0: off.
+    sse_heartbeat_s: float = _field(0.0, _NON_NEGATIVE)
 
 
 def _probe_method(value: object, path: str) -> str:

@@ -369,10 +369,11 @@ class Scheduler:
 
     async def acquire(
         self, deadline: float, *, size: int = 0, front: bool = False,
-        avoid: Replica | None = None,
+        avoid: Replica | None = None, on_queued: Callable[[Waiter], None] | None = None,
     ) -> Lease:
         """Wait for a slot until ``deadline`` (on :meth:`now`'s clock); ``size``, ``front``
-        and ``avoid`` as in :meth:`submit`.
+        and ``avoid`` as in :meth:`submit`. ``on_queued`` is called once, synchronously, when
+        the request joins the queue (never when a slot is free at once).
 
         Cancel-safe: a caller cancelled while queued leaves the queue; one cancelled just as
         its slot was granted gives that slot to the next waiter before the error propagates.
@@ -398,6 +399,8 @@ class Scheduler:
         if isinstance(got, Lease):
             return got
         waiter = got
+        if on_queued is not None:
+            on_queued(waiter)
         clock = self._clock
 
         def on_timer() -> None:

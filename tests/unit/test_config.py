@@ -347,6 +347,11 @@ BAD_CONFIGS: list[tuple[str, str | bytes | None, str]] = [
         "queue.max_size: must be an integer >= 0, got -1",
     ),
     (
+        "negative sse_heartbeat_s",
+        REPLICA + "queue: {sse_heartbeat_s: -1}\n",
+        "queue.sse_heartbeat_s: must be a number >= 0, got -1",
+    ),
+    (
         "fractional max_bytes",
         REPLICA + "queue: {max_bytes: 1.5}\n",
         "queue.max_bytes: must be an integer >= 0, got 1.5",
