@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import report
+import scheduling
 from soak import keep_soak
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,6 +79,37 @@ def _profile(results: dict[str, Any]) -> str:
             lines.append(f"py-spy: {spy['skipped']}.")
         lines.append("")
     return "\n".join(lines)
+
+
+def _scheduling_method(results: dict[str, Any]) -> str:
+    tenants = results.get("tenants") or {}
+    budget = results.get("budget") or {}
+    out = []
+    if tenants:
+        sim = tenants["sim"]
+        out.append(
+            f"- **Two tenants** (`tenants`): `batchgate sim --max-batch {sim['max_batch']} "
+            f"--time-scale {sim['time_scale']:g}` behind batchgate (`max_concurrency: "
+            f"{tenants['max_concurrency']}`); a batch tenant sends {tenants['flood']} "
+            f"{tenants['max_tokens']}-token requests at once; once they are queued, an "
+            f"interactive tenant sends one every {tenants['trickle_s'] * 1000:.0f} ms until the "
+            "flood has drained. The interactive requests' `X-Batchgate-Queue-Ms`: `fifo` has no "
+            "`scheduling` (one tenant, one class); `fair` sets `scheduling.tenant_header` (fair "
+            "share between the two tenants, one class); `classes` adds `scheduling.classes: "
+            "[interactive, batch]` with the trickle sending `X-Batchgate-Class: interactive`.")
+    if budget:
+        sim = budget["sim"]
+        (_, lp, lm), (_, sp, sm) = budget["long"], budget["short"]
+        out.append(
+            f"- **Token budget** (`budget`): `batchgate sim --kv-tokens {budget['kv_tokens']} "
+            f"--max-batch {sim['max_batch']} --time-scale {sim['time_scale']:g}`; "
+            f"{budget['requests']} requests at once, {budget['long'][0] * 100:.0f} % long "
+            f"({lp} prompt token ids, `max_tokens: {lm}`), the rest short ({sp}, {sm}), through "
+            f"batchgate with `max_concurrency: {budget['cap']}` alone (`count_only`) and with "
+            f"`max_tokens_in_flight: {budget['kv_tokens']}` as well (`token_budget`); the "
+            "engine's `vllm:num_preemptions_total` over the run, the peak of "
+            "`vllm:kv_cache_usage_perc` (sampled every 50 ms), completion tokens/s.")
+    return "\n".join(out) or "Not run."
 
 
 def _instructions(results_dir: Path) -> str:
@@ -181,6 +213,12 @@ the machine's noise moves far less than a rate.
 - **Seed table**: the same engine; for N = 1..32 a batchgate with `max_concurrency: N` and N
   callers sending one 100-token request each; total time from the first send to the last
   answer, against the seed's 1776, 1981, 2067, 3767, 4431, 4942 ms.
+
+## Scheduling (issue 10)
+
+{_scheduling_method(results)}
+
+{scheduling.markdown(results)}
 
 ## P3 steps
 

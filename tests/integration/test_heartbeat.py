@@ -184,6 +184,27 @@ async def test_a_caller_hanging_up_during_heartbeats_leaves_the_queue_at_once(
     await until(lambda: p.scheduler.idle(), "no slot left held")
 
 
+async def test_a_drain_cut_while_waiting_is_a_draining_error_event(
+    replicas: Factory, proxy: Factory, client: aiohttp.ClientSession
+) -> None:
+    r: FakeReplica = await replicas("r")
+    p: Proxy = await proxy(heartbeat_config(r, 3600))
+    held = await hold_the_slot(p, r, client)
+    waiting = await open_stream(client, p.url)
+    lifecycle = p.app[LIFECYCLE]
+    assert lifecycle.start_drain(0.0, 60.0, "test")  # cut by hand below
+    assert lifecycle.cut() == 2
+    body = await waiting.read()
+    waiting.release()
+    assert body.startswith(b"event: error\ndata: ")
+    error = json.loads(body[len(b"event: error\ndata: "):])["error"]
+    assert (error["type"], error["code"]) == ("service_unavailable", "draining")
+    async with await held as answer:
+        assert answer.status == 503  # it had reached the replica: the frame's own cut answer
+    # Both counted as the frame counts a cut before the answer's head: draining.
+    assert p.metric("batchgate_rejected_requests_total", reason="draining") == 2
+
+
 async def test_plain_requests_and_heartbeats_off_are_unchanged(
     replicas: Factory, proxy: Factory, client: aiohttp.ClientSession
 ) -> None:
