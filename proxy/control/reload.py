@@ -20,7 +20,8 @@ naming it): ``server.*`` except ``drain_timeout_s``, ``drain_quiet_s`` and ``loa
 aiohttp's per-app ``client_max_size``);
 ``admin`` (the admin listener is bound at startup, and moving ``/metrics`` between ports under
 a running Prometheus is not a reload's job); ``upstream.*`` except ``retries`` (timeouts and
-TLS are built into each replica's pool); and the ``url`` (or ``simulated`` settings) of a
+TLS are built into each replica's pool); ``scheduling.classes`` (waiters hold their class's
+rank, and the queue series are per class); and the ``url`` (or ``simulated`` settings) of a
 replica that stays: the name is the replica's identity in metrics and pools, so a replica that
 moves is removed and added under a new name.
 """
@@ -56,6 +57,10 @@ LIVE_KEYS: dict[str, frozenset[str]] = {
     # retries: read per request. The passive outlier keys (proxy.control.health, where they
     # exist): applied by HealthControl.reconfigure.
     "upstream": frozenset({"retries", "eject_after", "eject_s", "max_ejected_percent"}),
+    # Read per request (proxy.edge.forward, proxy.edge.route). Not `classes`: a waiter holds
+    # its class's rank, and the queue series are per class, so the list needs a restart.
+    "scheduling": frozenset({"default_class", "tenant_header", "default_max_tokens",
+                             "max_queued_per_tenant"}),
 }
 #: Sections that cannot change live at all.
 FIXED_SECTIONS = frozenset({"admin"})
@@ -68,6 +73,8 @@ class Plan:
     added: tuple[ReplicaConfig, ...] = ()
     removed: tuple[str, ...] = ()
     limits: tuple[tuple[str, int, int], ...] = ()  # (name, old cap, new cap)
+    #: Replicas that stay with another ``models`` or ``max_tokens_in_flight`` (the new one).
+    routes: tuple[ReplicaConfig, ...] = ()
     changed: frozenset[str] = frozenset()  # top-level sections whose value changed
     fixed: tuple[str, ...] = ()  # dotted keys that changed but cannot change live
     blocked: tuple[str, ...] = ()  # other reasons the reload cannot be applied now
@@ -87,6 +94,7 @@ class Plan:
     def summary(self) -> str:
         parts = [f"+{r.name}" for r in self.added] + [f"-{name}" for name in self.removed]
         parts += [f"{name} max_concurrency {a}->{b}" for name, a, b in self.limits]
+        parts += [f"{r.name} models/max_tokens_in_flight" for r in self.routes]
         sections = sorted(self.changed - {"replicas"})
         if sections:
             parts.append("changed: " + ", ".join(sections))
@@ -132,6 +140,7 @@ def plan(
     current = {r.name: r for r in old.replicas}
     added: list[ReplicaConfig] = []
     limits: list[tuple[str, int, int]] = []
+    routes: list[ReplicaConfig] = []
     for i, replica in enumerate(new.replicas):
         was = current.get(replica.name)
         if was is None:
@@ -151,12 +160,15 @@ def plan(
                          "it a new name)")
         if was.max_concurrency != replica.max_concurrency:
             limits.append((replica.name, was.max_concurrency, replica.max_concurrency))
+        if (was.models, was.max_tokens_in_flight) != (replica.models,
+                                                      replica.max_tokens_in_flight):
+            routes.append(replica)
     names = {r.name for r in new.replicas}
     removed = tuple(r.name for r in old.replicas if r.name not in names)
     if added or removed or old.replicas != new.replicas:
         changed.add("replicas")
-    return Plan(tuple(added), removed, tuple(limits), frozenset(changed), tuple(fixed),
-                tuple(blocked))
+    return Plan(tuple(added), removed, tuple(limits), tuple(routes), frozenset(changed),
+                tuple(fixed), tuple(blocked))
 
 
 class Pools(Protocol):
