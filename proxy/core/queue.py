@@ -32,15 +32,30 @@ Notify = Callable[["Lease | ProxyError"], bool]
 class Waiter:
     """A queued request: its deadline (on the scheduler's clock), its body size, how to wake it.
 
+    ``model``: the model it names (None: none, any replica may serve it); ``klass``: its
+    priority class (0 the highest); ``tenant``: whose it is (fair share within a class);
+    ``cost``: the tokens its lease will hold on a replica with a token budget. ``seq`` orders
+    waiters by arrival, ``front`` marks a resend (served ahead of every class).
+
     ``lease`` is set when the waiter is granted a slot; ``queued`` is True while it waits.
     """
 
-    __slots__ = ("deadline", "lease", "notify", "queued", "size")
+    __slots__ = ("cost", "deadline", "front", "klass", "lease", "model", "notify", "queued",
+                 "seq", "size", "tenant")
 
-    def __init__(self, notify: Notify, deadline: float, size: int = 0) -> None:
+    def __init__(
+        self, notify: Notify, deadline: float, size: int = 0, *, model: str | None = None,
+        klass: int = 0, tenant: str = "", cost: int = 0,
+    ) -> None:
         self.notify = notify
         self.deadline = deadline
         self.size = size
+        self.model = model
+        self.klass = klass
+        self.tenant = tenant
+        self.cost = cost
+        self.seq = 0
+        self.front = False
         self.lease: Lease | None = None
         self.queued = False
 
@@ -60,6 +75,26 @@ class WaitQueue(ABC):
     def pop(self) -> Waiter | None:
         """Remove and return the waiter to serve next (None: nobody waits)."""
 
+    def pop_first(
+        self, accept: Callable[[Waiter], bool],
+        model_ok: Callable[[str | None], bool] | None = None,
+    ) -> Waiter | None:
+        """Remove and return the first waiter in serving order that ``accept`` takes (None:
+        it takes none). ``accept`` may change its mind about later waiters as it goes (the
+        scheduler reserves a replica for a waiter that does not fit it yet); ``model_ok``,
+        if given, is a cheaper test a waiter's model must pass before ``accept`` is asked.
+        """
+        for waiter in self:
+            if (model_ok is None or model_ok(waiter.model)) and accept(waiter):
+                self.remove(waiter)
+                return waiter
+        return None
+
+    def evictable(self, klass: int) -> Waiter | None:
+        """The waiter to evict for a newcomer of class ``klass`` when the queue is full: the
+        newest waiter of the lowest class below ``klass`` (None: nobody, or no classes)."""
+        return None
+
     @abstractmethod
     def remove(self, waiter: Waiter) -> bool:
         """Take a waiter out from wherever it is. False if it was not queued."""
@@ -77,7 +112,8 @@ class WaitQueue(ABC):
 
 
 class FifoQueue(WaitQueue):
-    """First come, first served; ``front`` re-enters at the head.
+    """First come, first served, blind to classes and tenants; ``front`` re-enters at the
+    head.
 
     An ``OrderedDict`` rather than a deque: a cancelled waiter leaves in O(1) from anywhere,
     and the head is as cheap to reach as the tail.

@@ -35,7 +35,7 @@ KNOWN_ROUTES = frozenset(
 #: startup, so ``increase()`` and alerts see the first one. Add a new reason here.
 REJECTION_REASONS: tuple[str, ...] = (
     "queue_full", "queue_timeout", "deadline_unreachable", "no_healthy_replica", "draining",
-    "overloaded",
+    "overloaded", "model_not_found", "request_too_large",
     "body_too_large", "bad_request", "unauthorized",
     # Limits on callers (proxy.edge.limits): timeouts, connection count, head size, Host, method.
     "header_timeout", "body_timeout", "too_many_connections", "headers_too_large", "bad_host",
