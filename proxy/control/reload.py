@@ -38,11 +38,13 @@ from typing import NamedTuple, Protocol
 from proxy.config import (
     Config,
     ConfigError,
+    DiscoveryConfig,
     HealthConfig,
     LiveConfig,
     ReplicaConfig,
     UpstreamConfig,
 )
+from proxy.control.models import ReplicaRouting, replica_routing
 from proxy.core.replicas import DRAINING, Replica
 from proxy.core.scheduler import Scheduler
 from proxy.observe.metrics import Metrics
@@ -186,6 +188,7 @@ class HealthControl(Protocol):
     def remove(self, replica: Replica) -> None: ...
     def reconfigure(self, config: HealthConfig, upstream: UpstreamConfig | None = None
                     ) -> None: ...
+    def watch_models(self, name: str, auto: bool) -> None: ...
 
 
 class SlotFree(Protocol):
@@ -332,7 +335,11 @@ class Reloader:
         by_name = {r.name: r for r in new.replicas}
         for added in changes.added:
             self.add_replica(added.name, by_name[added.name].url or "", added.max_concurrency,
-                             healthy=new.health.assume_healthy_at_start)
+                             healthy=new.health.assume_healthy_at_start, entry=added)
+        # 3b. Models and token budgets of replicas that stay: waiters they now serve (or now
+        #     fit) are granted at once; those nobody can serve any more are told so.
+        for routed in changes.routes:
+            self.set_routing(routed.name, routed)
         # 4. Caps: raised, waiters are granted at once; lowered, nothing new is dispatched to
         #    the replica until its work in flight is under the new cap.
         for name, _, cap in changes.limits:
@@ -348,19 +355,39 @@ class Reloader:
     # -- the replica set's changes, shared with discovery (proxy.control.discovery) ---------
     # Each is synchronous: a caller that makes several changes makes them in one step.
 
-    def add_replica(self, name: str, url: str, max_concurrency: int, *, healthy: bool) -> None:
+    def add_replica(self, name: str, url: str, max_concurrency: int, *, healthy: bool,
+                    entry: ReplicaConfig | DiscoveryConfig | None = None) -> None:
         """A new replica with its counters, slots, pools and probes (``healthy=False``: it
         takes work after its first passing probe). The name must be free (:meth:`name_free`).
+        ``entry``: its config (or its discovery entry's), for its models and token budget.
         """
         scheduler = self._scheduler
         self._metrics.add_replica(name)
-        scheduler.add_replica(name, url, max_concurrency, healthy=healthy)
+        routing = replica_routing(entry) if entry is not None else ReplicaRouting(
+            models=None, models_pending=False, max_tokens=None)
+        scheduler.add_replica(name, url, max_concurrency, healthy=healthy, **routing)
         replica = scheduler.replica(name)
         assert replica is not None
         if self._pools is not None:
             self._pools.add(replica)
         if self._health is not None:
+            # Before its first probe, which reads an `auto` list at once.
+            self._health.watch_models(name, routing["models_pending"])
             self._health.add(replica)
+
+    def set_routing(self, name: str, entry: ReplicaConfig | DiscoveryConfig) -> None:
+        """New ``models`` or ``max_tokens_in_flight`` for a replica that stays. A list (or
+        none) applies at once; ``auto`` keeps what it serves until its next probe reads it."""
+        replica = self._scheduler.replica(name)
+        if replica is None:
+            return
+        routing = replica_routing(entry)
+        if not routing["models_pending"] and replica.models != routing["models"]:
+            self._scheduler.set_models(replica, routing["models"])
+        if replica.max_tokens != routing["max_tokens"]:
+            self._scheduler.set_token_limit(replica, routing["max_tokens"])
+        if self._health is not None:
+            self._health.watch_models(name, routing["models_pending"])
 
     def set_limit(self, name: str, max_concurrency: int) -> None:
         replica = self._scheduler.replica(name)
