@@ -18,8 +18,8 @@ from proxy.edge.frame import REJECTED_HEADER
 from proxy.edge.headers import upstream_request_headers
 from proxy.edge.keys import CONFIG, HEALTH, LIFECYCLE, METRICS, SCHEDULER, UPSTREAMS
 from proxy.edge.relay import is_event_stream, pipe
+from proxy.edge.route import NO_TICKET, ROUTING, Ticket, request_class, request_tenant
 from proxy.observe.exchange import Exchange, Outcome
-from proxy.observe.model import request_model
 from proxy.upstream.connection import Response
 
 log = logging.getLogger("batchgate")
@@ -75,12 +75,19 @@ class Forwarder:
     async def proxied(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         config = self.config
         wait_s = deadline_s(request, config.queue.timeout_s)  # a bad header: 400, body unread
+        # Class and tenant from the head (a bad header: 400, body unread); model and token
+        # cost from the body, parsed only when configured (proxy.edge.route).
+        klass, exchange.klass = request_class(request, config.scheduling, exchange.key_class)
+        tenant = request_tenant(request, config.scheduling, exchange)
         body = await _read_body(request, config.server.max_body_bytes)
-        exchange.model = request_model(body)
-        return await self.forward(request, body, exchange, wait_s)
+        routing = self.app[ROUTING]
+        ticket = routing.ticket(routing.demand(body, exchange), klass, tenant,
+                                config.scheduling)
+        return await self.forward(request, body, exchange, wait_s, ticket)
 
     async def forward(
-        self, request: web.Request, body: bytes, exchange: Exchange, wait_s: float
+        self, request: web.Request, body: bytes, exchange: Exchange, wait_s: float,
+        ticket: Ticket = NO_TICKET,
     ) -> web.StreamResponse:
         scheduler = self.app[SCHEDULER]
         upstreams = self.app[UPSTREAMS]
@@ -99,7 +106,9 @@ class Forwarder:
             asked = joined if exchange.attempts == 0 else scheduler.now()
             try:
                 lease = await scheduler.acquire(
-                    deadline, size=len(body), front=exchange.attempts > 0, avoid=avoid
+                    deadline, size=len(body), front=exchange.attempts > 0, avoid=avoid,
+                    model=ticket.model, klass=ticket.klass, tenant=ticket.tenant,
+                    cost=ticket.cost,
                 )
             except ProxyError as err:
                 exchange.queue_ms = _ms(waited + scheduler.now() - asked)
