@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from proxy.config.adaptive import AdaptiveConfig, _adaptive, check_start
 from proxy.config.auth import (
     _SECRET,
     REDACTED,
@@ -57,6 +58,7 @@ from proxy.config.rules import (
 __all__ = [
     "NO_TENANT",
     "REDACTED",
+    "AdaptiveConfig",
     "AdminConfig",
     "ApiKey",
     "AuthConfig",
@@ -143,6 +145,9 @@ class ReplicaConfig:
     # auth.upstream_api_key (proxy.edge.auth); never in a repr, a log or check-config.
     api_key: str | None = field(default=None, repr=False,
                                 metadata={_CHECK: _optional_secret, _SECRET: True})
+    # The cap follows the engine's load within [min, max] (proxy.control.adaptive); off if
+    # absent. max_concurrency is then the starting cap.
+    adaptive: AdaptiveConfig | None = field(default=None, metadata={_CHECK: _adaptive})
 
 
 _REPLICA = _section(ReplicaConfig)
@@ -156,6 +161,7 @@ def _replicas(value: object, path: str) -> tuple[ReplicaConfig, ...]:
     replicas: list[ReplicaConfig] = []
     for i, item in enumerate(value):
         replica = _REPLICA(item, f"{path}[{i}]")
+        check_start(replica.max_concurrency, replica.adaptive, f"{path}[{i}]")
         if (replica.url is None) == (replica.simulated is None):
             which = "neither" if replica.url is None else "both"
             raise _Problem(f"{path}[{i}]", f"must set exactly one of url or simulated, got {which}")
@@ -224,6 +230,8 @@ class DiscoveryConfig:
     interval_s: float = _field(5.0, _POSITIVE)
     # Empty: the system resolver (/etc/resolv.conf, with its search list).
     nameservers: tuple[str, ...] = _field((), _nameservers)
+    # As replicas[].adaptive, for every replica the entry finds.
+    adaptive: AdaptiveConfig | None = field(default=None, metadata={_CHECK: _adaptive})
 
 
 _DISCOVERY_ENTRY = _section(DiscoveryConfig)
@@ -235,6 +243,7 @@ def _discovery(value: object, path: str) -> tuple[DiscoveryConfig, ...]:
     entries: list[DiscoveryConfig] = []
     for i, item in enumerate(value):
         entry = _DISCOVERY_ENTRY(item, f"{path}[{i}]")
+        check_start(entry.max_concurrency, entry.adaptive, f"{path}[{i}]")
         # The prefix is what keeps two entries' replicas apart (same address, other port).
         if any(other.name_prefix == entry.name_prefix for other in entries):
             raise _bad(f"{path}[{i}].name_prefix", "duplicate name_prefix", entry.name_prefix)
