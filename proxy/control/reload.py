@@ -232,6 +232,7 @@ class Reloader:
         self._lock = asyncio.Lock()
         self._callbacks: list[Callable[[Config], None]] = []
         self._retire_callbacks: list[Callable[[str], None]] = []
+        self._add_callbacks: list[Callable[[Replica], None]] = []
         self._pools: Pools | None = None
         self._health: HealthControl | None = None
         self._slot_free: SlotFree | None = None
@@ -257,6 +258,11 @@ class Reloader:
 
     def on_retire(self, callback: Callable[[str], None]) -> None:
         self._retire_callbacks.append(callback)
+
+    def on_add(self, callback: Callable[[Replica], None]) -> None:
+        """``callback(replica)`` after each replica is added (by a reload or discovery),
+        once its pools and probes exist (the adaptive caps start their loop there)."""
+        self._add_callbacks.append(callback)
 
     async def reload(self, trigger: str) -> ReloadResult:
         """Re-read the config file and apply it (``trigger``: what asked, for the log)."""
@@ -349,6 +355,8 @@ class Reloader:
             self._pools.add(replica)
         if self._health is not None:
             self._health.add(replica)
+        for callback in self._add_callbacks:
+            callback(replica)
 
     def set_limit(self, name: str, max_concurrency: int) -> None:
         replica = self._scheduler.replica(name)

@@ -66,3 +66,22 @@ def test_bad_values_are_one_line_naming_the_field(text: str, message: str) -> No
     with pytest.raises(ConfigError) as caught:
         load(text)
     assert str(caught.value) == message
+
+
+def test_which_replicas_are_adaptive_file_and_discovery() -> None:
+    from proxy.control.adaptive import adaptive_of
+
+    config = parse_config(yaml.safe_load(
+        "replicas:\n"
+        "  - {name: a, url: 'http://10.0.0.1:8000', max_concurrency: 8, adaptive: {max: 16}}\n"
+        "  - {name: b, url: 'http://10.0.0.2:8000', max_concurrency: 8}\n"
+        "discovery:\n"
+        "  - {dns: v.local, port: 80, max_concurrency: 8, name_prefix: v, adaptive: {min: 2}}\n"
+        "  - {dns: w.local, port: 80, max_concurrency: 8, name_prefix: v-x}\n"))
+    assert adaptive_of(config, "a") == AdaptiveConfig(max=16)
+    assert adaptive_of(config, "b") is None
+    assert adaptive_of(config, "v-10.0.0.7") == AdaptiveConfig(min=2)
+    assert adaptive_of(config, "v-fd00::a") == AdaptiveConfig(min=2)
+    # "v-x-10.0.0.7" is the second entry's (its prefix "v-x"), not the first's.
+    assert adaptive_of(config, "v-x-10.0.0.7") is None
+    assert adaptive_of(config, "nobody") is None
