@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from proxy.config.adaptive import AdaptiveConfig, _adaptive, check_start
 from proxy.config.auth import (
     _SECRET,
     REDACTED,
@@ -62,6 +63,7 @@ from proxy.config.scheduling import MODELS, TOKEN_BUDGET, SchedulingConfig, sche
 __all__ = [
     "NO_TENANT",
     "REDACTED",
+    "AdaptiveConfig",
     "AdminConfig",
     "ApiKey",
     "AuthConfig",
@@ -153,6 +155,9 @@ class ReplicaConfig:
     models: tuple[str, ...] | str | None = _field(None, MODELS)
     # Estimated tokens (prompt + max_tokens) it may hold at once; None: no token budget.
     max_tokens_in_flight: int | None = _field(None, TOKEN_BUDGET)
+    # The cap follows the engine's load within [min, max] (proxy.control.adaptive); off if
+    # absent. max_concurrency is then the starting cap.
+    adaptive: AdaptiveConfig | None = field(default=None, metadata={_CHECK: _adaptive})
 
 
 _REPLICA = _section(ReplicaConfig)
@@ -166,6 +171,7 @@ def _replicas(value: object, path: str) -> tuple[ReplicaConfig, ...]:
     replicas: list[ReplicaConfig] = []
     for i, item in enumerate(value):
         replica = _REPLICA(item, f"{path}[{i}]")
+        check_start(replica.max_concurrency, replica.adaptive, f"{path}[{i}]")
         if (replica.url is None) == (replica.simulated is None):
             which = "neither" if replica.url is None else "both"
             raise _Problem(f"{path}[{i}]", f"must set exactly one of url or simulated, got {which}")
@@ -237,6 +243,8 @@ class DiscoveryConfig:
     # Inherited by every replica found (as replicas[].models, .max_tokens_in_flight).
     models: tuple[str, ...] | str | None = _field(None, MODELS)
     max_tokens_in_flight: int | None = _field(None, TOKEN_BUDGET)
+    # As replicas[].adaptive, for every replica the entry finds.
+    adaptive: AdaptiveConfig | None = field(default=None, metadata={_CHECK: _adaptive})
 
 
 _DISCOVERY_ENTRY = _section(DiscoveryConfig)
@@ -248,6 +256,7 @@ def _discovery(value: object, path: str) -> tuple[DiscoveryConfig, ...]:
     entries: list[DiscoveryConfig] = []
     for i, item in enumerate(value):
         entry = _DISCOVERY_ENTRY(item, f"{path}[{i}]")
+        check_start(entry.max_concurrency, entry.adaptive, f"{path}[{i}]")
         # The prefix is what keeps two entries' replicas apart (same address, other port).
         if any(other.name_prefix == entry.name_prefix for other in entries):
             raise _bad(f"{path}[{i}].name_prefix", "duplicate name_prefix", entry.name_prefix)
