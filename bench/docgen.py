@@ -81,6 +81,24 @@ def _profile(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _scheduling(results: dict[str, Any], results_dir: Path) -> str:
+    """The scheduling phases (bench/scheduling.py): this run's, else the newest (not quick)
+    run that has them (``--only tenants,budget``), named with its date."""
+    if results.get("tenants") or results.get("budget"):
+        data, source = results, "this run"
+    else:
+        runs = [p for p in sorted(results_dir.glob("*.json"), key=lambda p: p.stat().st_mtime)
+                if "quick" not in p.name and ("tenants" in p.name or "budget" in p.name)]
+        if not runs:
+            return "No run of the `tenants` or `budget` phase is on record yet."
+        data = json.loads(runs[-1].read_text())
+        source = (f"`{runs[-1].relative_to(ROOT)}` ({data['date']}, commit "
+                  f"`{data['machine']['commit']}`, `bench/run.py --only "
+                  f"{runs[-1].stem.split('-', 3)[3]}`)")
+    return "\n\n".join([f"From {source}.", _scheduling_method(data),
+                        scheduling.markdown(data)])
+
+
 def _scheduling_method(results: dict[str, Any]) -> str:
     tenants = results.get("tenants") or {}
     budget = results.get("budget") or {}
@@ -128,6 +146,51 @@ def _instructions(results_dir: Path) -> str:
         f"| request | baseline `{data['baseline']}` | this tree | ratio |",
         "|---|---|---|---|",
         *rows,
+    ])
+
+
+def _adaptive(results: dict[str, Any], results_dir: Path) -> str:
+    """The adaptive cap's convergence (bench/convergence.py): this run's, else the newest run
+    of that phase alone (``--only adaptive``), named with its date."""
+    data, source = results.get("adaptive"), "this run"
+    if not data:
+        runs = sorted(p for p in results_dir.glob("*-adaptive.json") if "quick" not in p.name)
+        if not runs:
+            return "No run of the `adaptive` phase is on record yet."
+        other = json.loads(runs[-1].read_text())
+        data = other.get("adaptive")
+        if not data:
+            return f"The newest run of the `adaptive` phase (`{runs[-1].name}`) failed."
+        source = (f"`{runs[-1].relative_to(ROOT)}` ({other['date']}, commit "
+                  f"`{other['machine']['commit']}`, `bench/run.py --only adaptive`)")
+    a = data["adaptive"]
+    rows = [f"| fixed `max_concurrency: {cap}` | {f['tokens_per_s']:.0f} | "
+            f"{f['tokens_per_s'] / data['best_fixed_tokens_per_s']:.3f}x | {cap} | "
+            f"{f['engine_waiting_mean']:.1f} (max {f['engine_waiting_max']:.0f}) |"
+            for cap, f in data["fixed"].items()]
+    rows.append(
+        f"| **adaptive** `{{min: {data['adaptive_config']['min']}, max: "
+        f"{data['adaptive_config']['max']}}}`, from {data['start_cap']} | "
+        f"**{a['tokens_per_s']:.0f}** | **{data['ratio']:.3f}x** | {a['cap_mean']:.1f} "
+        f"({a['cap_min']:.0f}..{a['cap_max']:.0f}, last {a['cap_last']:.0f}) | "
+        f"{a['engine_waiting_mean']:.2f} (max {a['engine_waiting_max']:.0f}) |")
+    met = "met" if data["met"] else "**missed**"
+    settled = a.get("settled_after_s")
+    return "\n".join([
+        f"From {source}. `batchgate sim --max-batch {data['max_batch']}`; {data['callers']} "
+        f"callers (`batchgate bench`'s generator, closed loop) send {data['max_tokens']}-token "
+        "completions through one batchgate at a time; tokens/s is the engine's own "
+        "`vllm:generation_tokens` over a steady window, the engine's queue and the cap are "
+        "sampled every 0.25 s in it. The adaptive batchgate's window starts once its cap "
+        f"stayed put for five readings ({settled:.0f} s after the load began)." if settled
+        is not None else "",
+        "",
+        "| batchgate | tokens/s | vs best fixed | cap (mean) | engine queue (mean) |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        f"Target (issue 10): the cap settles at about {data['max_batch']}, the engine's queue "
+        f"near 0, tokens/s >= 0.97x the best fixed cap ({data['best_fixed_cap']}): {met}.",
     ])
 
 
@@ -210,15 +273,19 @@ the machine's noise moves far less than a rate.
   {_f((results.get('p4') or {}).get('max_tokens'))}-token completions, 32 callers straight
   at the engine vs 200 callers through batchgate (`max_concurrency: 32`), the same number of
   requests; tokens/s through batchgate over direct.
+- **Adaptive**: `batchgate sim --max-batch 16`, behind batchgate with fixed caps and with
+  `adaptive: {{min: 1, max: 128}}` (`bench/convergence.py`; see its section below).
 - **Seed table**: the same engine; for N = 1..32 a batchgate with `max_concurrency: N` and N
   callers sending one 100-token request each; total time from the first send to the last
   answer, against the seed's 1776, 1981, 2067, 3767, 4431, 4942 ms.
 
+## Adaptive concurrency: convergence
+
+{_adaptive(results, ROOT / "bench" / "results")}
+
 ## Scheduling (issue 10)
 
-{_scheduling_method(results)}
-
-{scheduling.markdown(results)}
+{_scheduling(results, ROOT / "bench" / "results")}
 
 ## P3 steps
 

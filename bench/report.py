@@ -114,6 +114,11 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         out["p4"] = {k: p4[k] for k in ("direct_tokens_per_s", "batchgate_tokens_per_s", "ratio")}
         _target(out, "P4: tokens/s through batchgate >= 0.99 x direct", p4["ratio"],
                 bool(p4["met"]), "x direct")
+    adaptive = results.get("adaptive")
+    if adaptive:
+        _target(out, "Adaptive cap on sim --max-batch 16: cap ~16, engine queue ~0, tokens/s "
+                ">= 0.97 x the best fixed cap", adaptive["ratio"], bool(adaptive["met"]),
+                "x best fixed")
     seed = results.get("seed")
     if seed:
         out["seed"] = [{k: row[k] for k in row if k != "runs"} for row in seed["rows"]]

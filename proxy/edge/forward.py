@@ -9,7 +9,6 @@ import aiohttp
 from aiohttp import web
 
 from proxy.config import Config
-from proxy.core.demand import parse_demand
 from proxy.core.errors import BadRequest, BodyTooLarge, ProxyError, UpstreamError
 from proxy.core.load import IN_FLIGHT_HEADER, parse_headers
 from proxy.core.replicas import Replica
@@ -20,8 +19,8 @@ from proxy.edge.headers import upstream_request_headers
 from proxy.edge.heartbeat import Heartbeat
 from proxy.edge.keys import CONFIG, HEALTH, LIFECYCLE, METRICS, SCHEDULER, UPSTREAMS
 from proxy.edge.relay import is_event_stream, pipe
+from proxy.edge.route import NO_TICKET, ROUTING, Ticket, request_class, request_tenant
 from proxy.observe.exchange import Exchange, Outcome
-from proxy.observe.model import request_model
 from proxy.upstream.connection import Response
 
 log = logging.getLogger("batchgate")
@@ -77,20 +76,27 @@ class Forwarder:
     async def proxied(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         config = self.config
         wait_s = deadline_s(request, config.queue.timeout_s)  # a bad header: 400, body unread
+        # Class and tenant from the head (a bad header: 400, body unread); model and token
+        # cost from the body, parsed only when configured (proxy.edge.route).
+        klass, exchange.klass = request_class(request, config.scheduling, exchange.key_class)
+        tenant = request_tenant(request, config.scheduling, exchange)
         body = await _read_body(request, config.server.max_body_bytes)
-        exchange.model = request_model(body)
+        routing = self.app[ROUTING]
+        demand = routing.demand(body, exchange)  # parsed once, only when something needs it
+        ticket = routing.ticket(demand, klass, tenant, config.scheduling)
         heartbeat_s = config.queue.sse_heartbeat_s
-        if heartbeat_s > 0 and parse_demand(body).stream:
+        if heartbeat_s > 0 and demand is not None and demand.stream:
             lifecycle = self.app[LIFECYCLE]
             beat = Heartbeat(request, exchange, self.app[SCHEDULER], heartbeat_s,
                              draining=lambda: lifecycle.draining,
                              cutting=lambda: lifecycle.cutting)
-            return await beat.guard(self.forward(request, body, exchange, wait_s, beat))
-        return await self.forward(request, body, exchange, wait_s)
+            return await beat.guard(
+                self.forward(request, body, exchange, wait_s, ticket, beat))
+        return await self.forward(request, body, exchange, wait_s, ticket)
 
     async def forward(
         self, request: web.Request, body: bytes, exchange: Exchange, wait_s: float,
-        beat: Heartbeat | None = None,
+        ticket: Ticket = NO_TICKET, beat: Heartbeat | None = None,
     ) -> web.StreamResponse:
         scheduler = self.app[SCHEDULER]
         upstreams = self.app[UPSTREAMS]
@@ -110,7 +116,8 @@ class Forwarder:
             try:
                 lease = await scheduler.acquire(
                     deadline, size=len(body), front=exchange.attempts > 0, avoid=avoid,
-                    on_queued=beat.queued if beat is not None else None,
+                    model=ticket.model, klass=ticket.klass, tenant=ticket.tenant,
+                    cost=ticket.cost, on_queued=beat.queued if beat is not None else None,
                 )
             except ProxyError as err:
                 exchange.queue_ms = _ms(waited + scheduler.now() - asked)

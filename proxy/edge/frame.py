@@ -26,6 +26,7 @@ from proxy.core.errors import (
 from proxy.edge.auth import AUTH
 from proxy.edge.headers import QUEUE_MS_HEADER, with_origin_form
 from proxy.edge.keys import HEALTH, LIFECYCLE, METRICS
+from proxy.edge.route import ROUTING
 from proxy.observe.accesslog import AccessLog
 from proxy.observe.exchange import Exchange, Outcome
 from proxy.observe.metrics import Metrics, route_label
@@ -123,7 +124,9 @@ class Frame:
             if self.auth.enabled:
                 # Before anything else: a caller without a key learns nothing, not even
                 # that the proxy is draining, and its body is never read.
-                exchange.tenant = self.auth.authorize(request.headers)
+                key = self.auth.identify(request.headers)
+                if key is not None:
+                    exchange.tenant, exchange.key_class = key.name, key.klass
             if lifecycle.refusing:
                 raise Draining("batchgate is shutting down", retry_after_s=1)
             response = await work(request, exchange)
@@ -202,6 +205,11 @@ class Frame:
                 if usage is not None:
                     exchange.prompt_tokens = usage.prompt_tokens
                     exchange.completion_tokens = usage.completion_tokens
+        if exchange.prompt_chars is not None:
+            try:  # the chars-per-token ratio of token costs learns from the usage reported
+                self.app[ROUTING].learn(exchange)
+            except Exception:
+                self._observer_failed(metrics, "usage", exchange)
         try:
             metrics.record(exchange)
         except Exception:

@@ -273,7 +273,7 @@ BAD_CONFIGS: list[tuple[str, str | bytes | None, str]] = [
         "unknown top-level key",
         REPLICA + "serverr: {}\n",
         "serverr: unknown key (allowed: replicas, server, queue, health, upstream, logging,"
-        " auth, admin, discovery)",
+        " auth, admin, discovery, scheduling)",
     ),
     (
         "unknown section key",
@@ -286,7 +286,7 @@ BAD_CONFIGS: list[tuple[str, str | bytes | None, str]] = [
         "unknown replica key beats missing",
         "replicas: [{name: a, url: 'http://h', max_concurency: 1}]\n",
         "replicas[0].max_concurency: unknown key (allowed: name, max_concurrency, url, simulated,"
-        " api_key)",
+        " api_key, models, max_tokens_in_flight, adaptive)",
     ),
     (
         "unknown simulated key",
