@@ -129,6 +129,8 @@ class SimulatedConfig:
     time_scale: float = _field(1.0, _POSITIVE)
     prompt_ms_per_token: float = _field(0.0, _NON_NEGATIVE)
     default_max_tokens: int = _field(100, _integer(1))  # for requests without max_tokens
+    # KV-cache budget in tokens (prompt + generated, summed over the batch); 0: unlimited.
+    kv_tokens: int = _field(0, _integer(0))
 
 
 _NAME_RULE = "must be 1 to 64 characters from A-Z a-z 0-9 _ . : -"
@@ -270,6 +272,9 @@ class QueueConfig:
     timeout_s: float = _field(30.0, _POSITIVE)
     # The sum of the bodies of queued requests: memory stays bounded whatever callers send.
     max_bytes: int = _field(268435456, _integer(0))
+    # A streaming request that has to wait gets its 200 at once and an SSE comment
+    # `: queued position=N` this often (proxy.edge.heartbeat); 0: off.
+    sse_heartbeat_s: float = _field(0.0, _NON_NEGATIVE)
 
 
 def _probe_method(value: object, path: str) -> str:

@@ -102,8 +102,7 @@ class Routing:
         self.routed = any(e.models is not None for e in entries)
         #: Some replica has a token budget: requests carry a cost.
         self.budgeted = any(e.max_tokens_in_flight is not None for e in entries)
-        heartbeat = float(getattr(config.queue, "sse_heartbeat_s", 0) or 0)
-        self.needs_demand = self.routed or self.budgeted or heartbeat > 0
+        self.needs_demand = self.routed or self.budgeted or config.queue.sse_heartbeat_s > 0
 
     def demand(self, body: bytes, exchange: Exchange) -> Demand | None:
         """The body's demand, parsed once, when something needs it (else None, and the log's
