@@ -87,14 +87,15 @@ def _scheduling(results: dict[str, Any], results_dir: Path) -> str:
     if results.get("tenants") or results.get("budget"):
         data, source = results, "this run"
     else:
-        runs = [p for p in sorted(results_dir.glob("*.json"), key=lambda p: p.stat().st_mtime)
-                if "quick" not in p.name and ("tenants" in p.name or "budget" in p.name)]
+        # Named <date>-only-<phases>.json by bench/run.py: sorted by name is sorted by date.
+        runs = sorted(p for p in results_dir.glob("*-only-*.json")
+                      if {"tenants", "budget"} & set(p.stem.split("-only-", 1)[1].split("-")))
         if not runs:
             return "No run of the `tenants` or `budget` phase is on record yet."
         data = json.loads(runs[-1].read_text())
+        phases = runs[-1].stem.split("-only-", 1)[1].replace("-", ",")
         source = (f"`{runs[-1].relative_to(ROOT)}` ({data['date']}, commit "
-                  f"`{data['machine']['commit']}`, `bench/run.py --only "
-                  f"{runs[-1].stem.split('-', 3)[3]}`)")
+                  f"`{data['machine']['commit']}`, `bench/run.py --only {phases}`)")
     return "\n\n".join([f"From {source}.", _scheduling_method(data),
                         scheduling.markdown(data)])
 
@@ -154,7 +155,9 @@ def _adaptive(results: dict[str, Any], results_dir: Path) -> str:
     of that phase alone (``--only adaptive``), named with its date."""
     data, source = results.get("adaptive"), "this run"
     if not data:
-        runs = sorted(p for p in results_dir.glob("*-adaptive.json") if "quick" not in p.name)
+        runs = sorted(p for p in results_dir.glob("*-only-*.json")
+                      if "adaptive" in p.stem.split("-only-", 1)[1].split("-")
+                      and "quick" not in p.name)
         if not runs:
             return "No run of the `adaptive` phase is on record yet."
         other = json.loads(runs[-1].read_text())

@@ -90,8 +90,7 @@ class Forwarder:
             beat = Heartbeat(request, exchange, self.app[SCHEDULER], heartbeat_s,
                              draining=lambda: lifecycle.draining,
                              cutting=lambda: lifecycle.cutting)
-            return await beat.guard(
-                self.forward(request, body, exchange, wait_s, ticket, beat))
+            return await beat.guard(self.forward(request, body, exchange, wait_s, ticket, beat))
         return await self.forward(request, body, exchange, wait_s, ticket)
 
     async def forward(
