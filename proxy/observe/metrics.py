@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Mapping
+from bisect import bisect_left
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.values import MutexValue
 
 from proxy import __version__
 from proxy.config import NO_TENANT
@@ -147,18 +149,59 @@ def queue_depths(
     return list(out.items())
 
 
+def _fast_inc(child: Counter) -> Callable[[float], None]:
+    """``child.inc`` for the request path: the same value and the same refusal of a negative
+    amount, without what else ``inc`` checks on every call (that the child has its labels, an
+    exemplar) and without its lock (the event loop's thread is the only writer; a scrape reads
+    the float under the lock, and a float store is never seen half done). Any other value
+    class than prometheus_client's plain one (its multiprocess mode): ``child.inc`` itself."""
+    value = getattr(child, "_value", None)
+    if type(value) is not MutexValue:
+        return child.inc
+
+    def inc(amount: float = 1.0) -> None:
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        value._value += amount
+
+    return inc
+
+
+def _fast_observe(child: Histogram) -> Callable[[float], None]:
+    """``child.observe`` for the request path, as :func:`_fast_inc`: the bucket found by one
+    bisection (prometheus_client walks the buckets in Python), the same sum and counts."""
+    bounds = getattr(child, "_upper_bounds", None)
+    buckets = getattr(child, "_buckets", None)
+    total = getattr(child, "_sum", None)
+    if (type(total) is not MutexValue or not isinstance(bounds, list)
+            or not isinstance(buckets, list) or len(bounds) != len(buckets)
+            or not all(type(b) is MutexValue for b in buckets)):
+        return child.observe
+    values: list[MutexValue] = buckets
+
+    def observe(amount: float) -> None:
+        total._value += amount
+        if amount == amount:  # NaN is in no bucket (its sum is NaN), as prometheus_client does
+            values[bisect_left(bounds, amount)]._value += 1  # the first bound >= amount
+
+    return observe
+
+
 class _Children(Generic[_M]):
     """Label children kept in a plain dict.
 
     ``labels()`` validates, takes a lock and builds a key on every call; the request path
     asks for half a dozen children per request, always from the same bounded label sets.
+    :meth:`fast` goes further: each child's ``inc`` or ``observe`` as one plain function
+    (:func:`_fast_inc`, :func:`_fast_observe`), by whatever key the caller has at hand.
     """
 
-    __slots__ = ("_cache", "_metric")
+    __slots__ = ("_cache", "_fast", "_metric")
 
     def __init__(self, metric: _M) -> None:
         self._metric: _M = metric
         self._cache: dict[tuple[str, ...], _M] = {}
+        self._fast: dict[Hashable, tuple[tuple[str, ...], Callable[[float], None]]] = {}
 
     def __call__(self, *values: str) -> _M:
         child = self._cache.get(values)
@@ -166,8 +209,21 @@ class _Children(Generic[_M]):
             child = self._cache[values] = self._metric.labels(*values)
         return child
 
+    def fast(self, key: Hashable, *values: str) -> Callable[[float], None]:
+        """The ``inc`` (counter) or ``observe`` (histogram) of the child of ``values``, cached
+        by ``key`` (one per label set, any hashable: a tuple needs no str() per request)."""
+        entry = self._fast.get(key)
+        if entry is None:
+            child = self(*values)
+            update = (_fast_observe(child) if isinstance(child, Histogram)
+                      else _fast_inc(child))
+            entry = self._fast[key] = (values, update)
+        return entry[1]
+
     def remove_first(self, value: str) -> None:
         """Remove every child whose first label value is ``value``."""
+        for key in [k for k, (values, _) in self._fast.items() if values[0] == value]:
+            del self._fast[key]
         for values in [v for v in self._cache if v[0] == value]:
             del self._cache[values]
             with contextlib.suppress(KeyError):
@@ -381,26 +437,27 @@ class Metrics:
 
     def inter_chunk_observer(self, route: str) -> Callable[[float], None]:
         """The bound ``observe`` of one route's child: a label lookup per request, not per chunk."""
-        return self._inter_chunk(route).observe
+        return self._inter_chunk.fast(route, route)
 
     def answered(self, replica: str, route: str, status: int, tenant: str | None) -> None:
         """A replica's status line arrived: counted now, before any body byte.
 
         ``tenant`` is bounded: a key's name from the config, or None (auth off) as "none".
         """
-        self._requests(replica, route, str(status), tenant or NO_TENANT).inc()
+        self._requests.fast((replica, route, status, tenant), replica, route, str(status),
+                            tenant or NO_TENANT)(1)
         if status >= 500:
-            self._upstream_errors(replica, "status_5xx").inc()
+            self._upstream_errors.fast((replica, "status_5xx"), replica, "status_5xx")(1)
 
     def rejected_request(self, reason: str) -> None:
         """A rejection answered outside the frame (a guarded admin handler)."""
-        self._rejected(reason).inc()
+        self._rejected.fast(reason, reason)(1)
 
     def internal_error(self, where: str) -> None:
         self.internal_errors.labels(where).inc()
 
     def upstream_error(self, replica: str, kind: str) -> None:
-        self._upstream_errors(replica, kind).inc()
+        self._upstream_errors.fast((replica, kind), replica, kind)(1)
 
     def record(self, exchange: ExchangeView) -> None:
         """Everything known once a request is over. Synchronous: no cancellation can skip it.
@@ -412,20 +469,26 @@ class Metrics:
         outcome = exchange.outcome
         if outcome is Outcome.REJECTED:
             # Cached children: under overload this path runs for most requests.
-            self._rejected(exchange.detail or "unknown").inc()
+            reason = exchange.detail or "unknown"
+            self._rejected.fast(reason, reason)(1)
         elif outcome is Outcome.CLIENT_DISCONNECT:
-            self._client_disconnects(exchange.stage).inc()
+            self._client_disconnects.fast(exchange.stage, exchange.stage)(1)
         if exchange.enqueued_at is not None:
             granted = exchange.dispatched_at
             waited_until = granted if granted is not None else time.monotonic()
-            self._queue_wait(exchange.klass).observe(waited_until - exchange.enqueued_at)
+            self._queue_wait.fast(exchange.klass, exchange.klass)(
+                waited_until - exchange.enqueued_at)
+        route = exchange.route
         if exchange.first_byte_at is not None and exchange.dispatched_at is not None:
-            self._ttfb(exchange.route, "true" if exchange.stream else "false").observe(
+            stream = exchange.stream
+            self._ttfb.fast((route, stream), route, "true" if stream else "false")(
                 exchange.first_byte_at - exchange.dispatched_at
             )
         if exchange.stage == "done" and outcome is Outcome.OK:
             end = exchange.last_byte_at if exchange.last_byte_at is not None else time.monotonic()
-            self._duration(exchange.route).observe(end - exchange.started)
-        if exchange.replica is not None and exchange.prompt_tokens is not None:
-            self._tokens(exchange.replica, "prompt").inc(exchange.prompt_tokens)
-            self._tokens(exchange.replica, "completion").inc(exchange.completion_tokens or 0)
+            self._duration.fast(route, route)(end - exchange.started)
+        replica = exchange.replica
+        if replica is not None and exchange.prompt_tokens is not None:
+            self._tokens.fast((replica, "prompt"), replica, "prompt")(exchange.prompt_tokens)
+            self._tokens.fast((replica, "completion"), replica, "completion")(
+                exchange.completion_tokens or 0)
