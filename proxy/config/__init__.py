@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from proxy.config.adaptive import AdaptiveConfig, _adaptive, check_start
 from proxy.config.auth import (
     _SECRET,
     REDACTED,
@@ -62,6 +63,7 @@ from proxy.config.scheduling import MODELS, TOKEN_BUDGET, SchedulingConfig, sche
 __all__ = [
     "NO_TENANT",
     "REDACTED",
+    "AdaptiveConfig",
     "AdminConfig",
     "ApiKey",
     "AuthConfig",
@@ -127,6 +129,8 @@ class SimulatedConfig:
     time_scale: float = _field(1.0, _POSITIVE)
     prompt_ms_per_token: float = _field(0.0, _NON_NEGATIVE)
     default_max_tokens: int = _field(100, _integer(1))  # for requests without max_tokens
+    # KV-cache budget in tokens (prompt + generated, summed over the batch); 0: unlimited.
+    kv_tokens: int = _field(0, _integer(0))
 
 
 _NAME_RULE = "must be 1 to 64 characters from A-Z a-z 0-9 _ . : -"
@@ -153,6 +157,9 @@ class ReplicaConfig:
     models: tuple[str, ...] | str | None = _field(None, MODELS)
     # Estimated tokens (prompt + max_tokens) it may hold at once; None: no token budget.
     max_tokens_in_flight: int | None = _field(None, TOKEN_BUDGET)
+    # The cap follows the engine's load within [min, max] (proxy.control.adaptive); off if
+    # absent. max_concurrency is then the starting cap.
+    adaptive: AdaptiveConfig | None = field(default=None, metadata={_CHECK: _adaptive})
 
 
 _REPLICA = _section(ReplicaConfig)
@@ -166,6 +173,7 @@ def _replicas(value: object, path: str) -> tuple[ReplicaConfig, ...]:
     replicas: list[ReplicaConfig] = []
     for i, item in enumerate(value):
         replica = _REPLICA(item, f"{path}[{i}]")
+        check_start(replica.max_concurrency, replica.adaptive, f"{path}[{i}]")
         if (replica.url is None) == (replica.simulated is None):
             which = "neither" if replica.url is None else "both"
             raise _Problem(f"{path}[{i}]", f"must set exactly one of url or simulated, got {which}")
@@ -237,6 +245,8 @@ class DiscoveryConfig:
     # Inherited by every replica found (as replicas[].models, .max_tokens_in_flight).
     models: tuple[str, ...] | str | None = _field(None, MODELS)
     max_tokens_in_flight: int | None = _field(None, TOKEN_BUDGET)
+    # As replicas[].adaptive, for every replica the entry finds.
+    adaptive: AdaptiveConfig | None = field(default=None, metadata={_CHECK: _adaptive})
 
 
 _DISCOVERY_ENTRY = _section(DiscoveryConfig)
@@ -248,6 +258,7 @@ def _discovery(value: object, path: str) -> tuple[DiscoveryConfig, ...]:
     entries: list[DiscoveryConfig] = []
     for i, item in enumerate(value):
         entry = _DISCOVERY_ENTRY(item, f"{path}[{i}]")
+        check_start(entry.max_concurrency, entry.adaptive, f"{path}[{i}]")
         # The prefix is what keeps two entries' replicas apart (same address, other port).
         if any(other.name_prefix == entry.name_prefix for other in entries):
             raise _bad(f"{path}[{i}].name_prefix", "duplicate name_prefix", entry.name_prefix)
@@ -261,6 +272,9 @@ class QueueConfig:
     timeout_s: float = _field(30.0, _POSITIVE)
     # The sum of the bodies of queued requests: memory stays bounded whatever callers send.
     max_bytes: int = _field(268435456, _integer(0))
+    # A streaming request that has to wait gets its 200 at once and an SSE comment
+    # `: queued position=N` this often (proxy.edge.heartbeat); 0: off.
+    sse_heartbeat_s: float = _field(0.0, _NON_NEGATIVE)
 
 
 def _probe_method(value: object, path: str) -> str:

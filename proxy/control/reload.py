@@ -247,6 +247,7 @@ class Reloader:
         self._lock = asyncio.Lock()
         self._callbacks: list[Callable[[Config], None]] = []
         self._retire_callbacks: list[Callable[[str], None]] = []
+        self._add_callbacks: list[Callable[[Replica], None]] = []
         self._pools: Pools | None = None
         self._health: HealthControl | None = None
         self._slot_free: SlotFree | None = None
@@ -272,6 +273,11 @@ class Reloader:
 
     def on_retire(self, callback: Callable[[str], None]) -> None:
         self._retire_callbacks.append(callback)
+
+    def on_add(self, callback: Callable[[Replica], None]) -> None:
+        """``callback(replica)`` after each replica is added (by a reload or discovery),
+        once its pools and probes exist (the adaptive caps start their loop there)."""
+        self._add_callbacks.append(callback)
 
     async def reload(self, trigger: str) -> ReloadResult:
         """Re-read the config file and apply it (``trigger``: what asked, for the log)."""
@@ -374,6 +380,8 @@ class Reloader:
             # Before its first probe, which reads an `auto` list at once.
             self._health.watch_models(name, routing["models_pending"])
             self._health.add(replica)
+        for callback in self._add_callbacks:
+            callback(replica)
 
     def set_routing(self, name: str, entry: ReplicaConfig | DiscoveryConfig) -> None:
         """New ``models`` or ``max_tokens_in_flight`` for a replica that stays. A list (or

@@ -1,22 +1,26 @@
 """Who waits, and in which order: the waiting policy behind one interface.
 
-The scheduler decides *when* a slot is free; a :class:`WaitQueue` decides *who* gets it. FIFO
-is the policy today; priority classes and tenant fairness (issue 8) are further implementations
-of the same interface, so the scheduler, its bounds and its guarantees do not change with them.
+The scheduler decides *when* a slot is free; a :class:`WaitQueue` decides *who* gets it.
+:class:`FifoQueue` is first come, first served; :class:`~proxy.core.policy.PolicyQueue` (the
+default) adds priority classes and deficit round-robin among tenants, and is FIFO with one
+class and one tenant. The scheduler, its bounds and its guarantees do not change with them.
 
 A policy must:
 
 * give every queued waiter a position (1: served next), which ``Retry-After`` uses;
 * remove any waiter in O(1) or close (a cancelled caller leaves at once, from anywhere);
 * honour ``front`` (a request that lost its slot through no fault of its own, e.g. a refused
-  connection, goes back ahead of everyone who arrived after it).
+  connection, goes back ahead of everyone who arrived after it);
+* find the first waiter, in its order, that the free replicas can serve
+  (:meth:`WaitQueue.pop_first`): the scheduler asks it when replicas differ in the models they
+  serve or the tokens they hold, and a waiter none can place must not hold back the others.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -93,6 +97,27 @@ class WaitQueue(ABC):
     def evictable(self, klass: int) -> Waiter | None:
         """The waiter to evict for a newcomer of class ``klass`` when the queue is full: the
         newest waiter of the lowest class below ``klass`` (None: nobody, or no classes)."""
+        return None
+
+    def claims(
+        self, klass: int, model_ok: Callable[[str | None], bool],
+        accept: Callable[[Waiter], bool],
+    ) -> bool:
+        """Whether a resend, or a waiter of class ``klass`` or higher, waits that passes
+        ``model_ok`` and ``accept``: it comes before a newcomer of class ``klass``."""
+        return any((w.front or w.klass <= klass) and model_ok(w.model) and accept(w)
+                   for w in self)
+
+    def would_be(self, waiter: Waiter, *, front: bool = False) -> int:
+        """The position ``waiter`` would have if pushed now (for early refusal)."""
+        return 1 if front else len(self) + 1
+
+    def set_classes(self, count: int) -> None:
+        """How many priority classes (a reload); a policy blind to classes ignores it."""
+        return None
+
+    def set_weights(self, weights: Mapping[str, float]) -> None:
+        """Tenant weights (a reload); a policy blind to tenants ignores them."""
         return None
 
     @abstractmethod

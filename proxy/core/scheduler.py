@@ -47,7 +47,8 @@ from proxy.core.errors import (
 )
 from proxy.core.estimate import RETRY_AFTER_MIN_S, ServiceTimes, retry_after_s, start_in_s
 from proxy.core.load import LoadBoard, Reading
-from proxy.core.queue import FifoQueue, Notify, Waiter, WaitQueue
+from proxy.core.policy import PolicyQueue
+from proxy.core.queue import Notify, Waiter, WaitQueue
 from proxy.core.replicas import ACTIVE, Replica, ReplicaSet
 
 __all__ = ["Grant", "Lease", "Replica", "Scheduler", "TenantPolicy", "Waiter"]
@@ -154,7 +155,9 @@ class Scheduler:
             raise ValueError(f"classes must be >= 1, got {classes}")
         self.classes = classes
         self.tenants = tenants if tenants is not None else NO_TENANTS
-        self._queue: WaitQueue = queue if queue is not None else FifoQueue()
+        self._queue: WaitQueue = (
+            queue if queue is not None else PolicyQueue(classes, self.tenants.weights)
+        )
         self._clock = clock
         self._rng = rng
         self._on_retired = on_retired
@@ -247,6 +250,7 @@ class Scheduler:
         """New weights and bounds; waiters keep their places (a bound lowered below a
         tenant's waiters refuses its next ones, it evicts none)."""
         self.tenants = policy
+        self._queue.set_weights(policy.weights)
 
     def set_classes(self, count: int) -> None:
         """How many priority classes. Raises ValueError while a waiter is of a class that
@@ -255,6 +259,7 @@ class Scheduler:
             raise ValueError(f"classes must be >= 1, got {count}")
         if any(klass >= count for klass, _ in self._depths):
             raise ValueError(f"cannot lower classes to {count}: requests of a higher one wait")
+        self._queue.set_classes(count)
         self.classes = count
 
     # -- decisions (synchronous) ---------------------------------------------------------
@@ -307,11 +312,17 @@ class Scheduler:
                 return lease
         if not 0 <= klass < self.classes:
             raise ValueError(f"class {klass} is not one of the {self.classes} classes")
-        if not front:
-            self._admit(size, deadline, tenant)
         waiter = Waiter(notify, deadline, size, model=model, klass=klass, tenant=tenant,
                         cost=cost)
+        if front:
+            self._enqueue(waiter, front)
+            return waiter
+        victims = self._admit(waiter)
+        for victim in victims:
+            self._evict(victim)
         self._enqueue(waiter, front)
+        if victims and not self._set.plain:
+            self._dispatch()  # a replica kept for a victim (a token budget) serves the next
         return waiter
 
     def withdraw(self, waiter: Waiter) -> Sequence[Grant]:
@@ -463,49 +474,82 @@ class Scheduler:
         candidates = self._set.candidates(model, cost)
         if not candidates:
             return None
-        if len(self._queue) and not front:
-            candidates = [r for r in candidates if not self._waits_for(r, klass)]
+        queue = self._queue
+        if len(queue) and not front:
+            # Free replicas are kept for waiters that do not fit them yet; one of those of
+            # this class or higher comes first, a lower one does not.
+            candidates = [
+                r for r in candidates
+                if not queue.claims(klass, r.serves, _always if r.max_tokens is None
+                                    else _fits_empty(r))
+            ]
         replica = self._set.choose(candidates, avoid)
         if replica is None:
             return None
         self._set.take(replica, cost)
         return Lease(self, replica, self._clock(), cost)
 
-    def _waits_for(self, replica: Replica, klass: int) -> bool:
-        """Whether a waiter of class ``klass`` or higher (or a resend) waits that ``replica``
-        could serve: it comes before a newcomer of class ``klass``."""
-        for waiter in self._queue:
-            if ((waiter.front or waiter.klass <= klass) and replica.serves(waiter.model)
-                    and replica.can_fit(waiter.cost)):
-                return True
-        return False
-
-    def _admit(self, size: int, deadline: float, tenant: str) -> None:
-        """The queue's bounds, for a request about to join it (not a resend)."""
+    def _admit(self, waiter: Waiter) -> list[Waiter]:
+        """The queue's bounds, for a request about to join it (not a resend): raises, or
+        returns the waiters of lower classes it evicts to take their place."""
         queue = self._queue
+        victims: list[Waiter] = []
         if len(queue) >= self.max_queue:
-            if self.max_queue == 0 and not self.any_healthy():
-                raise NoHealthyReplica("no healthy replica", retry_after_s=RETRY_AFTER_MIN_S)
-            raise QueueFull(
-                f"queue is full ({self.max_queue} waiting); retry later",
-                retry_after_s=self.retry_after_s(len(queue) + 1),
-            )
-        if self.queued_bytes + size > self.max_bytes:
-            raise QueueFull(
-                f"queue is full: this request's {size} bytes would take the queued "
-                f"request bodies past queue.max_bytes ({self.max_bytes} bytes); "
-                "retry later",
-                retry_after_s=self.retry_after_s(len(queue) + 1),
-            )
+            victim = queue.evictable(waiter.klass) if self.max_queue else None
+            if victim is None:
+                if self.max_queue == 0 and not self.any_healthy():
+                    raise NoHealthyReplica(
+                        "no healthy replica", retry_after_s=RETRY_AFTER_MIN_S
+                    )
+                raise QueueFull(
+                    f"queue is full ({self.max_queue} waiting); retry later",
+                    retry_after_s=self.retry_after_s(len(queue) + 1),
+                )
+            victims.append(victim)
+        excess = self.queued_bytes + waiter.size - self.max_bytes
+        if excess > 0:
+            excess -= sum(v.size for v in victims)
+            if excess > 0 and queue.evictable(waiter.klass) is not None:
+                # The newest of the lowest classes first, only if that makes room.
+                lower = sorted(
+                    (w for w in queue
+                     if not w.front and w.klass > waiter.klass and w not in victims),
+                    key=lambda w: (-w.klass, -w.seq),
+                )
+                for w in lower:
+                    if excess <= 0:
+                        break
+                    victims.append(w)
+                    excess -= w.size
+            if excess > 0:
+                raise QueueFull(
+                    f"queue is full: this request's {waiter.size} bytes would take the "
+                    f"queued request bodies past queue.max_bytes ({self.max_bytes} bytes); "
+                    "retry later",
+                    retry_after_s=self.retry_after_s(len(queue) + 1),
+                )
+        tenant = waiter.tenant
         bound = self.tenants.bound(tenant)
         if bound and self._per_tenant.get(tenant, 0) >= bound:
             raise QueueFull(
-                f"tenant {tenant!r} has {bound} requests waiting already, its max_queued; "
-                "retry later",
-                retry_after_s=self.retry_after_s(len(queue) + 1),
+                f"queue is full for tenant {tenant!r}: {bound} of its requests wait already "
+                "(its max_queued); retry later",
+                retry_after_s=self.retry_after_s(queue.would_be(waiter)),
             )
-        if deadline < math.inf:
-            self._refuse_if_unreachable(len(queue) + 1, deadline)
+        if waiter.deadline < math.inf:
+            self._refuse_if_unreachable(queue.would_be(waiter), waiter.deadline)
+        return victims
+
+    def _evict(self, victim: Waiter) -> None:
+        """A waiter of a lower class gives its place to a newcomer of a higher one."""
+        error = QueueFull(
+            "queue is full, and a request of a higher class took this one's place; "
+            "retry later",
+            retry_after_s=self.retry_after_s(self._queue.position(victim) or len(self._queue)),
+            waited=True,
+        )
+        self._unqueue(victim)
+        victim.notify(error)
 
     def _refuse_if_unreachable(self, position: int, deadline: float) -> None:
         # Only on the way into the queue (the fast path never gets here): a caller told now
@@ -718,3 +762,11 @@ class _Placer:
             return False
         self.chosen = self._set.choose(fitting)
         return True
+
+
+def _always(waiter: Waiter) -> bool:
+    return True
+
+
+def _fits_empty(replica: Replica) -> Callable[[Waiter], bool]:
+    return lambda waiter: replica.can_fit(waiter.cost)

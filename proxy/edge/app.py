@@ -10,6 +10,7 @@ from aiohttp import web
 from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 
 from proxy.config import AUTO, Config, LiveConfig, TlsConfig, UpstreamConfig
+from proxy.control.adaptive import ADAPTIVE, AdaptiveCaps
 from proxy.control.discovery import Discovery, Lookup
 from proxy.control.drain import Lifecycle
 from proxy.control.health import HealthChecker, Timing
@@ -208,6 +209,15 @@ def create_app(
                                                ssl=tls, timing=timing)
         poller.start()
         reloader.attach(app[UPSTREAMS], app[HEALTH], app[LIGHT].slots)
+        # Adaptive caps (replicas[].adaptive, discovery[].adaptive): a loop per such replica,
+        # following reloads and discovery through the Reloader's hooks.
+        adaptive = app[ADAPTIVE] = AdaptiveCaps(
+            scheduler, lambda: live.current, app[METRICS], pools=app[UPSTREAMS], ssl=tls,
+            credentials=app[AUTH].upstream_headers, timing=timing)
+        reloader.on_add(adaptive.add)
+        reloader.on_retire(adaptive.remove)
+        reloader.on_reload(adaptive.reconfigure)
+        adaptive.start()
         # After attach: what it finds gets pools and probes like any replica.
         discovery.start()
         try:
@@ -215,6 +225,7 @@ def create_app(
         finally:
             await app[LIFECYCLE].close()  # a drain still running (in-process use)
             await discovery.close()
+            await adaptive.close()
             await poller.close()
             await app[HEALTH].close()
             await app[UPSTREAMS].close()

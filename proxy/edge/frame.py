@@ -83,7 +83,8 @@ def json_error(
     )
 
 
-def _end_with(exchange: Exchange, err: ProxyError) -> None:
+def end_with(exchange: Exchange, err: ProxyError) -> None:
+    """The outcome ``err`` gives an exchange: what metrics and the access log record."""
     if isinstance(err, UpstreamError):
         exchange.end(Outcome.UPSTREAM_ERROR, err.kind)
     else:
@@ -139,7 +140,7 @@ class Frame:
             return response
         except ProxyError as err:
             exchange.status = err.status
-            _end_with(exchange, err)
+            end_with(exchange, err)
             # "queued": never sent anywhere, or only to replicas that never got it (a
             # refused connection, a rejection); a request that may have reached one is not.
             answer = json_error(err, request_id, undelivered=exchange.stage == "queued")

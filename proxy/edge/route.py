@@ -1,5 +1,6 @@
 """What the edge decides about a request before it asks for a slot: its class, its tenant, and
-(only when a feature needs it) its model and token cost from one parse of the body.
+(only when a feature needs it) its model, token cost and stream flag from one parse of the
+body.
 
 The order (README "Scheduling"): the frame checks the API key (401) -> :meth:`Routing.klass`
 reads ``X-Batchgate-Class`` (400 on a name not in ``scheduling.classes``, the body still
@@ -36,8 +37,9 @@ TENANT_MAX_CHARS = 64
 NO_HEADER_TENANT = ""
 
 
-#: What :meth:`Routing.route` says when nothing needs the body: any replica, no cost.
-NO_ROUTE: tuple[str | None, int] = (None, 0)
+#: What :meth:`Routing.route` says when nothing needs the body: any replica, no cost, not
+#: known to stream.
+NO_ROUTE: tuple[str | None, int, bool] = (None, 0, False)
 
 
 class Routing:
@@ -60,8 +62,7 @@ class Routing:
         self.routed = any(e.models is not None for e in entries)
         #: Some replica has a token budget: requests carry a cost.
         self.budgeted = any(e.max_tokens_in_flight is not None for e in entries)
-        heartbeat = float(getattr(config.queue, "sse_heartbeat_s", 0) or 0)
-        self.needs_demand = self.routed or self.budgeted or heartbeat > 0
+        self.needs_demand = self.routed or self.budgeted or config.queue.sse_heartbeat_s > 0
         self.scheduling = scheduling = config.scheduling
         self._ranks = {name: rank for rank, name in enumerate(scheduling.classes)}
         self._default = (self._ranks[scheduling.default_class], scheduling.default_class)
@@ -97,10 +98,11 @@ class Routing:
                              f"{TENANT_MAX_CHARS} characters, got {len(value)}")
         return value
 
-    def route(self, body: bytes, exchange: Exchange) -> tuple[str | None, int]:
-        """(model, cost) for the scheduler. The body is parsed once, and only when something
-        needs it (else the log's model comes from the byte scan); the prompt's characters are
-        kept for :meth:`learn`."""
+    def route(self, body: bytes, exchange: Exchange) -> tuple[str | None, int, bool]:
+        """(model, cost) for the scheduler, and whether the request streams (an SSE heartbeat
+        while it waits). The body is parsed once, and only when something needs it (else the
+        log's model comes from the byte scan); the prompt's characters are kept for
+        :meth:`learn`."""
         if not self.needs_demand:
             exchange.model = request_model(body)
             return NO_ROUTE
@@ -110,10 +112,10 @@ class Routing:
             exchange.prompt_chars = demand.prompt_chars  # text only: ids teach no ratio
         return self.ask(demand)
 
-    def ask(self, demand: Demand) -> tuple[str | None, int]:
+    def ask(self, demand: Demand) -> tuple[str | None, int, bool]:
         cost = demand.cost(self.scheduling.default_max_tokens, self.ratio.value) \
             if self.budgeted else 0
-        return (demand.model if self.routed else None), cost
+        return (demand.model if self.routed else None), cost, demand.stream
 
     def learn(self, exchange: Exchange) -> None:
         """A request is over: its prompt's characters against the tokens its replica reported

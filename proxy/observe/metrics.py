@@ -59,8 +59,9 @@ DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0
 
 
 #: The `where` label of `batchgate_internal_errors_total`: the observers, each guarded alone
-#: (``health``: the outcome feed of passive outlier ejection; ``discovery``: a lookup loop).
-INTERNAL_ERROR_SITES = ("usage", "metrics", "access_log", "health", "discovery")
+#: (``health``: the outcome feed of passive outlier ejection; ``discovery``: a lookup loop;
+#: ``adaptive``: an adaptive cap's loop).
+INTERNAL_ERROR_SITES = ("usage", "metrics", "access_log", "health", "discovery", "adaptive")
 #: The `result` label of `batchgate_config_reloads_total`.
 RELOAD_RESULTS = ("success", "failure")
 
@@ -107,7 +108,7 @@ class SchedulerCollector(Collector):
         )
         capacity = GaugeMetricFamily(
             "batchgate_replica_max_concurrency",
-            "Configured concurrency of the replica (max_concurrency).",
+            "Concurrency cap of the replica: max_concurrency, or where adaptive moved it.",
             labels=["replica"],
         )
         healthy = GaugeMetricFamily(
@@ -276,6 +277,20 @@ class Metrics:
             "reload).",
             registry=r,
         )
+        # Adaptive caps (proxy.control.adaptive): only for replicas with `adaptive`, from the
+        # moment their loop starts, at 0.
+        self.engine_waiting = Gauge(
+            "batchgate_replica_engine_waiting",
+            "Requests queued inside the replica's engine, as its /metrics last said (replicas "
+            "with adaptive only; 0 until the first reading, kept while readings fail).",
+            ["replica"], registry=r,
+        )
+        self.adaptive_scrape_errors = Counter(
+            "batchgate_adaptive_scrape_errors",
+            "Failed reads of an adaptive replica's /metrics (refused, timeout, not 200, not "
+            "Prometheus text, no known series); its cap stays where it was.",
+            ["replica"], registry=r,
+        )
         # process_* (CPU, resident memory, open and max file descriptors, start time): not in
         # a custom registry unless registered there.
         ProcessCollector(registry=r)
@@ -341,6 +356,23 @@ class Metrics:
         """No entry looks ``dns`` up any more (a reload removed it): its series goes."""
         with contextlib.suppress(KeyError):
             self.discovery_errors.remove(dns)
+
+    def adaptive_watch(self, replica: str) -> None:
+        """An adaptive loop starts for ``replica``: its series exist from now, at 0."""
+        self.engine_waiting.labels(replica)
+        self.adaptive_scrape_errors.labels(replica)
+
+    def adaptive_reading(self, replica: str, waiting: float) -> None:
+        self.engine_waiting.labels(replica).set(waiting)
+
+    def adaptive_scrape_error(self, replica: str) -> None:
+        self.adaptive_scrape_errors.labels(replica).inc()
+
+    def adaptive_forget(self, replica: str) -> None:
+        """The loop stopped (the replica went, or its `adaptive` did): its series go."""
+        for metric in (self.engine_waiting, self.adaptive_scrape_errors):
+            with contextlib.suppress(KeyError):
+                metric.remove(replica)
 
     def config_loaded(self, when: float) -> None:
         """The config in force was loaded at ``when`` (Unix time): at startup, or reloaded."""

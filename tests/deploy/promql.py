@@ -78,13 +78,16 @@ CATALOGUE: dict[str, Labels] = {
     **_histogram("batchgate_request_duration_seconds", {"route": _ROUTES}),
     "batchgate_tokens_total": {"replica": ANY, "kind": frozenset({"prompt", "completion"})},
     "batchgate_internal_errors_total": {
-        "where": frozenset({"usage", "metrics", "access_log", "health", "discovery"}),
+        "where": frozenset({"usage", "metrics", "access_log", "health", "discovery",
+                            "adaptive"}),
     },
     "batchgate_access_log_dropped_total": {},
     "batchgate_build_info": {"version": ANY},
     "batchgate_config_reloads_total": {"result": frozenset({"success", "failure"})},
     "batchgate_config_last_reload_success_timestamp_seconds": {},
     "batchgate_discovery_errors_total": {"dns": ANY},
+    "batchgate_replica_engine_waiting": _REPLICA,
+    "batchgate_adaptive_scrape_errors_total": _REPLICA,
     # prometheus-client's process collector (Linux).
     "process_cpu_seconds_total": {},
     "process_virtual_memory_bytes": {},

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from proxy.config import Config, DiscoveryConfig, ReplicaConfig, SchedulingConfig
+from proxy.config import Config, DiscoveryConfig, QueueConfig, ReplicaConfig, SchedulingConfig
 from proxy.core.errors import BadRequest
 from proxy.edge import route
 from proxy.edge.route import Routing
@@ -36,7 +36,7 @@ def test_without_models_or_budgets_the_body_is_never_parsed(
     monkeypatch.setattr(route, "parse_demand", parse)
     routing = Routing(config())
     e = exchange()
-    assert routing.route(BODY, e) == (None, 0)
+    assert routing.route(BODY, e) == (None, 0, False)
     assert e.model == "chat" and e.prompt_chars is None
 
 
@@ -44,22 +44,22 @@ def test_models_route_by_the_parsed_model_without_a_cost() -> None:
     routing = Routing(config(models=("chat",)))
     assert (routing.routed, routing.budgeted, routing.needs_demand) == (True, False, True)
     e = exchange()
-    assert routing.route(BODY, e) == ("chat", 0)
+    assert routing.route(BODY, e) == ("chat", 0, False)
     assert e.model == "chat" and e.prompt_chars == 400
 
 
 def test_a_token_budget_gives_a_cost_calibrated_by_usage() -> None:
     routing = Routing(config(max_tokens_in_flight=1000))
     e = exchange()
-    assert routing.route(BODY, e) == (None, 100 + 10)  # 400 chars / 4, + max_tokens
+    assert routing.route(BODY, e) == (None, 100 + 10, False)  # 400 chars / 4, + max_tokens
     e.prompt_tokens = 200  # the replica said: 2 characters per token
     routing.learn(e)
     assert routing.ratio.value == 2.0
-    assert routing.route(BODY, exchange()) == (None, 200 + 10)
+    assert routing.route(BODY, exchange()) == (None, 200 + 10, False)
     # Without max_tokens: scheduling.default_max_tokens.
     small = Routing(dataclasses.replace(config(max_tokens_in_flight=1000),
                                         scheduling=SchedulingConfig(default_max_tokens=7)))
-    assert small.route(b'{"prompt": "abcd"}', exchange()) == (None, 1 + 7)
+    assert small.route(b'{"prompt": "abcd", "stream": true}', exchange()) == (None, 1 + 7, True)
 
 
 def test_discovery_entries_count_and_a_reload_reconfigures() -> None:
@@ -69,6 +69,13 @@ def test_discovery_entries_count_and_a_reload_reconfigures() -> None:
     assert routing.routed
     routing.configure(config())
     assert not routing.needs_demand
+
+
+def test_sse_heartbeats_need_the_stream_flag_so_the_body_is_parsed() -> None:
+    heartbeat = dataclasses.replace(config(), queue=QueueConfig(sse_heartbeat_s=5.0))
+    routing = Routing(heartbeat)
+    assert routing.needs_demand and not routing.routed and not routing.budgeted
+    assert routing.route(b'{"model": "m", "stream": true}', exchange()) == (None, 0, True)
 
 
 SCHEDULING = SchedulingConfig(classes=("gold", "silver", "bronze"), default_class="silver",
