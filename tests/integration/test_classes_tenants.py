@@ -163,6 +163,9 @@ async def test_a_token_budget_keeps_two_costly_requests_apart_and_refuses_one_to
     second = asyncio.create_task(client.post(p.url + COMPLETIONS, json=costly))
     await until(lambda: p.scheduler.queue_depth == 1, "the second waits: its cost does not fit")
     assert r.in_flight == 1  # a slot is free (max_concurrency 4), the budget is not
+    async with client.get(p.url + "/admin/replicas") as shown:
+        [entry] = await shown.json()
+    assert (entry["tokens_in_flight"], entry["max_tokens_in_flight"]) == (61, 100)
     # Larger than the budget of an empty replica: 400 at once, never queued.
     async with client.post(p.url + COMPLETIONS,
                            json={"prompt": "abcd", "max_tokens": 500}) as answer:
@@ -173,3 +176,35 @@ async def test_a_token_budget_keeps_two_costly_requests_apart_and_refuses_one_to
     for task in (first, second):
         assert (await task).status == 200
     assert r.peak == 1  # never both at once
+
+
+async def test_a_full_queue_evicts_the_newest_batch_waiter_for_an_interactive_one(
+    replicas: Factory, proxy: Factory, client: aiohttp.ClientSession
+) -> None:
+    r: FakeReplica = await replicas("r")
+    config = with_keys(make_config(("r", r.url, 1), max_queue=2),
+                       ApiKey("web", KEYS["web"], "interactive"),
+                       ApiKey("etl", KEYS["etl"], "batch"))
+    p: Proxy = await proxy(config)
+    held = await hold_the_slot(client, p, r, bearer("etl"))
+    older = asyncio.create_task(client.post(p.url + COMPLETIONS, headers=bearer("etl"),
+                                            json={"who": "etl-old"}))
+    await queued(p, 1)
+    newest = asyncio.create_task(client.post(p.url + COMPLETIONS, headers=bearer("etl"),
+                                             json={"who": "etl-new"}))
+    await queued(p, 2)
+    urgent = asyncio.create_task(client.post(p.url + COMPLETIONS, headers=bearer("web"),
+                                             json={"who": "web"}))
+    evicted = await newest  # told at once, while the others still wait
+    assert evicted.status == 429
+    assert (await evicted.json())["error"]["code"] == "queue_full"
+    assert "Retry-After" in evicted.headers
+    assert evicted.headers["X-Batchgate-Rejected"] == "queue_full"  # a tier in front resends
+    assert p.scheduler.queue_depth == 2
+    # Another batch request finds the queue full of equal or higher classes: refused itself.
+    async with client.post(p.url + COMPLETIONS, headers=bearer("etl"), json={}) as answer:
+        assert answer.status == 429
+    r.steps.put_nowait(None)
+    for task in (held, older, urgent):
+        assert (await task).status == 200
+    assert dispatched(r) == ["first", "web", "etl-old"]
