@@ -1,10 +1,11 @@
 """Adaptive caps: one loop per replica with ``adaptive``, moving its cap with its engine's load.
 
 Every ``adaptive.interval_s`` (±10 %, as the health probes: replicas are not read in
-lock-step) the loop GETs the replica's ``/metrics`` (:mod:`proxy.control.enginemetrics`
-reads it), asks the rule (:func:`proxy.core.adaptive.next_cap`) for the next cap and applies
-it through the scheduler: a raised cap grants waiters their slots in that very step; a
-lowered one cuts nothing, the replica gets no new work until it is under it.
+lock-step) the loop has read the replica's ``/metrics`` :data:`SAMPLES` times, evenly over the
+interval (:mod:`proxy.control.enginemetrics` reads each; :func:`~proxy.core.adaptive.merge`
+keeps the smallest queue), asks the rule (:func:`proxy.core.adaptive.next_cap`) for the next
+cap and applies it through the scheduler: a raised cap grants waiters their slots in that very
+step; a lowered one cuts nothing, the replica gets no new work until it is under it.
 
 What always holds:
 
@@ -40,7 +41,7 @@ from aiohttp import web
 from proxy.config import AdaptiveConfig, Config
 from proxy.control.enginemetrics import MAX_BODY_BYTES, parse
 from proxy.control.health import Timing, probe_delay
-from proxy.core.adaptive import CapState, EngineReading, next_cap
+from proxy.core.adaptive import CapState, EngineReading, merge, next_cap
 from proxy.core.replicas import Replica
 from proxy.core.scheduler import Scheduler
 from proxy.observe.metrics import Metrics
@@ -48,6 +49,11 @@ from proxy.observe.metrics import Metrics
 log = logging.getLogger("batchgate.adaptive")
 
 METRICS_PATH = "/metrics"
+#: Scrapes per reading, spread over the interval: the rule sees their smallest queue. A
+#: request that arrives while the engine is mid-step waits for the next step (tens of ms),
+#: so one scrape in three shows a "queue" on an engine with room; a standing queue is in
+#: every sample.
+SAMPLES = 4
 #: The longest one scrape may take: the interval, within these bounds (a slow scrape only
 #: delays the next one; the loop never runs two at once).
 SCRAPE_TIMEOUT_S = 5.0
@@ -214,7 +220,20 @@ class AdaptiveCaps:
                 # tries again, and the fault is counted.
                 log.exception("adaptive cap of %s failed (a bug)", track.replica.name)
                 self._metrics.internal_error("adaptive")
-            await self._timing.sleep(probe_delay(track.settings.interval_s, self._timing.rng))
+            await self._pause(track)
+
+    async def _pause(self, track: _Track) -> None:
+        """The wait before the next sample: the interval over SAMPLES, jittered."""
+        spacing = track.settings.interval_s / SAMPLES
+        await self._timing.sleep(probe_delay(spacing, self._timing.rng))
+
+    async def read(self, track: _Track) -> EngineReading:
+        """One reading: SAMPLES scrapes, spaced over the interval, merged."""
+        samples = [await self.scrape(track.replica, track.settings)]
+        for _ in range(SAMPLES - 1):
+            await self._pause(track)
+            samples.append(await self.scrape(track.replica, track.settings))
+        return merge(samples)
 
     async def step(self, name: str) -> CapState | None:
         """Read the engine of replica ``name`` once and apply the rule; the new state."""
@@ -222,7 +241,7 @@ class AdaptiveCaps:
         if track is None:
             return None
         try:
-            engine = await self.scrape(track.replica, track.settings)
+            engine = await self.read(track)
         except ScrapeError as err:
             self._metrics.adaptive_scrape_error(name)
             if not track.failing:

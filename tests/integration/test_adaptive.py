@@ -45,8 +45,10 @@ async def test_the_cap_settles_at_the_engines_batch_limit(proxy: Factory) -> Non
     config = Config(
         replicas=(ReplicaConfig(
             name="sim", max_concurrency=1,
-            simulated=SimulatedConfig(max_batch=16, time_scale=0.02),
-            adaptive=AdaptiveConfig(min=1, max=128, interval_s=INTERVAL_S)),),
+            # Steps of about 9 ms and readings 0.2 s apart (samples 50 ms apart): both well
+            # above what a busy event loop adds to a request's way to the engine.
+            simulated=SimulatedConfig(max_batch=16, time_scale=0.2),
+            adaptive=AdaptiveConfig(min=1, max=128, interval_s=0.2)),),
         server=ServerConfig(host="127.0.0.1", port=0),
     )
     async with embedded_replicas(config) as resolved:
@@ -68,7 +70,7 @@ async def test_the_cap_settles_at_the_engines_batch_limit(proxy: Factory) -> Non
             return len(tail) == 8 and len(set(tail)) == 1 and readings > 20
 
         stop = asyncio.Event()
-        load = asyncio.create_task(callers(p.url, 40, stop, {"prompt": "hi", "max_tokens": 100}))
+        load = asyncio.create_task(callers(p.url, 40, stop, {"prompt": "hi", "max_tokens": 50}))
         try:
             await until(settled, "the cap stays put for 8 readings", bound=60)
         finally:

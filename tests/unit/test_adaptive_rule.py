@@ -165,3 +165,13 @@ def test_converges_to_the_engines_batch_limit(batch: int, start: int, seed: int)
     settled = caps[300:]
     assert all(target - 3 <= cap <= target + 1 for cap in settled)
     assert sum(min(cap, batch) for cap in settled) >= 0.97 * target * len(settled)
+
+
+def test_merge_keeps_the_smallest_queue_the_largest_batch_and_the_fullest_cache() -> None:
+    from proxy.core.adaptive import merge
+
+    samples = [EngineReading(waiting=2, running=15, kv_usage=0.5),
+               EngineReading(waiting=0, running=16, kv_usage=0.7),  # the arrival got in
+               EngineReading(waiting=1, running=None, kv_usage=None)]
+    assert merge(samples) == EngineReading(waiting=0, running=16, kv_usage=0.7)
+    assert merge([EngineReading(kv_usage=0.2)]) == EngineReading(kv_usage=0.2)
