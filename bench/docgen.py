@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import report
+import scheduling
 from soak import keep_soak
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,6 +81,37 @@ def _profile(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _scheduling_method(results: dict[str, Any]) -> str:
+    tenants = results.get("tenants") or {}
+    budget = results.get("budget") or {}
+    out = []
+    if tenants:
+        sim = tenants["sim"]
+        out.append(
+            f"- **Two tenants** (`tenants`): `batchgate sim --max-batch {sim['max_batch']} "
+            f"--time-scale {sim['time_scale']:g}` behind batchgate (`max_concurrency: "
+            f"{tenants['max_concurrency']}`); a batch tenant sends {tenants['flood']} "
+            f"{tenants['max_tokens']}-token requests at once; once they are queued, an "
+            f"interactive tenant sends one every {tenants['trickle_s'] * 1000:.0f} ms until the "
+            "flood has drained. The interactive requests' `X-Batchgate-Queue-Ms`: `fifo` has no "
+            "`scheduling` (one tenant, one class); `fair` sets `scheduling.tenant_header` (fair "
+            "share between the two tenants, one class); `classes` adds `scheduling.classes: "
+            "[interactive, batch]` with the trickle sending `X-Batchgate-Class: interactive`.")
+    if budget:
+        sim = budget["sim"]
+        (_, lp, lm), (_, sp, sm) = budget["long"], budget["short"]
+        out.append(
+            f"- **Token budget** (`budget`): `batchgate sim --kv-tokens {budget['kv_tokens']} "
+            f"--max-batch {sim['max_batch']} --time-scale {sim['time_scale']:g}`; "
+            f"{budget['requests']} requests at once, {budget['long'][0] * 100:.0f} % long "
+            f"({lp} prompt token ids, `max_tokens: {lm}`), the rest short ({sp}, {sm}), through "
+            f"batchgate with `max_concurrency: {budget['cap']}` alone (`count_only`) and with "
+            f"`max_tokens_in_flight: {budget['kv_tokens']}` as well (`token_budget`); the "
+            "engine's `vllm:num_preemptions_total` over the run, the peak of "
+            "`vllm:kv_cache_usage_perc` (sampled every 50 ms), completion tokens/s.")
+    return "\n".join(out) or "Not run."
+
+
 def _instructions(results_dir: Path) -> str:
     """The newest ``make bench-instructions`` figures (bench/instructions.py), if any."""
     runs = sorted(results_dir.glob("*-instructions.json"))
@@ -104,7 +136,9 @@ def _adaptive(results: dict[str, Any], results_dir: Path) -> str:
     of that phase alone (``--only adaptive``), named with its date."""
     data, source = results.get("adaptive"), "this run"
     if not data:
-        runs = sorted(p for p in results_dir.glob("*-adaptive.json") if "quick" not in p.name)
+        runs = sorted(p for p in results_dir.glob("*-only-*.json")
+                      if "adaptive" in p.stem.split("-only-", 1)[1].split("-")
+                      and "quick" not in p.name)
         if not runs:
             return "No run of the `adaptive` phase is on record yet."
         other = json.loads(runs[-1].read_text())
@@ -233,6 +267,12 @@ the machine's noise moves far less than a rate.
 ## Adaptive concurrency: convergence
 
 {_adaptive(results, ROOT / "bench" / "results")}
+
+## Scheduling (issue 10)
+
+{_scheduling_method(results)}
+
+{scheduling.markdown(results)}
 
 ## P3 steps
 

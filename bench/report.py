@@ -125,6 +125,13 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         worst = max((abs(row["vs_seed"]) for row in seed["rows"]), default=None)
         _target(out, "Seed table: every total within 5 % of the seed's", worst,
                 bool(seed["met"]), "worst deviation")
+    budget = (results.get("budget") or {}).get("variants") or {}
+    if "preemptions" in budget.get("token_budget", {}):
+        count_only = budget.get("count_only", {}).get("preemptions")
+        _target(out, "Token budget: no engine preemption with max_tokens_in_flight = the KV "
+                f"budget (count-only cap: {_fmt(count_only)})",
+                budget["token_budget"]["preemptions"],
+                budget["token_budget"]["preemptions"] == 0, "preemptions")
     return out
 
 

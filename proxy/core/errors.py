@@ -54,6 +54,42 @@ class DeadlineUnreachable(ProxyError):
     reason = "deadline_unreachable"
 
 
+class ModelNotFound(ProxyError):
+    """No replica serves the request's ``model``: 404 at once, without a slot or a wait."""
+
+    status = 404
+    type = "invalid_request_error"
+    reason = "model_not_found"
+
+    def __init__(self, model: str, *, waited: bool = False) -> None:
+        super().__init__(
+            f"The model {model!r} is not served by any replica (GET /v1/models lists those "
+            "that are)", waited=waited,
+        )
+        self.model = model
+
+
+class RequestTooLarge(ProxyError):
+    """The request's token cost is over the ``max_tokens_in_flight`` of every replica that
+    serves its model: it could never be dispatched, so it is refused rather than left to wait."""
+
+    status = 400
+    type = "invalid_request_error"
+    reason = "request_too_large"
+
+    def __init__(
+        self, cost: int, largest: int, model: str | None, *, waited: bool = False
+    ) -> None:
+        serving = "" if model is None else f" serving {model!r}"
+        super().__init__(
+            f"this request needs about {cost} tokens (its prompt estimate plus max_tokens), "
+            f"more than the largest max_tokens_in_flight ({largest}) of the replicas{serving}; "
+            "lower max_tokens or shorten the prompt", waited=waited,
+        )
+        self.cost = cost
+        self.largest = largest
+
+
 class NoHealthyReplica(ProxyError):
     """No replica could take the request (all failed their health checks)."""
 

@@ -10,6 +10,10 @@ still held work: no new work, it finishes what it holds) -> ``removed`` (gone fr
 last lease returned). Health is separate from that life: an unhealthy active replica keeps its
 slots and gets work again the moment it is healthy.
 
+What a replica serves (issue 10): ``models`` (None: model-blind, any model), or a list still
+being read (``models_pending``: serves no named model yet); ``max_tokens`` bounds the token
+cost of its leases together, besides ``max_concurrency`` bounding their count.
+
 Health (``Replica.health``) is one of ``healthy``, ``unhealthy`` (its probes, a refused
 connection or a stall say so) and ``ejected`` (passive outlier ejection: too many real requests
 failed; see :mod:`proxy.core.outlier`). Ejection wins over the probes' verdict: an ejected
@@ -38,18 +42,34 @@ class Replica:
     """One upstream engine and its slots.
 
     Invariant (kept by :class:`ReplicaSet`): ``0 <= in_flight``, and no lease is granted while
-    ``in_flight >= max_concurrency``. Lowering the limit below ``in_flight`` cuts nothing: the
-    work in flight finishes, and the replica gets new work once it is under the new limit.
+    ``in_flight >= max_concurrency``, nor one of cost ``c`` while ``tokens_in_flight + c >
+    max_tokens``. Lowering either limit cuts nothing: the work in flight finishes, and the
+    replica gets new work once it is under the new limit.
+
+    ``models``: the model names it serves (None: model-blind, it takes any model).
+    ``models_pending``: its list is to be read from the replica (``models: auto``) and was
+    not yet: it serves no named model for now (a request for a model nobody else serves waits
+    for it rather than 404). A request that names no model goes to any replica.
     """
 
     __slots__ = ("ejected_until", "health", "healthy", "in_flight", "index", "max_concurrency",
-                 "name", "state", "up", "url")
+                 "max_tokens", "models", "models_pending", "name", "state", "tokens_in_flight",
+                 "up", "url")
 
     def __init__(
-        self, name: str, url: str, max_concurrency: int, index: int = 0, *, healthy: bool = True
+        self, name: str, url: str, max_concurrency: int, index: int = 0, *, healthy: bool = True,
+        models: frozenset[str] | None = None, models_pending: bool = False,
+        max_tokens: int | None = None,
     ) -> None:
         _check_limit(max_concurrency)
+        _check_tokens(max_tokens)
         self.name = name
+        self.models = models
+        self.models_pending = models_pending
+        #: ``replicas[].max_tokens_in_flight`` (None: no token budget).
+        self.max_tokens = max_tokens
+        #: The sum of the costs of its leases.
+        self.tokens_in_flight = 0
         self.url = url
         self.max_concurrency = max_concurrency
         self.index = index
@@ -76,6 +96,23 @@ class Replica:
     def takes_work(self) -> bool:
         return self.healthy and self.state == ACTIVE
 
+    def serves(self, model: str | None) -> bool:
+        """Whether it serves ``model`` now (None, no model named: every replica does)."""
+        if model is None:
+            return True
+        models = self.models
+        if models is None:
+            return not self.models_pending
+        return model in models
+
+    def can_fit(self, cost: int) -> bool:
+        """Whether a lease of ``cost`` fits it when it holds nothing (else it never will)."""
+        return self.max_tokens is None or cost <= self.max_tokens
+
+    def fits(self, cost: int) -> bool:
+        """Whether a lease of ``cost`` fits its free tokens now."""
+        return self.max_tokens is None or self.tokens_in_flight + cost <= self.max_tokens
+
     def less_loaded_than(self, other: Replica) -> bool:
         """``in_flight / max_concurrency`` compared exactly, without floats."""
         return self.in_flight * other.max_concurrency < other.in_flight * self.max_concurrency
@@ -91,10 +128,15 @@ def _check_limit(max_concurrency: int) -> None:
         raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
 
 
+def _check_tokens(max_tokens: int | None) -> None:
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens_in_flight must be >= 1, got {max_tokens}")
+
+
 class ReplicaSet:
     """Every replica and its slots; the only code that changes ``in_flight`` or health."""
 
-    __slots__ = ("_next", "_replicas", "_rng", "load")
+    __slots__ = ("_next", "_replicas", "_rng", "load", "plain")
 
     def __init__(
         self,
@@ -104,6 +146,9 @@ class ReplicaSet:
         rng: Callable[[], float] = random.random,
     ) -> None:
         self._replicas: tuple[Replica, ...] = ()
+        #: No replica names its models, waits for them or has a token budget: any replica
+        #: takes any request, and the scheduler keeps to its fast paths.
+        self.plain = True
         self._next = 0  # round-robin start for tie-breaking
         #: The replicas' own load readings (batchgate sidecars); see :mod:`proxy.core.load`.
         self.load = load if load is not None else LoadBoard(max_age_s=0.0)
@@ -143,8 +188,11 @@ class ReplicaSet:
 
     # -- slots (the hot path) ------------------------------------------------------------
 
-    def pick(self, avoid: Replica | None = None) -> Replica | None:
+    def pick(self, avoid: Replica | None = None, cost: int = 0) -> Replica | None:
         """The replica that takes work with a free slot and the lowest load; ties round-robin.
+
+        For :attr:`plain` sets only (it checks neither models nor tokens); the lease's
+        ``cost`` is counted on the replica picked. Otherwise :meth:`choose` and :meth:`take`.
 
         With load readings (replicas that are batchgates reporting their load), the one with
         the most room among those with a free local slot (see :meth:`_pick_by_room`).
@@ -173,8 +221,44 @@ class ReplicaSet:
                 best = avoid
         if best is not None:
             best.in_flight += 1
+            best.tokens_in_flight += cost
             self._next = (best.index + 1) % len(self._replicas)
         return best
+
+    def candidates(self, model: str | None, cost: int) -> list[Replica]:
+        """Replicas that could take a lease for ``model`` of ``cost`` now, in round-robin
+        order from the next one's turn."""
+        replicas = self._replicas
+        count = len(replicas)
+        start = self._next
+        found = []
+        for offset in range(count):
+            r = replicas[(start + offset) % count]
+            if _usable(r) and r.serves(model) and r.fits(cost):
+                found.append(r)
+        return found
+
+    def choose(self, candidates: list[Replica], avoid: Replica | None = None) -> Replica | None:
+        """Among ``candidates`` (each able to take the lease now, in round-robin order, as
+        :meth:`candidates` gives them), the one :meth:`pick` would take: the most room by
+        the load readings if there are any, else the least loaded, the first on a tie."""
+        if avoid is not None and len(candidates) > 1 and avoid in candidates:
+            candidates = [r for r in candidates if r is not avoid]
+        if not candidates:
+            return None
+        if self.load.readings:
+            return self._best_by_room(candidates)
+        best = candidates[0]
+        for replica in candidates[1:]:
+            if replica.less_loaded_than(best):
+                best = replica
+        return best
+
+    def take(self, replica: Replica, cost: int) -> None:
+        """A lease of ``cost`` on ``replica`` (one :meth:`choose` returned)."""
+        replica.in_flight += 1
+        replica.tokens_in_flight += cost
+        self._next = (replica.index + 1) % len(self._replicas)
 
     def _pick_by_room(self, avoid: Replica | None) -> Replica | None:
         """The most room by the freshest readings; power-of-two-choices among equals.
@@ -192,6 +276,9 @@ class ReplicaSet:
             candidates = [avoid] if avoid is not None and _usable(avoid) else []
             if not candidates:
                 return None
+        return self._best_by_room(candidates)
+
+    def _best_by_room(self, candidates: list[Replica]) -> Replica:
         load = self.load
         rooms = [load.room(r) for r in candidates]
         if None in rooms:
@@ -212,9 +299,10 @@ class ReplicaSet:
         a, b = tied[first], tied[second]
         return b if b.less_loaded_than(a) else a
 
-    def give_back(self, replica: Replica) -> bool:
+    def give_back(self, replica: Replica, cost: int = 0) -> bool:
         """A slot comes back. True if that was a draining replica's last one (now removed)."""
         replica.in_flight -= 1
+        replica.tokens_in_flight -= cost
         if replica.state == DRAINING and replica.in_flight == 0:
             self._drop(replica)
             return True
@@ -222,14 +310,35 @@ class ReplicaSet:
 
     # -- changes (each returns what it decided) ------------------------------------------
 
-    def add(self, name: str, url: str, max_concurrency: int, *, healthy: bool = True) -> Replica:
+    def add(
+        self, name: str, url: str, max_concurrency: int, *, healthy: bool = True,
+        models: frozenset[str] | None = None, models_pending: bool = False,
+        max_tokens: int | None = None,
+    ) -> Replica:
         """A new replica, active, and healthy until probed (unless ``healthy`` is False:
         it then waits for its first passing probe): capacity appears."""
         if self.get(name) is not None:
             raise ValueError(f"replica {name!r} already exists")
-        replica = Replica(name, url, max_concurrency, healthy=healthy)
+        replica = Replica(name, url, max_concurrency, healthy=healthy, models=models,
+                          models_pending=models_pending, max_tokens=max_tokens)
         self._insert(replica)
         return replica
+
+    def set_models(self, replica: Replica, models: frozenset[str] | None) -> bool:
+        """Its list of models, read (pending no more). True if it may serve more now."""
+        replica.models = models
+        replica.models_pending = False
+        self._replan()
+        return replica.takes_work
+
+    def set_token_limit(self, replica: Replica, max_tokens: int | None) -> bool:
+        """Change a replica's token budget live. True if tokens appeared on a usable one."""
+        _check_tokens(max_tokens)
+        old = replica.max_tokens
+        replica.max_tokens = max_tokens
+        self._replan()
+        grew = max_tokens is None or (old is not None and max_tokens > old)
+        return grew and replica.takes_work
 
     def remove(self, replica: Replica) -> bool:
         """Drain first: no new work from now. True if gone at once (it held nothing)."""
@@ -273,6 +382,13 @@ class ReplicaSet:
         replica.index = len(self._replicas)
         replica.state = ACTIVE
         self._replicas = (*self._replicas, replica)
+        self._replan()
+
+    def _replan(self) -> None:
+        self.plain = all(
+            r.models is None and not r.models_pending and r.max_tokens is None
+            for r in self._replicas
+        )
 
     def _drop(self, replica: Replica) -> None:
         replica.state = REMOVED
@@ -281,6 +397,7 @@ class ReplicaSet:
         for i, r in enumerate(self._replicas):
             r.index = i
         self._next = self._next % len(self._replicas) if self._replicas else 0
+        self._replan()
 
 
 def _usable(replica: Replica) -> bool:
@@ -292,4 +409,5 @@ def _brief(r: Replica) -> str:
     state = "" if r.healthy else " ejected" if r.health == EJECTED else " down"
     if r.state != ACTIVE:
         state += f" {r.state}"
-    return f"{r.name} {r.in_flight}/{r.max_concurrency}{state}"
+    tokens = "" if r.max_tokens is None else f" {r.tokens_in_flight}/{r.max_tokens} tokens"
+    return f"{r.name} {r.in_flight}/{r.max_concurrency}{tokens}{state}"

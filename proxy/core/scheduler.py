@@ -32,33 +32,67 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from proxy.core.errors import (
     DeadlineUnreachable,
+    ModelNotFound,
     NoHealthyReplica,
     ProxyError,
     QueueFull,
     QueueTimeout,
+    RequestTooLarge,
 )
 from proxy.core.estimate import RETRY_AFTER_MIN_S, ServiceTimes, retry_after_s, start_in_s
 from proxy.core.load import LoadBoard, Reading
-from proxy.core.queue import FifoQueue, Notify, Waiter, WaitQueue
-from proxy.core.replicas import Replica, ReplicaSet
+from proxy.core.policy import PolicyQueue
+from proxy.core.queue import Notify, Waiter, WaitQueue
+from proxy.core.replicas import ACTIVE, Replica, ReplicaSet
 
-__all__ = ["Grant", "Lease", "Replica", "Scheduler", "Waiter"]
+__all__ = ["Grant", "Lease", "Replica", "Scheduler", "TenantPolicy", "Waiter"]
+
+
+@dataclass(frozen=True)
+class TenantPolicy:
+    """Fair share among the tenants of a class: ``weights`` (tenant -> deficit round-robin
+    weight, > 0; 1 for a tenant not named) and bounds on each tenant's waiters
+    (``max_queued``, else ``default_max_queued``; 0: no bound but the queue's)."""
+
+    weights: Mapping[str, float] = field(default_factory=dict)
+    max_queued: Mapping[str, int] = field(default_factory=dict)
+    default_max_queued: int = 0
+
+    def __post_init__(self) -> None:
+        for tenant, weight in self.weights.items():
+            if not weight > 0:
+                raise ValueError(f"weight of tenant {tenant!r} must be > 0, got {weight}")
+        for tenant, bound in self.max_queued.items():
+            if bound < 0:
+                raise ValueError(f"max_queued of tenant {tenant!r} must be >= 0, got {bound}")
+        if self.default_max_queued < 0:
+            raise ValueError(f"default_max_queued must be >= 0, got {self.default_max_queued}")
+
+    def bound(self, tenant: str) -> int:
+        return self.max_queued.get(tenant, self.default_max_queued)
+
+
+NO_TENANTS = TenantPolicy()
 
 class Lease:
     """One slot on one replica, held for exactly as long as the request uses it."""
 
-    __slots__ = ("_scheduler", "released", "replica", "started")
+    __slots__ = ("_scheduler", "cost", "released", "replica", "started")
 
-    def __init__(self, scheduler: Scheduler, replica: Replica, started: float) -> None:
+    def __init__(
+        self, scheduler: Scheduler, replica: Replica, started: float, cost: int = 0
+    ) -> None:
         self._scheduler = scheduler
         self.replica = replica
         self.released = False
         self.started = started  # on the scheduler's clock: service time for Retry-After
+        self.cost = cost  # tokens held on replica.tokens_in_flight, given back with the slot
 
     def release(self) -> Sequence[Grant]:
         """Give the slot back (idempotent). Safe to call from ``finally`` on any path."""
@@ -90,7 +124,8 @@ class Scheduler:
     the replicas' own load readings, which the pick follows when there are any (a gateway in
     front of batchgate sidecars; :mod:`proxy.core.load`). No replica at all is allowed (a
     gateway waiting for its engines to scale up from zero): requests wait until their
-    deadline.
+    deadline. ``classes``: how many priority classes (0 the highest); ``tenants``: the fair
+    share among tenants within a class.
     """
 
     def __init__(
@@ -104,6 +139,8 @@ class Scheduler:
         rng: Callable[[], float] = random.random,
         on_retired: Callable[[Replica], None] | None = None,
         load: LoadBoard | None = None,
+        classes: int = 1,
+        tenants: TenantPolicy | None = None,
     ) -> None:
         # May start empty: replicas found by discovery (proxy.control.discovery) come later.
         self._set = ReplicaSet(replicas, load=load, rng=rng)
@@ -114,12 +151,22 @@ class Scheduler:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self.max_bytes = max_bytes
         self.queued_bytes = 0
-        self._queue: WaitQueue = queue if queue is not None else FifoQueue()
+        if classes < 1:
+            raise ValueError(f"classes must be >= 1, got {classes}")
+        self.classes = classes
+        self.tenants = tenants if tenants is not None else NO_TENANTS
+        self._queue: WaitQueue = (
+            queue if queue is not None else PolicyQueue(classes, self.tenants.weights)
+        )
         self._clock = clock
         self._rng = rng
         self._on_retired = on_retired
         self._pick = self._set.pick  # bound once: the hot path calls it per request
         self._service = ServiceTimes()
+        self._seq = 0  # arrival order of waiters
+        #: Waiters by (class, model) and by tenant (the queue-depth gauge, tenant bounds).
+        self._depths: dict[tuple[int, str | None], int] = {}
+        self._per_tenant: dict[str, int] = {}
 
     # -- observation ---------------------------------------------------------------------
 
@@ -157,6 +204,36 @@ class Scheduler:
     def position(self, waiter: Waiter) -> int | None:
         return self._queue.position(waiter)
 
+    def depths(self) -> Mapping[tuple[int, str | None], int]:
+        """Waiters by (class, model), only those with any (the queue-depth gauge)."""
+        return dict(self._depths)
+
+    def serves(self, model: str | None) -> bool:
+        """Whether :meth:`submit` accepts ``model`` rather than refusing it as not found.
+
+        No model named, no replica yet (scaling up from zero), a model-blind replica, one
+        whose list names it, or one whose list is still being read (it may name it): yes.
+        A replica that is unhealthy still counts (its waiters wait); a draining one does not.
+        """
+        if model is None or self._set.plain:
+            return True
+        active = False
+        for r in self._set.all:
+            if r.state != ACTIVE:
+                continue
+            active = True
+            if r.models_pending or r.serves(model):
+                return True
+        return not active
+
+    def models(self) -> list[str]:
+        """Every model some active replica names, sorted (model-blind replicas name none)."""
+        names: set[str] = set()
+        for r in self._set.all:
+            if r.state == ACTIVE and r.models is not None:
+                names |= r.models
+        return sorted(names)
+
     def idle(self) -> bool:
         """No waiter and no slot held: what every test checks at its end."""
         return not len(self._queue) and self._set.in_flight == 0
@@ -166,6 +243,24 @@ class Scheduler:
         if self.max_bytes < math.inf:
             size = f" {self.queued_bytes}/{self.max_bytes} bytes"
         return f"<Scheduler queued={len(self._queue)}/{self.max_queue}{size} {self._set!r}>"
+
+    # -- policy (a reload) ---------------------------------------------------------------
+
+    def set_tenant_policy(self, policy: TenantPolicy) -> None:
+        """New weights and bounds; waiters keep their places (a bound lowered below a
+        tenant's waiters refuses its next ones, it evicts none)."""
+        self.tenants = policy
+        self._queue.set_weights(policy.weights)
+
+    def set_classes(self, count: int) -> None:
+        """How many priority classes. Raises ValueError while a waiter is of a class that
+        would no longer exist."""
+        if count < 1:
+            raise ValueError(f"classes must be >= 1, got {count}")
+        if any(klass >= count for klass, _ in self._depths):
+            raise ValueError(f"cannot lower classes to {count}: requests of a higher one wait")
+        self._queue.set_classes(count)
+        self.classes = count
 
     # -- decisions (synchronous) ---------------------------------------------------------
 
@@ -177,6 +272,10 @@ class Scheduler:
         size: int = 0,
         front: bool = False,
         avoid: Replica | None = None,
+        model: str | None = None,
+        klass: int = 0,
+        tenant: str = "",
+        cost: int = 0,
     ) -> Lease | Waiter:
         """Take a slot now, or join the queue until ``deadline`` (on :meth:`now`'s clock).
 
@@ -186,6 +285,12 @@ class Scheduler:
         goes to the back nor is refused by the queue's bounds (its bytes still count).
         ``avoid``: the replica that just rejected it; a free slot elsewhere is preferred (if
         it has to wait, the first slot to free serves it, whichever replica it is on).
+        ``model``, ``klass``, ``tenant``, ``cost``: see :class:`Waiter`.
+
+        The order of decisions: the model (:class:`ModelNotFound` if nobody serves it), the
+        cost (:class:`RequestTooLarge` if no replica serving the model could ever hold it),
+        a free slot now (taken even with the queue full, unless a waiter that replica could
+        serve comes first), then the queue's bounds.
 
         Raises :class:`QueueFull`, :class:`DeadlineUnreachable` when the ones ahead of it
         would take past ``deadline`` at the measured rate (never with no history, never for
@@ -193,33 +298,31 @@ class Scheduler:
         allowed and no replica is healthy.
         """
         queue = self._queue
-        if not len(queue):
-            replica = self._pick(avoid)
-            if replica is not None:
-                return Lease(self, replica, self._clock())
-        if not front:
-            if len(queue) >= self.max_queue:
-                if self.max_queue == 0 and not self.any_healthy():
-                    raise NoHealthyReplica(
-                        "no healthy replica", retry_after_s=RETRY_AFTER_MIN_S
-                    )
-                raise QueueFull(
-                    f"queue is full ({self.max_queue} waiting); retry later",
-                    retry_after_s=self.retry_after_s(len(queue) + 1),
-                )
-            if self.queued_bytes + size > self.max_bytes:
-                raise QueueFull(
-                    f"queue is full: this request's {size} bytes would take the queued "
-                    f"request bodies past queue.max_bytes ({self.max_bytes} bytes); "
-                    "retry later",
-                    retry_after_s=self.retry_after_s(len(queue) + 1),
-                )
-            if deadline < math.inf:
-                self._refuse_if_unreachable(len(queue) + 1, deadline)
-        waiter = Waiter(notify, deadline, size)
-        queue.push(waiter, front=front)
-        waiter.queued = True
-        self.queued_bytes += size
+        if self._set.plain:
+            if not len(queue):
+                replica = self._pick(avoid, cost)
+                if replica is not None:
+                    return Lease(self, replica, self._clock(), cost)
+        else:
+            refusal = self._refusal(model, cost)
+            if refusal is not None:
+                raise refusal
+            lease = self._lease_now(model, cost, klass, front, avoid)
+            if lease is not None:
+                return lease
+        if not 0 <= klass < self.classes:
+            raise ValueError(f"class {klass} is not one of the {self.classes} classes")
+        waiter = Waiter(notify, deadline, size, model=model, klass=klass, tenant=tenant,
+                        cost=cost)
+        if front:
+            self._enqueue(waiter, front)
+            return waiter
+        victims = self._admit(waiter)
+        for victim in victims:
+            self._evict(victim)
+        self._enqueue(waiter, front)
+        if victims and not self._set.plain:
+            self._dispatch()  # a replica kept for a victim (a token budget) serves the next
         return waiter
 
     def withdraw(self, waiter: Waiter) -> Sequence[Grant]:
@@ -227,13 +330,14 @@ class Scheduler:
         the slot: the slot passes on (not counted as a completion). Returns the grants."""
         if waiter.queued:
             self._unqueue(waiter)
-            return NO_GRANTS
+            # A replica may have been kept for it (a token budget): no longer.
+            return NO_GRANTS if self._set.plain else self._dispatch()
         lease = waiter.lease
         if lease is None or lease.released:
             return NO_GRANTS
         waiter.lease = None
         lease.released = True
-        self._give_back(lease.replica)
+        self._give_back(lease.replica, lease.cost)
         return self._dispatch()
 
     def release(self, lease: Lease) -> Sequence[Grant]:
@@ -243,7 +347,7 @@ class Scheduler:
         lease.released = True
         now = self._clock()
         self._service.record(now, now - lease.started)
-        self._give_back(lease.replica)
+        self._give_back(lease.replica, lease.cost)
         if not len(self._queue):
             return NO_GRANTS
         return self._dispatch()
@@ -257,15 +361,22 @@ class Scheduler:
         return due
 
     def add_replica(
-        self, name: str, url: str, max_concurrency: int, *, healthy: bool = True
+        self, name: str, url: str, max_concurrency: int, *, healthy: bool = True,
+        models: frozenset[str] | None = None, models_pending: bool = False,
+        max_tokens: int | None = None,
     ) -> Sequence[Grant]:
         """A new replica: its slots go to waiters at once (``healthy=False``: once its first
-        probe passes)."""
-        self._set.add(name, url, max_concurrency, healthy=healthy)
+        probe passes). ``models``, ``models_pending``, ``max_tokens``: see :class:`Replica`."""
+        self._set.add(name, url, max_concurrency, healthy=healthy, models=models,
+                      models_pending=models_pending, max_tokens=max_tokens)
+        self._refuse_unservable()  # the first replica with a list: the others' models 404
         return self._dispatch()
 
     def remove_replica(self, replica: Replica) -> bool:
-        """No new work for it from now; it leaves once its work is done. True: gone now."""
+        """No new work for it from now; it leaves once its work is done. True: gone now.
+
+        Its waiters keep waiting, even for a model it alone served (a replacement may be on
+        its way, as discovery replaces endpoints); their deadline ends the wait."""
         gone = self._set.remove(replica)
         if gone and self._on_retired is not None:
             self._on_retired(replica)
@@ -276,6 +387,20 @@ class Scheduler:
         if self._set.set_limit(replica, max_concurrency):
             return self._dispatch()
         return NO_GRANTS
+
+    def set_models(self, replica: Replica, models: frozenset[str] | None) -> Sequence[Grant]:
+        """The models a replica serves, as read from it (None: model-blind); it is pending no
+        more. Waiters whose model nobody serves now are told :class:`ModelNotFound`."""
+        self._set.set_models(replica, models)
+        self._refuse_unservable()
+        return self._dispatch()
+
+    def set_token_limit(self, replica: Replica, max_tokens: int | None) -> Sequence[Grant]:
+        """Change a replica's token budget live (None: none); work in flight finishes.
+        Waiters no replica could hold any more are told :class:`RequestTooLarge`."""
+        self._set.set_token_limit(replica, max_tokens)
+        self._refuse_unservable()
+        return self._dispatch()
 
     def set_healthy(self, replica: Replica, healthy: bool) -> Sequence[Grant]:
         if self._set.set_healthy(replica, healthy):
@@ -313,6 +438,119 @@ class Scheduler:
 
     # -- internals -----------------------------------------------------------------------
 
+    def _refusal(self, model: str | None, cost: int) -> ProxyError | None:
+        """Why a request can never be served (None: it can): its model, or its size."""
+        if not self.serves(model):
+            return ModelNotFound(model or "")
+        if cost <= 0:
+            return None
+        largest = 0
+        for r in self._set.all:
+            if r.state == ACTIVE and (r.models_pending or r.serves(model)):
+                if r.max_tokens is None:
+                    return None
+                largest = max(largest, r.max_tokens)
+        if largest and cost > largest:
+            return RequestTooLarge(cost, largest, model)
+        return None
+
+    def _refuse_unservable(self) -> None:
+        # What a replica serves, or holds, shrank or became known: waiters that can never be
+        # served are told now, not at their deadline.
+        if self._set.plain or not len(self._queue):
+            return
+        for waiter in list(self._queue):
+            refusal = self._refusal(waiter.model, waiter.cost)
+            if refusal is not None:
+                refusal.waited = True
+                self._unqueue(waiter)
+                waiter.notify(refusal)
+
+    def _lease_now(
+        self, model: str | None, cost: int, klass: int, front: bool, avoid: Replica | None
+    ) -> Lease | None:
+        """A lease at once, if a replica that serves ``model`` has a free slot and tokens for
+        ``cost``, and no waiter it could serve comes before this request."""
+        candidates = self._set.candidates(model, cost)
+        if not candidates:
+            return None
+        queue = self._queue
+        if len(queue) and not front:
+            # Free replicas are kept for waiters that do not fit them yet; one of those of
+            # this class or higher comes first, a lower one does not.
+            candidates = [
+                r for r in candidates
+                if not queue.claims(klass, r.serves, _always if r.max_tokens is None
+                                    else _fits_empty(r))
+            ]
+        replica = self._set.choose(candidates, avoid)
+        if replica is None:
+            return None
+        self._set.take(replica, cost)
+        return Lease(self, replica, self._clock(), cost)
+
+    def _admit(self, waiter: Waiter) -> list[Waiter]:
+        """The queue's bounds, for a request about to join it (not a resend): raises, or
+        returns the waiters of lower classes it evicts to take their place."""
+        queue = self._queue
+        victims: list[Waiter] = []
+        if len(queue) >= self.max_queue:
+            victim = queue.evictable(waiter.klass) if self.max_queue else None
+            if victim is None:
+                if self.max_queue == 0 and not self.any_healthy():
+                    raise NoHealthyReplica(
+                        "no healthy replica", retry_after_s=RETRY_AFTER_MIN_S
+                    )
+                raise QueueFull(
+                    f"queue is full ({self.max_queue} waiting); retry later",
+                    retry_after_s=self.retry_after_s(len(queue) + 1),
+                )
+            victims.append(victim)
+        excess = self.queued_bytes + waiter.size - self.max_bytes
+        if excess > 0:
+            excess -= sum(v.size for v in victims)
+            if excess > 0 and queue.evictable(waiter.klass) is not None:
+                # The newest of the lowest classes first, only if that makes room.
+                lower = sorted(
+                    (w for w in queue
+                     if not w.front and w.klass > waiter.klass and w not in victims),
+                    key=lambda w: (-w.klass, -w.seq),
+                )
+                for w in lower:
+                    if excess <= 0:
+                        break
+                    victims.append(w)
+                    excess -= w.size
+            if excess > 0:
+                raise QueueFull(
+                    f"queue is full: this request's {waiter.size} bytes would take the "
+                    f"queued request bodies past queue.max_bytes ({self.max_bytes} bytes); "
+                    "retry later",
+                    retry_after_s=self.retry_after_s(len(queue) + 1),
+                )
+        tenant = waiter.tenant
+        bound = self.tenants.bound(tenant)
+        if bound and self._per_tenant.get(tenant, 0) >= bound:
+            raise QueueFull(
+                f"queue is full for tenant {tenant!r}: {bound} of its requests wait already "
+                "(its max_queued); retry later",
+                retry_after_s=self.retry_after_s(queue.would_be(waiter)),
+            )
+        if waiter.deadline < math.inf:
+            self._refuse_if_unreachable(queue.would_be(waiter), waiter.deadline)
+        return victims
+
+    def _evict(self, victim: Waiter) -> None:
+        """A waiter of a lower class gives its place to a newcomer of a higher one."""
+        error = QueueFull(
+            "queue is full, and a request of a higher class took this one's place; "
+            "retry later",
+            retry_after_s=self.retry_after_s(self._queue.position(victim) or len(self._queue)),
+            waited=True,
+        )
+        self._unqueue(victim)
+        victim.notify(error)
+
     def _refuse_if_unreachable(self, position: int, deadline: float) -> None:
         # Only on the way into the queue (the fast path never gets here): a caller told now
         # can go elsewhere, one told at its deadline has lost all that time for nothing.
@@ -325,10 +563,36 @@ class Scheduler:
                 retry_after_s=self.retry_after_s(position),
             )
 
+    def _enqueue(self, waiter: Waiter, front: bool) -> None:
+        self._seq += 1
+        waiter.seq = self._seq
+        waiter.front = front
+        self._queue.push(waiter, front=front)
+        waiter.queued = True
+        self.queued_bytes += waiter.size
+        key = (waiter.klass, waiter.model)
+        self._depths[key] = self._depths.get(key, 0) + 1
+        self._per_tenant[waiter.tenant] = self._per_tenant.get(waiter.tenant, 0) + 1
+
     def _unqueue(self, waiter: Waiter) -> None:
         self._queue.remove(waiter)
+        self._left(waiter)
+
+    def _left(self, waiter: Waiter) -> None:
+        """Bookkeeping for a waiter that is out of the queue (removed or popped)."""
         waiter.queued = False
         self.queued_bytes -= waiter.size
+        key = (waiter.klass, waiter.model)
+        left = self._depths[key] - 1
+        if left:
+            self._depths[key] = left
+        else:
+            del self._depths[key]
+        left = self._per_tenant[waiter.tenant] - 1
+        if left:
+            self._per_tenant[waiter.tenant] = left
+        else:
+            del self._per_tenant[waiter.tenant]
 
     def _expire(self, waiter: Waiter) -> None:
         # Its own place in line (ask the policy), not the queue's length: the head of a long
@@ -336,13 +600,17 @@ class Scheduler:
         error = self.expired_error(self._queue.position(waiter) or 1)
         self._unqueue(waiter)
         waiter.notify(error)
+        if not self._set.plain:
+            self._dispatch()  # a replica kept for it (a token budget) serves the next
 
-    def _give_back(self, replica: Replica) -> None:
-        if self._set.give_back(replica) and self._on_retired is not None:
+    def _give_back(self, replica: Replica, cost: int) -> None:
+        if self._set.give_back(replica, cost) and self._on_retired is not None:
             self._on_retired(replica)
 
     def _dispatch(self) -> Sequence[Grant]:
         """Give free slots to waiters in the policy's order, until one or the other runs out."""
+        if not self._set.plain:
+            return self._dispatch_placed()
         queue = self._queue
         grants: list[Grant] = []
         now = self._clock()
@@ -352,36 +620,68 @@ class Scheduler:
                 break
             waiter = queue.pop()
             assert waiter is not None
-            waiter.queued = False
-            self.queued_bytes -= waiter.size
-            lease = Lease(self, replica, now)
-            if waiter.notify(lease):
-                waiter.lease = lease
-                grants.append(Grant(waiter, lease))
-            else:
-                # The caller left between queueing and now: undo without counting a
-                # completion, and offer the same slot to the next waiter.
-                lease.released = True
-                self._give_back(replica)
+            self._left(waiter)
+            replica.tokens_in_flight += waiter.cost
+            self._grant(waiter, replica, now, grants)
         return grants if grants else NO_GRANTS
+
+    def _dispatch_placed(self) -> Sequence[Grant]:
+        """:meth:`_dispatch` when replicas differ in what they serve or hold.
+
+        Each free replica takes the best waiter (the policy's order) it serves, if that one
+        fits its free tokens; if it does not, the replica is kept for it (takes nobody else)
+        until it does, so a large request is not starved by a stream of small ones. A waiter
+        too large for a replica even when empty does not count as one it serves.
+        """
+        queue = self._queue
+        grants: list[Grant] = []
+        if not len(queue):
+            return NO_GRANTS
+        now = self._clock()
+        placer = _Placer(self._set)
+        while len(queue):
+            if not placer.reset():
+                break
+            waiter = queue.pop_first(placer.accept, placer.model_ok)
+            if waiter is None:
+                break
+            replica = placer.chosen
+            assert replica is not None
+            self._left(waiter)
+            self._set.take(replica, waiter.cost)
+            self._grant(waiter, replica, now, grants)
+        return grants if grants else NO_GRANTS
+
+    def _grant(self, waiter: Waiter, replica: Replica, now: float, grants: list[Grant]) -> None:
+        lease = Lease(self, replica, now, waiter.cost)
+        if waiter.notify(lease):
+            waiter.lease = lease
+            grants.append(Grant(waiter, lease))
+        else:
+            # The caller left between queueing and now: undo without counting a
+            # completion, and offer the same slot to the next waiter.
+            lease.released = True
+            self._give_back(replica, waiter.cost)
 
     # -- waiting (async) -----------------------------------------------------------------
 
     async def acquire(
         self, deadline: float, *, size: int = 0, front: bool = False,
-        avoid: Replica | None = None,
+        avoid: Replica | None = None, model: str | None = None, klass: int = 0,
+        tenant: str = "", cost: int = 0, on_queued: Callable[[Waiter], None] | None = None,
     ) -> Lease:
-        """Wait for a slot until ``deadline`` (on :meth:`now`'s clock); ``size``, ``front``
-        and ``avoid`` as in :meth:`submit`.
+        """Wait for a slot until ``deadline`` (on :meth:`now`'s clock); the other arguments
+        as in :meth:`submit`. ``on_queued`` is called once, synchronously, when the request
+        joins the queue (never when it gets a slot at once).
 
         Cancel-safe: a caller cancelled while queued leaves the queue; one cancelled just as
         its slot was granted gives that slot to the next waiter before the error propagates.
         """
-        if not len(self._queue):
+        if not len(self._queue) and self._set.plain:
             # The common case under capacity: a free slot now, no Future or closure needed.
-            replica = self._pick(avoid)
+            replica = self._pick(avoid, cost)
             if replica is not None:
-                return Lease(self, replica, self._clock())
+                return Lease(self, replica, self._clock(), cost)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Lease] = loop.create_future()
 
@@ -394,7 +694,8 @@ class Scheduler:
                 future.set_exception(result)
             return True
 
-        got = self.submit(notify, deadline=deadline, size=size, front=front, avoid=avoid)
+        got = self.submit(notify, deadline=deadline, size=size, front=front, avoid=avoid,
+                          model=model, klass=klass, tenant=tenant, cost=cost)
         if isinstance(got, Lease):
             return got
         waiter = got
@@ -414,6 +715,8 @@ class Scheduler:
         if deadline < math.inf:
             timer.append(loop.call_later(max(0.0, deadline - clock()), on_timer))
         try:
+            if on_queued is not None:
+                on_queued(waiter)
             return await future
         except asyncio.CancelledError:
             self.withdraw(waiter)
@@ -421,3 +724,49 @@ class Scheduler:
         finally:
             for handle in timer:
                 handle.cancel()
+
+
+class _Placer:
+    """One dispatch round's view of the free replicas, for :meth:`WaitQueue.pop_first`:
+    which waiter a free replica takes, and which replicas are kept for a waiter that does
+    not fit them yet."""
+
+    __slots__ = ("_set", "chosen", "kept", "live")
+
+    def __init__(self, replicas: ReplicaSet) -> None:
+        self._set = replicas
+        self.kept: set[Replica] = set()
+        self.live: list[Replica] = []
+        self.chosen: Replica | None = None
+
+    def reset(self) -> bool:
+        """The replicas with a free slot that are not kept; False if there is none."""
+        self.live = [r for r in self._set.candidates(None, 0) if r not in self.kept]
+        self.chosen = None
+        return bool(self.live)
+
+    def model_ok(self, model: str | None) -> bool:
+        kept = self.kept
+        return any(r.serves(model) for r in self.live if r not in kept)
+
+    def accept(self, waiter: Waiter) -> bool:
+        kept = self.kept
+        cost = waiter.cost
+        serving = [r for r in self.live
+                   if r not in kept and r.serves(waiter.model) and r.can_fit(cost)]
+        if not serving:
+            return False
+        fitting = [r for r in serving if r.fits(cost)]
+        if not fitting:
+            kept.update(serving)  # its best waiter does not fit yet: it waits for it
+            return False
+        self.chosen = self._set.choose(fitting)
+        return True
+
+
+def _always(waiter: Waiter) -> bool:
+    return True
+
+
+def _fits_empty(replica: Replica) -> Callable[[Waiter], bool]:
+    return lambda waiter: replica.can_fit(waiter.cost)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
@@ -35,7 +35,7 @@ KNOWN_ROUTES = frozenset(
 #: startup, so ``increase()`` and alerts see the first one. Add a new reason here.
 REJECTION_REASONS: tuple[str, ...] = (
     "queue_full", "queue_timeout", "deadline_unreachable", "no_healthy_replica", "draining",
-    "overloaded",
+    "overloaded", "model_not_found", "request_too_large",
     "body_too_large", "bad_request", "unauthorized",
     # Limits on callers (proxy.edge.limits): timeouts, connection count, head size, Host, method.
     "header_timeout", "body_timeout", "too_many_connections", "headers_too_large", "bad_host",
@@ -70,18 +70,35 @@ def route_label(path: str) -> str:
     return path if path in KNOWN_ROUTES else "other"
 
 
-class SchedulerCollector(Collector):
-    """Queue and slot gauges, read from the scheduler when Prometheus scrapes."""
+#: At most this many values of the ``model`` label of ``batchgate_queue_depth`` (the models
+#: replicas serve, configured or read by ``models: auto``); waiters for any other: "other".
+MAX_MODEL_LABELS = 64
+#: The ``model`` label of waiters for a model no replica names (yet), or past the cap.
+OTHER_MODEL = "other"
 
-    def __init__(self, scheduler: Scheduler) -> None:
+
+class SchedulerCollector(Collector):
+    """Queue and slot gauges, read from the scheduler when Prometheus scrapes.
+
+    ``classes``: the names of the priority classes, highest first (``scheduling.classes``;
+    fixed for the process): each has a ``batchgate_queue_depth`` series from startup.
+    """
+
+    def __init__(self, scheduler: Scheduler, classes: tuple[str, ...] = ("",)) -> None:
         self._scheduler = scheduler
+        self._classes = classes
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         s = self._scheduler
-        yield GaugeMetricFamily(
-            "batchgate_queue_depth", "Requests waiting for a slot, all replicas together.",
-            value=s.queue_depth,
+        depth = GaugeMetricFamily(
+            "batchgate_queue_depth",
+            "Requests waiting for a slot, by class and model (model \"\" when model-blind); "
+            "sum without (class, model) for the whole queue.",
+            labels=["class", "model"],
         )
+        for (klass, model), count in queue_depths(s.depths(), self._classes, s.models()):
+            depth.add_metric([klass, model], count)
+        yield depth
         yield GaugeMetricFamily(
             "batchgate_queue_capacity", "Most requests that may wait (queue.max_size).",
             value=s.max_queue,
@@ -113,6 +130,21 @@ class SchedulerCollector(Collector):
         yield capacity
         yield healthy
         yield state
+
+
+def queue_depths(
+    depths: Mapping[tuple[int, str | None], int], classes: tuple[str, ...], served: list[str]
+) -> list[tuple[tuple[str, str], int]]:
+    """The depth series: every class with model "" (0 when none wait), then each (class,
+    model) with waiters, a model outside the first :data:`MAX_MODEL_LABELS` served as
+    :data:`OTHER_MODEL` (a request may name any model while a list is being read)."""
+    named = set(served[:MAX_MODEL_LABELS])
+    out: dict[tuple[str, str], int] = {(name, ""): 0 for name in classes}
+    for (rank, model), count in depths.items():
+        klass = classes[rank] if rank < len(classes) else str(rank)
+        label = "" if model is None else model if model in named else OTHER_MODEL
+        out[klass, label] = out.get((klass, label), 0) + count
+    return list(out.items())
 
 
 class _Children(Generic[_M]):
@@ -183,8 +215,9 @@ class Metrics:
         )
         self.queue_wait = Histogram(
             "batchgate_queue_wait_seconds",
-            "Time from joining the queue to getting a slot (or giving up waiting).",
-            buckets=QUEUE_WAIT_BUCKETS, registry=r,
+            "Time from joining the queue to getting a slot (or giving up waiting), by the "
+            "request's scheduling class.",
+            ["class"], buckets=QUEUE_WAIT_BUCKETS, registry=r,
         )
         self.ttfb = Histogram(
             "batchgate_time_to_first_byte_seconds",
@@ -271,14 +304,19 @@ class Metrics:
         self._ttfb = _Children(self.ttfb)
         self._inter_chunk = _Children(self.inter_chunk)
         self._duration = _Children(self.duration)
+        self._queue_wait = _Children(self.queue_wait)
         # Every known label set exists from the start, at 0 (see REJECTION_REASONS).
         for reason in REJECTION_REASONS:
             self._rejected(reason)
         for stage in DISCONNECT_STAGES:
             self._client_disconnects(stage)
 
-    def watch(self, scheduler: Scheduler) -> None:
-        self.registry.register(SchedulerCollector(scheduler))
+    def watch(self, scheduler: Scheduler, classes: tuple[str, ...] = ("",)) -> None:
+        """Export the scheduler's gauges; ``classes``: ``scheduling.classes`` (their queue
+        depth and wait series exist from now, at 0)."""
+        self.registry.register(SchedulerCollector(scheduler, classes))
+        for name in classes:
+            self._queue_wait(name)
         for replica in scheduler.replicas:
             self.add_replica(replica.name)
 
@@ -380,7 +418,7 @@ class Metrics:
         if exchange.enqueued_at is not None:
             granted = exchange.dispatched_at
             waited_until = granted if granted is not None else time.monotonic()
-            self.queue_wait.observe(waited_until - exchange.enqueued_at)
+            self._queue_wait(exchange.klass).observe(waited_until - exchange.enqueued_at)
         if exchange.first_byte_at is not None and exchange.dispatched_at is not None:
             self._ttfb(exchange.route, "true" if exchange.stream else "false").observe(
                 exchange.first_byte_at - exchange.dispatched_at

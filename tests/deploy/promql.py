@@ -46,7 +46,9 @@ def _histogram(name: str, labels: Labels) -> dict[str, Labels]:
 #: values where the set is closed. `job`, `instance` (and
 #: `namespace`) are added by Prometheus (TARGET_LABELS).
 CATALOGUE: dict[str, Labels] = {
-    "batchgate_queue_depth": {},
+    # class: scheduling.classes (configurable); model: "" (model-blind), a served model or
+    # "other".
+    "batchgate_queue_depth": {"class": ANY, "model": ANY},
     "batchgate_queue_capacity": {},
     "batchgate_replica_in_flight": _REPLICA,
     "batchgate_replica_max_concurrency": _REPLICA,
@@ -69,7 +71,7 @@ CATALOGUE: dict[str, Labels] = {
     "batchgate_client_disconnects_total": {
         "stage": frozenset({"queued", "waiting_first_byte", "streaming"}),
     },
-    **_histogram("batchgate_queue_wait_seconds", {}),
+    **_histogram("batchgate_queue_wait_seconds", {"class": ANY}),
     **_histogram("batchgate_time_to_first_byte_seconds",
                  {"route": _ROUTES, "stream": frozenset({"true", "false"})}),
     **_histogram("batchgate_inter_chunk_seconds", {"route": _ROUTES}),

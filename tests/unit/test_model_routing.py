@@ -1,0 +1,163 @@
+"""Model routing in the scheduler core: each request goes only to replicas serving its model."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from proxy.core.errors import ModelNotFound, QueueFull
+from proxy.core.replicas import Replica
+from proxy.core.scheduler import Lease, Scheduler, Waiter
+
+M1 = frozenset({"m1"})
+M2 = frozenset({"m2"})
+
+
+def two_models(max_queue: int = 10) -> Scheduler:
+    return Scheduler(
+        [Replica("a", "http://a", 1, models=M1), Replica("b", "http://b", 1, models=M2)],
+        max_queue,
+    )
+
+
+@pytest.fixture
+def leak_checked() -> Iterator[list[Scheduler]]:
+    made: list[Scheduler] = []
+    yield made
+    for scheduler in made:
+        assert scheduler.idle(), f"leak: {scheduler!r}"
+
+
+def take(s: Scheduler, **kwargs: object) -> Lease:
+    got = s.submit(lambda _: True, **kwargs)  # type: ignore[arg-type]
+    assert isinstance(got, Lease), got
+    return got
+
+
+def wait(s: Scheduler, told: list[object] | None = None, **kwargs: object) -> Waiter:
+    def notify(result: object) -> bool:
+        if told is not None:
+            told.append(result)
+        return True
+
+    got = s.submit(notify, **kwargs)  # type: ignore[arg-type]
+    assert isinstance(got, Waiter), got
+    return got
+
+
+def test_each_model_goes_only_to_its_replicas(leak_checked: list[Scheduler]) -> None:
+    s = two_models()
+    leak_checked.append(s)
+    lb = take(s, model="m2")
+    assert lb.replica.name == "b"
+    w = wait(s, model="m2")  # b is full; a has a free slot but does not serve m2
+    la = take(s, model="m1")
+    assert la.replica.name == "a"
+    (grant,) = lb.release()
+    assert grant.waiter is w and grant.lease.replica.name == "b"
+    grant.lease.release()
+    la.release()
+
+
+def test_a_model_nobody_serves_is_not_found_without_a_slot_or_a_wait(
+    leak_checked: list[Scheduler],
+) -> None:
+    s = two_models()
+    leak_checked.append(s)
+    assert s.serves("m1") and s.serves("m2") and not s.serves("m3")
+    with pytest.raises(ModelNotFound) as info:
+        s.submit(lambda _: True, model="m3")
+    err = info.value
+    assert (err.status, err.code, err.type) == (404, "model_not_found", "invalid_request_error")
+    assert "'m3'" in err.message and not err.waited
+    assert repr(s) == "<Scheduler queued=0/10 [a 0/1, b 0/1]>"
+    assert s.models() == ["m1", "m2"]
+
+
+def test_no_model_named_goes_to_any_replica(leak_checked: list[Scheduler]) -> None:
+    """POST /v1/tokenize names no model: it is served although every replica has a list."""
+    s = two_models()
+    leak_checked.append(s)
+    assert s.serves(None)
+    leases = [take(s), take(s)]
+    assert {x.replica.name for x in leases} == {"a", "b"}
+    for x in leases:
+        x.release()
+
+
+def test_model_blind_replicas_serve_any_model_as_before(leak_checked: list[Scheduler]) -> None:
+    s = Scheduler([Replica("a", "http://a", 1), Replica("b", "http://b", 1, models=M2)], 10)
+    leak_checked.append(s)
+    assert s.serves("anything") and s.models() == ["m2"]
+    x = take(s, model="anything")
+    assert x.replica.name == "a"
+    w = wait(s, model="anything")  # b serves only m2
+    (grant,) = x.release()
+    assert grant.waiter is w
+    grant.lease.release()
+
+
+def test_a_request_that_can_start_is_never_refused_for_a_full_queue(
+    leak_checked: list[Scheduler],
+) -> None:
+    """No head-of-line blocking across models: m1's waiters fill the queue, m2 has room."""
+    s = two_models(max_queue=1)
+    leak_checked.append(s)
+    busy = take(s, model="m1")
+    w = wait(s, model="m1")
+    with pytest.raises(QueueFull):
+        s.submit(lambda _: True, model="m1")
+    free = take(s, model="m2")  # the queue is full, but b is free and nobody waits for it
+    assert free.replica.name == "b"
+    free.release()
+    s.withdraw(w)
+    busy.release()
+
+
+def test_pending_models_wait_and_are_settled_by_set_models(
+    leak_checked: list[Scheduler],
+) -> None:
+    s = Scheduler([Replica("a", "http://a", 1, models=M1)], 10)
+    leak_checked.append(s)
+    assert s.add_replica("p", "http://p", 2, models_pending=True) == ()
+    assert s.serves("m9")  # p's list is not read yet: it may serve m9
+    told: list[object] = []
+    w9 = wait(s, told, model="m9")
+    w8 = wait(s, told, model="m8")
+    assert s.depths() == {(0, "m9"): 1, (0, "m8"): 1}
+    (grant,) = s.set_models(s.replicas[1], frozenset({"m9"}))
+    assert grant.waiter is w9 and grant.lease.replica.name == "p"
+    (err,) = [x for x in told if not isinstance(x, Lease)]  # m8 is told first, then m9 served
+    assert isinstance(err, ModelNotFound) and err.waited and not w8.queued
+    assert not s.serves("m8") and s.depths() == {}
+    grant.lease.release()
+
+
+def test_waiters_of_an_unhealthy_replicas_model_wait(leak_checked: list[Scheduler]) -> None:
+    s = two_models()
+    leak_checked.append(s)
+    s.set_healthy(s.replicas[0], False)
+    assert s.serves("m1")
+    w = wait(s, model="m1")
+    (grant,) = s.set_healthy(s.replicas[0], True)
+    assert grant.waiter is w
+    grant.lease.release()
+
+
+async def test_on_queued_is_called_once_when_the_request_waits(
+    leak_checked: list[Scheduler],
+) -> None:
+    s = two_models()
+    leak_checked.append(s)
+    queued: list[Waiter] = []
+    held = await s.acquire(s.now() + 60, model="m1", on_queued=queued.append)
+    assert queued == []  # a free slot at once: no wait, no heartbeat
+    task = asyncio.create_task(s.acquire(s.now() + 60, model="m1", on_queued=queued.append))
+    await asyncio.sleep(0)
+    assert len(queued) == 1 and queued[0].queued and s.position(queued[0]) == 1
+    held.release()
+    lease = await task
+    assert len(queued) == 1 and lease.replica.name == "a"
+    lease.release()
