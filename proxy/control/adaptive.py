@@ -31,7 +31,7 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ssl import SSLContext
 from typing import Protocol
 
@@ -85,6 +85,13 @@ def adaptive_of(config: Config, name: str) -> AdaptiveConfig | None:
                 continue
             return entry.adaptive
     return None
+
+
+def waiters_for(scheduler: Scheduler, replica: Replica) -> int:
+    """Batchgate's waiters that ``replica`` could take: those of the models it serves (and
+    those naming none). Waiters for a model it does not serve say nothing about its cap."""
+    return sum(count for (_, model), count in scheduler.depths().items()
+               if model is None or replica.serves(model))
 
 
 class ScrapeError(Exception):
@@ -182,14 +189,15 @@ class AdaptiveCaps:
             self._loop(track), name=f"adaptive:{replica.name}")
 
     def _stop(self, track: _Track) -> None:
-        """``adaptive`` was taken off a replica that stays: its cap stays where it is."""
+        """``adaptive`` was taken off a replica (or it is being removed): its cap stays."""
         del self._tracks[track.replica.name]
         if track.task is not None:
             track.task.cancel()
         self._metrics.adaptive_forget(track.replica.name)
         if self._pools is not None:
             self._pools.set_limit(track.replica.name, track.replica.max_concurrency)
-        log.info("replica %s: adaptive off, its cap stays at %d", track.replica.name,
+        log.info("replica %s: adaptive cap stopped (adaptive off, or the replica left the "
+                 "config); its cap stays at %d", track.replica.name,
                  track.replica.max_concurrency)
 
     async def close(self) -> None:
@@ -249,9 +257,7 @@ class AdaptiveCaps:
                 log.warning("replica %s: cannot read its engine's metrics, its cap stays at "
                             "%d: %s", name, track.replica.max_concurrency, err)
             # A queue must be seen in two readings in a row, not across a gap.
-            track.state = CapState(track.replica.max_concurrency, ceiling=track.state.ceiling,
-                                   hold=track.state.hold, backoff=track.state.backoff,
-                                   learned=track.state.learned, why="frozen: no reading")
+            track.state = replace(track.state, waiting=None, why="frozen: no reading")
             return track.state
         if self._tracks.get(name) is not track:
             return None  # removed or replaced while the scrape was out
@@ -276,8 +282,8 @@ class AdaptiveCaps:
             track.state = CapState(replica.max_concurrency, why="hold: takes no work")
             return track.state
         state = next_cap(state, low=settings.min, high=settings.max,
-                         waiters=self._scheduler.queue_depth, in_flight=replica.in_flight,
-                         engine=engine)
+                         waiters=waiters_for(self._scheduler, replica),
+                         in_flight=replica.in_flight, engine=engine)
         track.state = state
         if state.cap != replica.max_concurrency:
             log.debug("replica %s: cap %d -> %d (%s; engine waiting %s, running %s, kv %s)",
