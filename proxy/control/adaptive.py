@@ -57,7 +57,7 @@ SAMPLES = 4
 #: The longest one scrape may take: the interval, within these bounds (a slow scrape only
 #: delays the next one; the loop never runs two at once).
 SCRAPE_TIMEOUT_S = 5.0
-MIN_TIMEOUT_S = 1.0
+MIN_TIMEOUT_S = 2.0  # an engine's API server under load can be slow to render its /metrics
 
 #: The credential headers a replica gets (proxy.edge.auth.KeyRing.upstream_headers).
 Credentials = Callable[[str, list[tuple[str, str]]], list[tuple[str, str]]]
