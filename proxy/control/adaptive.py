@@ -213,6 +213,15 @@ class AdaptiveCaps:
         track = self._tracks.get(name)
         return None if track is None else track.state
 
+    def describe(self, name: str) -> dict[str, object] | None:
+        """What ``/admin/replicas`` shows of replica ``name``'s loop (None: not adaptive)."""
+        track = self._tracks.get(name)
+        if track is None:
+            return None
+        settings, state = track.settings, track.state
+        return {"min": settings.min, "max": settings.max, "interval_s": settings.interval_s,
+                "last": state.why, "reading": not track.failing}
+
     def readings(self, name: str) -> int:
         track = self._tracks.get(name)
         return 0 if track is None else track.readings

@@ -52,9 +52,9 @@ async def test_the_cap_settles_at_the_engines_batch_limit(proxy: Factory) -> Non
     config = Config(
         replicas=(ReplicaConfig(
             name="sim", max_concurrency=1,
-            # Steps of about 9 ms and readings 0.2 s apart (samples 50 ms apart): both well
+            # Steps of about 22 ms and readings 0.2 s apart (samples 50 ms apart): both well
             # above what a busy event loop adds to a request's way to the engine.
-            simulated=SimulatedConfig(max_batch=16, time_scale=0.2),
+            simulated=SimulatedConfig(max_batch=16, time_scale=0.5),
             adaptive=AdaptiveConfig(min=1, max=128, interval_s=0.2)),),
         server=ServerConfig(host="127.0.0.1", port=0),
     )
@@ -84,13 +84,22 @@ async def test_the_cap_settles_at_the_engines_batch_limit(proxy: Factory) -> Non
             stop.set()
             answered = await load
         cap = replica.max_concurrency
-        assert 14 <= cap <= 17, history
+        # 16, or a little more: a request on its way to or from the engine holds a slot the
+        # engine does not see; on a busy machine (one event loop for callers, proxy and
+        # engine) that can be two or three, and the engine's batch still wants them.
+        assert 14 <= cap <= 19, history
         # The engine's own queue, as batchgate read it last: (near) empty.
         assert p.metric("batchgate_replica_engine_waiting", replica="sim") <= 1
         assert p.metric("batchgate_replica_max_concurrency", replica="sim") == cap
         assert max(history) < 40  # it never let every caller onto the engine
         assert answered > 0
         assert p.metric("batchgate_adaptive_scrape_errors_total", replica="sim") == 0
+
+
+def found_state_why(p: Proxy) -> str:
+    state = p.app[ADAPTIVE].state("v-127.0.0.1")
+    assert state is not None
+    return state.why
 
 
 class Engine:
@@ -255,6 +264,14 @@ async def test_replicas_found_by_discovery_follow_their_entrys_adaptive(proxy: F
         await until(lambda: found.max_concurrency == 2, "the cap at the entry's min")
         assert p.app[ADAPTIVE].state("v-127.0.0.1") is not None
         assert p.metric("batchgate_replica_engine_waiting", replica="v-127.0.0.1") == 3
+        # At min, every reading of the queue says so (nothing moves any more).
+        await until(lambda: found_state_why(p) == "hold: at min", "held at min")
+        async with aiohttp.ClientSession() as session, session.get(
+                p.url + "/admin/replicas") as response:
+            (entry,) = await response.json()
+        assert entry["max_concurrency"] == 2
+        assert entry["adaptive"] == {"min": 2, "max": 8, "interval_s": INTERVAL_S,
+                                     "last": "hold: at min", "reading": True}
     finally:
         await runner.cleanup()
 

@@ -194,6 +194,7 @@ async def test_admin_listener_serves_metrics_replicas_and_reload_off_the_public_
             assert await r.json() == [{
                 "name": "a", "url": a.url, "state": "healthy", "in_flight": 0,
                 "max_concurrency": 2, "ejected_until": None, "draining": False,
+                "adaptive": None,
             }]
 
         write(path, (a, 1), (b, 3), admin={"host": "127.0.0.1", "port": 0})
