@@ -81,6 +81,25 @@ def _profile(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _scheduling(results: dict[str, Any], results_dir: Path) -> str:
+    """The scheduling phases (bench/scheduling.py): this run's, else the newest (not quick)
+    run that has them (``--only tenants,budget``), named with its date."""
+    if results.get("tenants") or results.get("budget"):
+        data, source = results, "this run"
+    else:
+        # Named <date>-only-<phases>.json by bench/run.py: sorted by name is sorted by date.
+        runs = sorted(p for p in results_dir.glob("*-only-*.json")
+                      if {"tenants", "budget"} & set(p.stem.split("-only-", 1)[1].split("-")))
+        if not runs:
+            return "No run of the `tenants` or `budget` phase is on record yet."
+        data = json.loads(runs[-1].read_text())
+        phases = runs[-1].stem.split("-only-", 1)[1].replace("-", ",")
+        source = (f"`{runs[-1].relative_to(ROOT)}` ({data['date']}, commit "
+                  f"`{data['machine']['commit']}`, `bench/run.py --only {phases}`)")
+    return "\n\n".join([f"From {source}.", _scheduling_method(data),
+                        scheduling.markdown(data)])
+
+
 def _scheduling_method(results: dict[str, Any]) -> str:
     tenants = results.get("tenants") or {}
     budget = results.get("budget") or {}
@@ -270,9 +289,7 @@ the machine's noise moves far less than a rate.
 
 ## Scheduling (issue 10)
 
-{_scheduling_method(results)}
-
-{scheduling.markdown(results)}
+{_scheduling(results, ROOT / "bench" / "results")}
 
 ## P3 steps
 

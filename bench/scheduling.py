@@ -42,7 +42,7 @@ TENANTS_SIM = {"max_batch": 8, "time_scale": 0.1}
 TENANTS_TOKENS = 16
 
 KV_TOKENS = 8192
-BUDGET_SIM = {"max_batch": 64, "time_scale": 0.2, "kv_tokens": KV_TOKENS}
+BUDGET_SIM = {"max_batch": 64, "time_scale": 0.15, "kv_tokens": KV_TOKENS}
 #: (share, prompt token ids, max_tokens) of the budget phase's mix.
 LONG = (0.2, 1500, 400)
 SHORT = (0.8, 100, 100)

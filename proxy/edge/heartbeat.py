@@ -18,7 +18,9 @@ the status that was sent; when a replica answered, its own status (what ``reques
 outlier ejection go by).
 
 Only requests that actually queue pay for any of this: a free slot is taken at once, without a
-task or a header sent early.
+task or a header sent early. Each heartbeat asks the queue for the waiter's position, which
+walks the queue (O(waiters)): at ``sse_heartbeat_s`` of a few seconds, the usual ingress idle
+timeouts being 60 s or more, that is far below the cost of the requests themselves.
 """
 
 from __future__ import annotations

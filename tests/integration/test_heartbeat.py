@@ -144,6 +144,27 @@ async def test_a_rejection_while_waiting_is_an_sse_error_event_and_the_stream_en
     assert line["bytes_out"] == len(body)
 
 
+async def test_a_waiting_stream_evicted_by_a_higher_class_gets_queue_full_as_an_event(
+    replicas: Factory, proxy: Factory, client: aiohttp.ClientSession
+) -> None:
+    r: FakeReplica = await replicas("r")
+    p: Proxy = await proxy(heartbeat_config(r, 3600, max_queue=1))
+    held = await hold_the_slot(p, r, client)
+    waiting = await open_stream(client, p.url)  # the default class, standard
+    urgent = asyncio.create_task(client.post(
+        p.url + COMPLETIONS, json={}, headers={"X-Batchgate-Class": "interactive"}))
+    body = await waiting.read()
+    waiting.release()
+    assert body.startswith(b"event: error\ndata: ")
+    error = json.loads(body[len(b"event: error\ndata: "):])["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "queue_full")
+    assert p.metric("batchgate_rejected_requests_total", reason="queue_full") == 1
+    r.gate.set()
+    (await held).release()
+    async with await urgent as answer:
+        assert answer.status == 200
+
+
 async def test_a_replica_refusing_the_stream_becomes_an_sse_error_event(
     replicas: Factory, proxy: Factory, client: aiohttp.ClientSession
 ) -> None:
