@@ -1,9 +1,10 @@
-"""The adaptive-cap convergence figure: ``batchgate sim --max-batch 16`` behind batchgate with
-``adaptive: {min: 1, max: 128}``, against the same engine behind fixed caps.
+"""The adaptive-cap convergence figure: ``batchgate sim --max-batch 16`` (``--time-scale 0.5``)
+behind batchgate with ``adaptive: {min: 1, max: 128}``, against the same engine behind fixed
+caps.
 
 For each contestant (fixed ``max_concurrency`` 8, 12, 16, 20, 24, 32, then adaptive starting
 at 8) one batchgate is started in front of the one engine, and ``batchgate bench``'s load
-generator (:func:`proxy.bench.client.run_level`, closed loop) sends non-streamed 32-token
+generator (:func:`proxy.bench.client.run_level`, closed loop) sends non-streamed 100-token
 completions from 48 callers, three times the engine's batch, so batchgate always has
 waiters. Tokens/s is read from the engine's own ``vllm:generation_tokens`` counter over a
 steady window (after a warm-up; for adaptive, after the cap has settled: unchanged for five
@@ -33,7 +34,10 @@ from proxy.bench.core import BenchOptions
 
 MAX_BATCH = 16
 CALLERS = 3 * MAX_BATCH
-MAX_TOKENS = 32
+MAX_TOKENS = 100  # as the seed table's: a generation many steps long, as real ones are
+#: Half the seed's step times (22 ms at a batch of 16): a 100-token request takes 2.2 s, so a
+#: window holds several generations and the phase stays near a minute.
+TIME_SCALE = 0.5
 FIXED_CAPS = (8, 12, 16, 20, 24, 32)
 START_CAP = 8
 ADAPTIVE = {"min": 1, "max": 128}  # interval_s: the default, 1 s
@@ -62,6 +66,8 @@ def _start(procs: Procs, tmp: Any, sim_port: int, name: str, cap: int,
     port = free_port()
     settings = cs.ProxySettings(max_concurrency=cap, queue_max=1000, queue_timeout_s=600)
     config = cs.batchgate_config(sim_port, port, settings)
+    # No quiet period on SIGTERM: the load has stopped by then, and the phase has seven stops.
+    config["server"]["drain_quiet_s"] = 0  # type: ignore[index]
     replica = config["replicas"][0]  # type: ignore[index]
     if adaptive is not None:
         replica["adaptive"] = adaptive
@@ -126,9 +132,10 @@ async def _measure(sim: cs.Target, target: cs.Target, *, warm_s: float, window_s
 
 
 def phase_adaptive(procs: Procs, tmp: Any, quick: bool, say: Any) -> dict[str, Any]:
-    sim = cs.start_sim(procs, max_batch=MAX_BATCH)
+    sim = cs.start_sim(procs, max_batch=MAX_BATCH, time_scale=TIME_SCALE)
     caps = (8, 16, 32) if quick else FIXED_CAPS
-    warm_s, window_s = (1.0, 1.5) if quick else (1.5, 4.0)
+    # Warm-up: one generation, so every caller's request is in its steady rhythm.
+    warm_s, window_s = (1.0, 1.5) if quick else (2.5, 3.0)
     fixed: dict[int, dict[str, Any]] = {}
     try:
         for cap in caps:
@@ -145,7 +152,7 @@ def phase_adaptive(procs: Procs, tmp: Any, quick: bool, say: Any) -> dict[str, A
         try:
             adaptive = asyncio.run(_measure(sim, target, warm_s=1.0,
                                             window_s=2 * window_s,
-                                            settle_s=10.0 if quick else 30.0))
+                                            settle_s=10.0 if quick else 25.0))
         finally:
             assert target.proc is not None
             procs.stop(target.proc)
@@ -164,6 +171,7 @@ def phase_adaptive(procs: Procs, tmp: Any, quick: bool, say: Any) -> dict[str, A
         "max_batch": MAX_BATCH,
         "callers": CALLERS,
         "max_tokens": MAX_TOKENS,
+        "time_scale": TIME_SCALE,
         "start_cap": START_CAP,
         "adaptive_config": ADAPTIVE,
         "fixed": {str(c): v for c, v in fixed.items()},

@@ -180,7 +180,8 @@ def _adaptive(results: dict[str, Any], results_dir: Path) -> str:
     met = "met" if data["met"] else "**missed**"
     settled = a.get("settled_after_s")
     return "\n".join([
-        f"From {source}. `batchgate sim --max-batch {data['max_batch']}`; {data['callers']} "
+        f"From {source}. `batchgate sim --max-batch {data['max_batch']} --time-scale "
+        f"{data.get('time_scale', 1):g}`; {data['callers']} "
         f"callers (`batchgate bench`'s generator, closed loop) send {data['max_tokens']}-token "
         "completions through one batchgate at a time; tokens/s is the engine's own "
         "`vllm:generation_tokens` over a steady window, the engine's queue and the cap are "
@@ -276,8 +277,8 @@ the machine's noise moves far less than a rate.
   {_f((results.get('p4') or {}).get('max_tokens'))}-token completions, 32 callers straight
   at the engine vs 200 callers through batchgate (`max_concurrency: 32`), the same number of
   requests; tokens/s through batchgate over direct.
-- **Adaptive**: `batchgate sim --max-batch 16`, behind batchgate with fixed caps and with
-  `adaptive: {{min: 1, max: 128}}` (`bench/convergence.py`; see its section below).
+- **Adaptive**: `batchgate sim --max-batch 16 --time-scale 0.5`, behind batchgate with fixed
+  caps and with `adaptive: {{min: 1, max: 128}}` (`bench/convergence.py`; see its section).
 - **Seed table**: the same engine; for N = 1..32 a batchgate with `max_concurrency: N` and N
   callers sending one 100-token request each; total time from the first send to the last
   answer, against the seed's 1776, 1981, 2067, 3767, 4431, 4942 ms.

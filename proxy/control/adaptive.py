@@ -1,10 +1,11 @@
 """Adaptive caps: one loop per replica with ``adaptive``, moving its cap with its engine's load.
 
 Every ``adaptive.interval_s`` (±10 %, as the health probes: replicas are not read in
-lock-step) the loop GETs the replica's ``/metrics`` (:mod:`proxy.control.enginemetrics`
-reads it), asks the rule (:func:`proxy.core.adaptive.next_cap`) for the next cap and applies
-it through the scheduler: a raised cap grants waiters their slots in that very step; a
-lowered one cuts nothing, the replica gets no new work until it is under it.
+lock-step) the loop has read the replica's ``/metrics`` :data:`SAMPLES` times, evenly over the
+interval (:mod:`proxy.control.enginemetrics` reads each; :func:`~proxy.core.adaptive.merge`
+keeps the smallest queue), asks the rule (:func:`proxy.core.adaptive.next_cap`) for the next
+cap and applies it through the scheduler: a raised cap grants waiters their slots in that very
+step; a lowered one cuts nothing, the replica gets no new work until it is under it.
 
 What always holds:
 
@@ -30,7 +31,7 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ssl import SSLContext
 from typing import Protocol
 
@@ -40,7 +41,7 @@ from aiohttp import web
 from proxy.config import AdaptiveConfig, Config
 from proxy.control.enginemetrics import MAX_BODY_BYTES, parse
 from proxy.control.health import Timing, probe_delay
-from proxy.core.adaptive import CapState, EngineReading, next_cap
+from proxy.core.adaptive import CapState, EngineReading, merge, next_cap
 from proxy.core.replicas import Replica
 from proxy.core.scheduler import Scheduler
 from proxy.observe.metrics import Metrics
@@ -48,6 +49,11 @@ from proxy.observe.metrics import Metrics
 log = logging.getLogger("batchgate.adaptive")
 
 METRICS_PATH = "/metrics"
+#: Scrapes per reading, spread over the interval: the rule sees their smallest queue. A
+#: request that arrives while the engine is mid-step waits for the next step (tens of ms),
+#: so one scrape in three shows a "queue" on an engine with room; a standing queue is in
+#: every sample.
+SAMPLES = 4
 #: The longest one scrape may take: the interval, within these bounds (a slow scrape only
 #: delays the next one; the loop never runs two at once).
 SCRAPE_TIMEOUT_S = 5.0
@@ -79,6 +85,13 @@ def adaptive_of(config: Config, name: str) -> AdaptiveConfig | None:
                 continue
             return entry.adaptive
     return None
+
+
+def waiters_for(scheduler: Scheduler, replica: Replica) -> int:
+    """Batchgate's waiters that ``replica`` could take: those of the models it serves (and
+    those naming none). Waiters for a model it does not serve say nothing about its cap."""
+    return sum(count for (_, model), count in scheduler.depths().items()
+               if model is None or replica.serves(model))
 
 
 class ScrapeError(Exception):
@@ -176,14 +189,15 @@ class AdaptiveCaps:
             self._loop(track), name=f"adaptive:{replica.name}")
 
     def _stop(self, track: _Track) -> None:
-        """``adaptive`` was taken off a replica that stays: its cap stays where it is."""
+        """``adaptive`` was taken off a replica (or it is being removed): its cap stays."""
         del self._tracks[track.replica.name]
         if track.task is not None:
             track.task.cancel()
         self._metrics.adaptive_forget(track.replica.name)
         if self._pools is not None:
             self._pools.set_limit(track.replica.name, track.replica.max_concurrency)
-        log.info("replica %s: adaptive off, its cap stays at %d", track.replica.name,
+        log.info("replica %s: adaptive cap stopped (adaptive off, or the replica left the "
+                 "config); its cap stays at %d", track.replica.name,
                  track.replica.max_concurrency)
 
     async def close(self) -> None:
@@ -214,7 +228,20 @@ class AdaptiveCaps:
                 # tries again, and the fault is counted.
                 log.exception("adaptive cap of %s failed (a bug)", track.replica.name)
                 self._metrics.internal_error("adaptive")
-            await self._timing.sleep(probe_delay(track.settings.interval_s, self._timing.rng))
+            await self._pause(track)
+
+    async def _pause(self, track: _Track) -> None:
+        """The wait before the next sample: the interval over SAMPLES, jittered."""
+        spacing = track.settings.interval_s / SAMPLES
+        await self._timing.sleep(probe_delay(spacing, self._timing.rng))
+
+    async def read(self, track: _Track) -> EngineReading:
+        """One reading: SAMPLES scrapes, spaced over the interval, merged."""
+        samples = [await self.scrape(track.replica, track.settings)]
+        for _ in range(SAMPLES - 1):
+            await self._pause(track)
+            samples.append(await self.scrape(track.replica, track.settings))
+        return merge(samples)
 
     async def step(self, name: str) -> CapState | None:
         """Read the engine of replica ``name`` once and apply the rule; the new state."""
@@ -222,7 +249,7 @@ class AdaptiveCaps:
         if track is None:
             return None
         try:
-            engine = await self.scrape(track.replica, track.settings)
+            engine = await self.read(track)
         except ScrapeError as err:
             self._metrics.adaptive_scrape_error(name)
             if not track.failing:
@@ -230,9 +257,7 @@ class AdaptiveCaps:
                 log.warning("replica %s: cannot read its engine's metrics, its cap stays at "
                             "%d: %s", name, track.replica.max_concurrency, err)
             # A queue must be seen in two readings in a row, not across a gap.
-            track.state = CapState(track.replica.max_concurrency, ceiling=track.state.ceiling,
-                                   hold=track.state.hold, backoff=track.state.backoff,
-                                   learned=track.state.learned, why="frozen: no reading")
+            track.state = replace(track.state, waiting=None, why="frozen: no reading")
             return track.state
         if self._tracks.get(name) is not track:
             return None  # removed or replaced while the scrape was out
@@ -257,8 +282,8 @@ class AdaptiveCaps:
             track.state = CapState(replica.max_concurrency, why="hold: takes no work")
             return track.state
         state = next_cap(state, low=settings.min, high=settings.max,
-                         waiters=self._scheduler.queue_depth, in_flight=replica.in_flight,
-                         engine=engine)
+                         waiters=waiters_for(self._scheduler, replica),
+                         in_flight=replica.in_flight, engine=engine)
         track.state = state
         if state.cap != replica.max_concurrency:
             log.debug("replica %s: cap %d -> %d (%s; engine waiting %s, running %s, kv %s)",

@@ -121,6 +121,7 @@ class HealthChecker:
         self.auto_models: set[str] = set()
         self._credentials = credentials
         self.model_reads = 0  # lists read and applied, for tests
+        self.model_read_failures = 0  # reads that failed (the last list stayed)
         self._timing = timing if timing is not None else Timing()
         self._metrics = metrics
         upstream = upstream if upstream is not None else UpstreamConfig()
@@ -259,6 +260,7 @@ class HealthChecker:
         if track is None or track.replica is not replica or replica.name not in self.auto_models:
             return  # removed, or no longer `auto`, while the read was out
         if ids is None:
+            self.model_read_failures += 1
             log.debug("replica %s: GET /v1/models failed; its last list stays", replica.name)
             return
         if replica.models_pending or replica.models != ids:

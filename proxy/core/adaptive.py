@@ -10,8 +10,9 @@ stays full: as many requests on the engine as it runs at once, none waiting insi
 
 The rule, one reading at a time:
 
-* **Decrease** when the engine queues (``waiting > 0`` in two readings in a row: a request
-  that arrives between two of the engine's steps waits for the next one, which is no queue)
+* **Decrease** when the engine queues (``waiting > 0`` in two readings in a row, each the
+  smallest of several samples, :func:`merge`: a request that arrives between two of the
+  engine's steps waits for the next one, which is no queue)
   or its KV cache is fuller than :data:`KV_HIGH`. A queue brings the cap to batchgate's share
   of what the engine runs, ``in_flight * running / (running + waiting)`` (the engine's batch
   limit when batchgate is its only caller); a full KV cache multiplies it by
@@ -33,6 +34,7 @@ older range is brought into it first).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 #: KV cache usage (0..1) above which the engine has no room: it would preempt or queue next.
@@ -51,6 +53,23 @@ class EngineReading:
     waiting: float | None = None  # requests queued inside the engine
     running: float | None = None  # requests in its batch
     kv_usage: float | None = None  # KV cache usage, 0..1
+
+
+def merge(samples: Sequence[EngineReading]) -> EngineReading:
+    """One reading from several samples of one interval: the smallest queue (a request that
+    arrived mid-step and waits for the next step boundary is in some samples, a standing
+    queue is in every one), the largest batch and the fullest KV cache."""
+
+    def pick(values: list[float | None], combine: Callable[[list[float]], float]
+             ) -> float | None:
+        known = [v for v in values if v is not None]
+        return combine(known) if known else None
+
+    return EngineReading(
+        waiting=pick([s.waiting for s in samples], min),
+        running=pick([s.running for s in samples], max),
+        kv_usage=pick([s.kv_usage for s in samples], max),
+    )
 
 
 @dataclass(frozen=True, slots=True)

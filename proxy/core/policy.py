@@ -30,10 +30,38 @@ from __future__ import annotations
 import math
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 from proxy.core.queue import Waiter, WaitQueue
 
 _MISSING: object = object()
+
+
+@dataclass(frozen=True)
+class TenantPolicy:
+    """Fair share among the tenants of a class: ``weights`` (tenant -> deficit round-robin
+    weight, > 0; 1 for a tenant not named) and bounds on each tenant's waiters
+    (``max_queued``, else ``default_max_queued``; 0: no bound but the queue's)."""
+
+    weights: Mapping[str, float] = field(default_factory=dict)
+    max_queued: Mapping[str, int] = field(default_factory=dict)
+    default_max_queued: int = 0
+
+    def __post_init__(self) -> None:
+        for tenant, weight in self.weights.items():
+            if not weight > 0:
+                raise ValueError(f"weight of tenant {tenant!r} must be > 0, got {weight}")
+        for tenant, bound in self.max_queued.items():
+            if bound < 0:
+                raise ValueError(f"max_queued of tenant {tenant!r} must be >= 0, got {bound}")
+        if self.default_max_queued < 0:
+            raise ValueError(f"default_max_queued must be >= 0, got {self.default_max_queued}")
+
+    def bound(self, tenant: str) -> int:
+        return self.max_queued.get(tenant, self.default_max_queued)
+
+
+NO_TENANTS = TenantPolicy()
 
 
 class _Tenant:

@@ -221,7 +221,8 @@ class ReplicaSet:
                 best = avoid
         if best is not None:
             best.in_flight += 1
-            best.tokens_in_flight += cost
+            if cost:
+                best.tokens_in_flight += cost
             self._next = (best.index + 1) % len(self._replicas)
         return best
 
@@ -302,7 +303,8 @@ class ReplicaSet:
     def give_back(self, replica: Replica, cost: int = 0) -> bool:
         """A slot comes back. True if that was a draining replica's last one (now removed)."""
         replica.in_flight -= 1
-        replica.tokens_in_flight -= cost
+        if cost:
+            replica.tokens_in_flight -= cost
         if replica.state == DRAINING and replica.in_flight == 0:
             self._drop(replica)
             return True

@@ -5,24 +5,36 @@ Decisions are synchronous and returned to the caller: :meth:`Scheduler.submit` (
 a place in the queue), :meth:`Scheduler.release` and :meth:`Scheduler.withdraw` (the grants they
 caused), :meth:`Scheduler.expire` (the waiters whose deadline passed), and the replica changes
 (:meth:`add_replica`, :meth:`remove_replica`, :meth:`set_limit`, :meth:`set_healthy`,
-:meth:`set_ejected`). Capacity can only appear at those moments, and waiters are served right
+:meth:`set_ejected`, :meth:`set_models`, :meth:`set_token_limit`). Capacity can only appear at
+those moments (or when a waiter a replica was kept for leaves), and waiters are served right
 then: there is no polling loop and no gap between one request finishing and the next starting.
 :meth:`Scheduler.acquire` is a thin async wrapper that waits for the decision.
 
-Who owns what: :class:`~proxy.core.replicas.ReplicaSet` the replicas and their slots;
-:class:`~proxy.core.queue.WaitQueue` the order of the waiters (FIFO today); this module the
-bounds of the queue, the deadlines and the estimate behind ``Retry-After``.
+Who owns what: :class:`~proxy.core.replicas.ReplicaSet` the replicas, their slots and tokens;
+:class:`~proxy.core.queue.WaitQueue` the order of the waiters (:mod:`proxy.core.policy`:
+classes, then deficit round-robin among tenants); :mod:`proxy.core.placement` which replica
+may take which request (models, token budgets); :mod:`proxy.core.admission` the bounds of the
+queue and eviction; this module the deadlines, the estimate behind ``Retry-After``, and the
+order of decisions for a request: its model (404 if nobody serves it), its cost (400 if no
+replica serving it could ever hold it), a free slot now, the queue's bounds.
 
 Guarantees:
 
-* a replica is never granted a lease while it holds ``max_concurrency`` of them;
-* while anyone waits, every healthy active replica has all of its slots leased (work
-  conservation);
-* waiters are served in the policy's order (arrival order with FIFO); a retried request may
-  re-enter at the head;
-* a waiter that is cancelled leaves the queue at once; a slot granted to a waiter that is
-  cancelled in the same instant passes to the next waiter, never lost;
-* each :class:`Lease` gives its slot back exactly once, however often ``release`` is called;
+* a replica is never granted a lease while it holds ``max_concurrency`` of them, nor one of
+  cost ``c`` while ``tokens_in_flight + c > max_tokens``;
+* work conservation: while anyone waits, every usable replica with a free slot is kept for
+  the best waiter it serves, which does not fit its free tokens yet (with no token budget:
+  every usable replica serving a waiter has all of its slots leased); a waiter for one model
+  never holds back a replica of another;
+* waiters are served in the policy's order: resends first, then a higher class before any
+  lower one the same replica could serve, tenants in deficit round-robin within a class,
+  arrival order within a tenant (FIFO, exactly, with one class and one tenant);
+* a waiter ends exactly once: granted, expired, evicted by a higher class, refused (its
+  model or its size is no longer served), or withdrawn. A waiter that is cancelled leaves the
+  queue at once; a slot granted to a waiter that is cancelled in the same instant passes to
+  the next waiter, never lost;
+* each :class:`Lease` gives its slot and its tokens back exactly once, however often
+  ``release`` is called;
 * a removed replica gets no new work and leaves once the work it holds is done.
 """
 
@@ -33,52 +45,24 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from proxy.core import admission, placement
 from proxy.core.errors import (
     DeadlineUnreachable,
-    ModelNotFound,
     NoHealthyReplica,
     ProxyError,
     QueueFull,
     QueueTimeout,
-    RequestTooLarge,
 )
-from proxy.core.estimate import RETRY_AFTER_MIN_S, ServiceTimes, retry_after_s, start_in_s
+from proxy.core.estimate import ServiceTimes, retry_after_s, start_in_s
 from proxy.core.load import LoadBoard, Reading
-from proxy.core.policy import PolicyQueue
+from proxy.core.policy import NO_TENANTS, PolicyQueue, TenantPolicy
 from proxy.core.queue import Notify, Waiter, WaitQueue
-from proxy.core.replicas import ACTIVE, Replica, ReplicaSet
+from proxy.core.replicas import Replica, ReplicaSet
 
 __all__ = ["Grant", "Lease", "Replica", "Scheduler", "TenantPolicy", "Waiter"]
 
-
-@dataclass(frozen=True)
-class TenantPolicy:
-    """Fair share among the tenants of a class: ``weights`` (tenant -> deficit round-robin
-    weight, > 0; 1 for a tenant not named) and bounds on each tenant's waiters
-    (``max_queued``, else ``default_max_queued``; 0: no bound but the queue's)."""
-
-    weights: Mapping[str, float] = field(default_factory=dict)
-    max_queued: Mapping[str, int] = field(default_factory=dict)
-    default_max_queued: int = 0
-
-    def __post_init__(self) -> None:
-        for tenant, weight in self.weights.items():
-            if not weight > 0:
-                raise ValueError(f"weight of tenant {tenant!r} must be > 0, got {weight}")
-        for tenant, bound in self.max_queued.items():
-            if bound < 0:
-                raise ValueError(f"max_queued of tenant {tenant!r} must be >= 0, got {bound}")
-        if self.default_max_queued < 0:
-            raise ValueError(f"default_max_queued must be >= 0, got {self.default_max_queued}")
-
-    def bound(self, tenant: str) -> int:
-        return self.max_queued.get(tenant, self.default_max_queued)
-
-
-NO_TENANTS = TenantPolicy()
 
 class Lease:
     """One slot on one replica, held for exactly as long as the request uses it."""
@@ -209,30 +193,13 @@ class Scheduler:
         return dict(self._depths)
 
     def serves(self, model: str | None) -> bool:
-        """Whether :meth:`submit` accepts ``model`` rather than refusing it as not found.
-
-        No model named, no replica yet (scaling up from zero), a model-blind replica, one
-        whose list names it, or one whose list is still being read (it may name it): yes.
-        A replica that is unhealthy still counts (its waiters wait); a draining one does not.
-        """
-        if model is None or self._set.plain:
-            return True
-        active = False
-        for r in self._set.all:
-            if r.state != ACTIVE:
-                continue
-            active = True
-            if r.models_pending or r.serves(model):
-                return True
-        return not active
+        """Whether :meth:`submit` accepts ``model`` rather than refusing it as not found
+        (see :func:`proxy.core.placement.serves`)."""
+        return model is None or self._set.plain or placement.serves(self._set, model)
 
     def models(self) -> list[str]:
         """Every model some active replica names, sorted (model-blind replicas name none)."""
-        names: set[str] = set()
-        for r in self._set.all:
-            if r.state == ACTIVE and r.models is not None:
-                names |= r.models
-        return sorted(names)
+        return placement.models(self._set)
 
     def idle(self) -> bool:
         """No waiter and no slot held: what every test checks at its end."""
@@ -304,7 +271,7 @@ class Scheduler:
                 if replica is not None:
                     return Lease(self, replica, self._clock(), cost)
         else:
-            refusal = self._refusal(model, cost)
+            refusal = placement.refusal(self._set, model, cost)
             if refusal is not None:
                 raise refusal
             lease = self._lease_now(model, cost, klass, front, avoid)
@@ -367,9 +334,10 @@ class Scheduler:
     ) -> Sequence[Grant]:
         """A new replica: its slots go to waiters at once (``healthy=False``: once its first
         probe passes). ``models``, ``models_pending``, ``max_tokens``: see :class:`Replica`."""
+        # Waiters for a model it does not serve keep waiting: they were admitted, and the
+        # replica that serves them may be the next one discovery adds.
         self._set.add(name, url, max_concurrency, healthy=healthy, models=models,
                       models_pending=models_pending, max_tokens=max_tokens)
-        self._refuse_unservable()  # the first replica with a list: the others' models 404
         return self._dispatch()
 
     def remove_replica(self, replica: Replica) -> bool:
@@ -438,29 +406,13 @@ class Scheduler:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _refusal(self, model: str | None, cost: int) -> ProxyError | None:
-        """Why a request can never be served (None: it can): its model, or its size."""
-        if not self.serves(model):
-            return ModelNotFound(model or "")
-        if cost <= 0:
-            return None
-        largest = 0
-        for r in self._set.all:
-            if r.state == ACTIVE and (r.models_pending or r.serves(model)):
-                if r.max_tokens is None:
-                    return None
-                largest = max(largest, r.max_tokens)
-        if largest and cost > largest:
-            return RequestTooLarge(cost, largest, model)
-        return None
-
     def _refuse_unservable(self) -> None:
         # What a replica serves, or holds, shrank or became known: waiters that can never be
         # served are told now, not at their deadline.
         if self._set.plain or not len(self._queue):
             return
         for waiter in list(self._queue):
-            refusal = self._refusal(waiter.model, waiter.cost)
+            refusal = placement.refusal(self._set, waiter.model, waiter.cost)
             if refusal is not None:
                 refusal.waited = True
                 self._unqueue(waiter)
@@ -478,11 +430,7 @@ class Scheduler:
         if len(queue) and not front:
             # Free replicas are kept for waiters that do not fit them yet; one of those of
             # this class or higher comes first, a lower one does not.
-            candidates = [
-                r for r in candidates
-                if not queue.claims(klass, r.serves, _always if r.max_tokens is None
-                                    else _fits_empty(r))
-            ]
+            candidates = [r for r in candidates if not placement.claimed(queue, r, klass)]
         replica = self._set.choose(candidates, avoid)
         if replica is None:
             return None
@@ -492,52 +440,13 @@ class Scheduler:
     def _admit(self, waiter: Waiter) -> list[Waiter]:
         """The queue's bounds, for a request about to join it (not a resend): raises, or
         returns the waiters of lower classes it evicts to take their place."""
-        queue = self._queue
-        victims: list[Waiter] = []
-        if len(queue) >= self.max_queue:
-            victim = queue.evictable(waiter.klass) if self.max_queue else None
-            if victim is None:
-                if self.max_queue == 0 and not self.any_healthy():
-                    raise NoHealthyReplica(
-                        "no healthy replica", retry_after_s=RETRY_AFTER_MIN_S
-                    )
-                raise QueueFull(
-                    f"queue is full ({self.max_queue} waiting); retry later",
-                    retry_after_s=self.retry_after_s(len(queue) + 1),
-                )
-            victims.append(victim)
-        excess = self.queued_bytes + waiter.size - self.max_bytes
-        if excess > 0:
-            excess -= sum(v.size for v in victims)
-            if excess > 0 and queue.evictable(waiter.klass) is not None:
-                # The newest of the lowest classes first, only if that makes room.
-                lower = sorted(
-                    (w for w in queue
-                     if not w.front and w.klass > waiter.klass and w not in victims),
-                    key=lambda w: (-w.klass, -w.seq),
-                )
-                for w in lower:
-                    if excess <= 0:
-                        break
-                    victims.append(w)
-                    excess -= w.size
-            if excess > 0:
-                raise QueueFull(
-                    f"queue is full: this request's {waiter.size} bytes would take the "
-                    f"queued request bodies past queue.max_bytes ({self.max_bytes} bytes); "
-                    "retry later",
-                    retry_after_s=self.retry_after_s(len(queue) + 1),
-                )
-        tenant = waiter.tenant
-        bound = self.tenants.bound(tenant)
-        if bound and self._per_tenant.get(tenant, 0) >= bound:
-            raise QueueFull(
-                f"queue is full for tenant {tenant!r}: {bound} of its requests wait already "
-                "(its max_queued); retry later",
-                retry_after_s=self.retry_after_s(queue.would_be(waiter)),
-            )
+        victims = admission.victims(
+            self._queue, waiter, max_queue=self.max_queue, max_bytes=self.max_bytes,
+            queued_bytes=self.queued_bytes, tenants=self.tenants, per_tenant=self._per_tenant,
+            retry_after=self.retry_after_s, any_healthy=self.any_healthy,
+        )
         if waiter.deadline < math.inf:
-            self._refuse_if_unreachable(queue.would_be(waiter), waiter.deadline)
+            self._refuse_if_unreachable(self._queue.would_be(waiter), waiter.deadline)
         return victims
 
     def _evict(self, victim: Waiter) -> None:
@@ -638,7 +547,7 @@ class Scheduler:
         if not len(queue):
             return NO_GRANTS
         now = self._clock()
-        placer = _Placer(self._set)
+        placer = placement.Placer(self._set)
         while len(queue):
             if not placer.reset():
                 break
@@ -682,6 +591,16 @@ class Scheduler:
             replica = self._pick(avoid, cost)
             if replica is not None:
                 return Lease(self, replica, self._clock(), cost)
+        return await self._wait(deadline, size, front, avoid, model, klass, tenant, cost,
+                                on_queued)
+
+    async def _wait(
+        self, deadline: float, size: int, front: bool, avoid: Replica | None,
+        model: str | None, klass: int, tenant: str, cost: int,
+        on_queued: Callable[[Waiter], None] | None,
+    ) -> Lease:
+        # Apart from acquire(), so that its fast path creates none of the cells the
+        # closures below need.
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Lease] = loop.create_future()
 
@@ -718,55 +637,11 @@ class Scheduler:
             if on_queued is not None:
                 on_queued(waiter)
             return await future
-        except asyncio.CancelledError:
+        except BaseException:
+            # Cancelled (queued: it leaves; granted this instant: the slot passes on), or
+            # on_queued failed; told an error, it is out already and this does nothing.
             self.withdraw(waiter)
             raise
         finally:
             for handle in timer:
                 handle.cancel()
-
-
-class _Placer:
-    """One dispatch round's view of the free replicas, for :meth:`WaitQueue.pop_first`:
-    which waiter a free replica takes, and which replicas are kept for a waiter that does
-    not fit them yet."""
-
-    __slots__ = ("_set", "chosen", "kept", "live")
-
-    def __init__(self, replicas: ReplicaSet) -> None:
-        self._set = replicas
-        self.kept: set[Replica] = set()
-        self.live: list[Replica] = []
-        self.chosen: Replica | None = None
-
-    def reset(self) -> bool:
-        """The replicas with a free slot that are not kept; False if there is none."""
-        self.live = [r for r in self._set.candidates(None, 0) if r not in self.kept]
-        self.chosen = None
-        return bool(self.live)
-
-    def model_ok(self, model: str | None) -> bool:
-        kept = self.kept
-        return any(r.serves(model) for r in self.live if r not in kept)
-
-    def accept(self, waiter: Waiter) -> bool:
-        kept = self.kept
-        cost = waiter.cost
-        serving = [r for r in self.live
-                   if r not in kept and r.serves(waiter.model) and r.can_fit(cost)]
-        if not serving:
-            return False
-        fitting = [r for r in serving if r.fits(cost)]
-        if not fitting:
-            kept.update(serving)  # its best waiter does not fit yet: it waits for it
-            return False
-        self.chosen = self._set.choose(fitting)
-        return True
-
-
-def _always(waiter: Waiter) -> bool:
-    return True
-
-
-def _fits_empty(replica: Replica) -> Callable[[Waiter], bool]:
-    return lambda waiter: replica.can_fit(waiter.cost)

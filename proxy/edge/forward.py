@@ -19,7 +19,7 @@ from proxy.edge.headers import upstream_request_headers
 from proxy.edge.heartbeat import Heartbeat
 from proxy.edge.keys import CONFIG, HEALTH, LIFECYCLE, METRICS, SCHEDULER, UPSTREAMS
 from proxy.edge.relay import is_event_stream, pipe
-from proxy.edge.route import NO_TICKET, ROUTING, Ticket, request_class, request_tenant
+from proxy.edge.route import ROUTING
 from proxy.observe.exchange import Exchange, Outcome
 from proxy.upstream.connection import Response
 
@@ -68,6 +68,7 @@ class Forwarder:
 
     def __init__(self, app: web.Application) -> None:
         self.app = app
+        self.routing = app[ROUTING]
 
     @property
     def config(self) -> Config:
@@ -78,24 +79,25 @@ class Forwarder:
         wait_s = deadline_s(request, config.queue.timeout_s)  # a bad header: 400, body unread
         # Class and tenant from the head (a bad header: 400, body unread); model and token
         # cost from the body, parsed only when configured (proxy.edge.route).
-        klass, exchange.klass = request_class(request, config.scheduling, exchange.key_class)
-        tenant = request_tenant(request, config.scheduling, exchange)
+        routing = self.routing
+        klass, exchange.klass = routing.klass(request, exchange.key_class)
+        tenant = routing.tenant(request, exchange)
         body = await _read_body(request, config.server.max_body_bytes)
-        routing = self.app[ROUTING]
-        demand = routing.demand(body, exchange)  # parsed once, only when something needs it
-        ticket = routing.ticket(demand, klass, tenant, config.scheduling)
+        model, cost, stream = routing.route(body, exchange)
         heartbeat_s = config.queue.sse_heartbeat_s
-        if heartbeat_s > 0 and demand is not None and demand.stream:
+        if heartbeat_s > 0 and stream:
             lifecycle = self.app[LIFECYCLE]
             beat = Heartbeat(request, exchange, self.app[SCHEDULER], heartbeat_s,
                              draining=lambda: lifecycle.draining,
                              cutting=lambda: lifecycle.cutting)
-            return await beat.guard(self.forward(request, body, exchange, wait_s, ticket, beat))
-        return await self.forward(request, body, exchange, wait_s, ticket)
+            return await beat.guard(self.forward(request, body, exchange, wait_s, model, klass,
+                                                 tenant, cost, beat))
+        return await self.forward(request, body, exchange, wait_s, model, klass, tenant, cost)
 
     async def forward(
         self, request: web.Request, body: bytes, exchange: Exchange, wait_s: float,
-        ticket: Ticket = NO_TICKET, beat: Heartbeat | None = None,
+        model: str | None = None, klass: int = 0, tenant: str = "", cost: int = 0,
+        beat: Heartbeat | None = None,
     ) -> web.StreamResponse:
         scheduler = self.app[SCHEDULER]
         upstreams = self.app[UPSTREAMS]
@@ -115,8 +117,8 @@ class Forwarder:
             try:
                 lease = await scheduler.acquire(
                     deadline, size=len(body), front=exchange.attempts > 0, avoid=avoid,
-                    model=ticket.model, klass=ticket.klass, tenant=ticket.tenant,
-                    cost=ticket.cost, on_queued=beat.queued if beat is not None else None,
+                    model=model, klass=klass, tenant=tenant, cost=cost,
+                    on_queued=beat.queued if beat is not None else None,
                 )
             except ProxyError as err:
                 exchange.queue_ms = _ms(waited + scheduler.now() - asked)

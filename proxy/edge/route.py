@@ -1,10 +1,11 @@
 """What the edge decides about a request before it asks for a slot: its class, its tenant, and
-(only when a feature needs it) its model and token cost from one parse of the body.
+(only when a feature needs it) its model, token cost and stream flag from one parse of the
+body.
 
-The order (README "Scheduling"): the frame checks the API key (401) -> :func:`request_class`
+The order (README "Scheduling"): the frame checks the API key (401) -> :meth:`Routing.klass`
 reads ``X-Batchgate-Class`` (400 on a name not in ``scheduling.classes``, the body still
-unread) -> :func:`request_tenant` (the key's name, else ``scheduling.tenant_header``) -> the
-body is read -> :meth:`Routing.ticket` parses its demand once -> the scheduler refuses a model
+unread) -> :meth:`Routing.tenant` (the key's name, else ``scheduling.tenant_header``) -> the
+body is read -> :meth:`Routing.route` parses its demand once -> the scheduler refuses a model
 nobody serves (404 ``model_not_found``) or a cost no replica can ever hold (400
 ``request_too_large``), both before any slot or wait, then queues or dispatches it.
 
@@ -15,9 +16,8 @@ never parsed here; the access log's model comes from the bounded byte scan as be
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 from aiohttp import web
+from multidict import istr
 
 from proxy.config import Config, DiscoveryConfig, ReplicaConfig, SchedulingConfig
 from proxy.core.demand import Demand, TokenRatio, parse_demand
@@ -29,6 +29,7 @@ from proxy.observe.model import request_model
 
 #: The caller's priority class, by name (one of ``scheduling.classes``).
 CLASS_HEADER = "X-Batchgate-Class"
+_CLASS_KEY = istr(CLASS_HEADER)  # folded once: a plain str is folded on every lookup
 #: A tenant named by ``scheduling.tenant_header`` is at most this long (it keys the fair
 #: share's state): a longer value is a 400, not silently cut (two tenants would merge).
 TENANT_MAX_CHARS = 64
@@ -36,59 +37,18 @@ TENANT_MAX_CHARS = 64
 NO_HEADER_TENANT = ""
 
 
-class Ticket(NamedTuple):
-    """What :meth:`proxy.core.scheduler.Scheduler.acquire` is told about the request."""
-
-    model: str | None  # None: any replica (routing off, or the body names no model)
-    klass: int  # 0 = the highest class
-    tenant: str
-    cost: int  # estimated tokens; 0 without any token budget
-
-
-#: A request with no say in routing: any replica, the highest class, one tenant, no cost.
-NO_TICKET = Ticket(None, 0, NO_HEADER_TENANT, 0)
-
-
-def request_class(request: web.BaseRequest, scheduling: SchedulingConfig,
-                  key_class: str | None) -> tuple[int, str]:
-    """The request's class (rank, name): ``X-Batchgate-Class``, else its key's ``class``, else
-    ``scheduling.default_class``. An unknown name in the header is a 400 naming the allowed."""
-    name = request.headers.get(CLASS_HEADER)
-    if name is None:
-        name = key_class if key_class is not None else scheduling.default_class
-        rank = scheduling.class_index(name)
-        if rank is None:  # a key's class outside the list cannot load; be safe anyway
-            name = scheduling.default_class
-            rank = scheduling.classes.index(name)
-        return rank, name
-    rank = scheduling.class_index(name)
-    if rank is None:
-        raise BadRequest(f"{CLASS_HEADER} must be one of {', '.join(scheduling.classes)}, "
-                         f"got {name[:64]!r}")
-    return rank, name
-
-
-def request_tenant(request: web.BaseRequest, scheduling: SchedulingConfig,
-                   exchange: Exchange) -> str:
-    """The key's name whenever auth is on; else the ``scheduling.tenant_header`` value (absent
-    or empty: :data:`NO_HEADER_TENANT`); else one tenant for all."""
-    if exchange.tenant is not None:
-        return exchange.tenant
-    header = scheduling.tenant_header
-    if header is None:
-        return NO_HEADER_TENANT
-    value = request.headers.get(header, NO_HEADER_TENANT).strip()
-    if len(value) > TENANT_MAX_CHARS:
-        raise BadRequest(f"{header} (the tenant, scheduling.tenant_header) must be at most "
-                         f"{TENANT_MAX_CHARS} characters, got {len(value)}")
-    return value
+#: What :meth:`Routing.route` says when nothing needs the body: any replica, no cost, not
+#: known to stream.
+NO_ROUTE: tuple[str | None, int, bool] = (None, 0, False)
 
 
 class Routing:
-    """Which per-request facts the config needs (recomputed on reload), and the calibrated
-    characters-per-token ratio behind token costs. One per application (``ROUTING``)."""
+    """Which per-request facts the config needs (recomputed on reload), the class names and
+    the calibrated characters-per-token ratio behind token costs. One per application
+    (``ROUTING``); its methods are the request path's, so they precompute what they can."""
 
-    __slots__ = ("budgeted", "needs_demand", "ratio", "routed")
+    __slots__ = ("_default", "_ranks", "budgeted", "needs_demand", "ratio", "routed",
+                 "scheduling")
 
     def __init__(self, config: Config) -> None:
         self.ratio = TokenRatio()
@@ -103,26 +63,59 @@ class Routing:
         #: Some replica has a token budget: requests carry a cost.
         self.budgeted = any(e.max_tokens_in_flight is not None for e in entries)
         self.needs_demand = self.routed or self.budgeted or config.queue.sse_heartbeat_s > 0
+        self.scheduling = scheduling = config.scheduling
+        self._ranks = {name: rank for rank, name in enumerate(scheduling.classes)}
+        self._default = (self._ranks[scheduling.default_class], scheduling.default_class)
 
-    def demand(self, body: bytes, exchange: Exchange) -> Demand | None:
-        """The body's demand, parsed once, when something needs it (else None, and the log's
-        model from the byte scan). Remembers the prompt's characters for :meth:`learn`."""
+    def klass(self, request: web.BaseRequest, key_class: str | None) -> tuple[int, str]:
+        """The request's class (rank, name): ``X-Batchgate-Class``, else its key's ``class``,
+        else ``scheduling.default_class``. An unknown name in the header is a 400 naming the
+        allowed ones."""
+        name = request.headers.get(_CLASS_KEY)
+        if name is None:
+            if key_class is None:
+                return self._default
+            rank = self._ranks.get(key_class)
+            # A key's class outside the list cannot load (check_keys); be safe anyway.
+            return self._default if rank is None else (rank, key_class)
+        rank = self._ranks.get(name)
+        if rank is None:
+            raise BadRequest(f"{CLASS_HEADER} must be one of "
+                             f"{', '.join(self.scheduling.classes)}, got {name[:64]!r}")
+        return rank, name
+
+    def tenant(self, request: web.BaseRequest, exchange: Exchange) -> str:
+        """The key's name whenever auth is on; else the ``scheduling.tenant_header`` value
+        (absent or empty: :data:`NO_HEADER_TENANT`); else one tenant for all."""
+        if exchange.tenant is not None:
+            return exchange.tenant
+        header = self.scheduling.tenant_header
+        if header is None:
+            return NO_HEADER_TENANT
+        value = request.headers.get(header, NO_HEADER_TENANT).strip()
+        if len(value) > TENANT_MAX_CHARS:
+            raise BadRequest(f"{header} (the tenant, scheduling.tenant_header) must be at most "
+                             f"{TENANT_MAX_CHARS} characters, got {len(value)}")
+        return value
+
+    def route(self, body: bytes, exchange: Exchange) -> tuple[str | None, int, bool]:
+        """(model, cost) for the scheduler, and whether the request streams (an SSE heartbeat
+        while it waits). The body is parsed once, and only when something needs it (else the
+        log's model comes from the byte scan); the prompt's characters are kept for
+        :meth:`learn`."""
         if not self.needs_demand:
             exchange.model = request_model(body)
-            return None
+            return NO_ROUTE
         demand = parse_demand(body)
         exchange.model = demand.model
         if demand.prompt_ids == 0 and demand.prompt_chars:
             exchange.prompt_chars = demand.prompt_chars  # text only: ids teach no ratio
-        return demand
+        return self.ask(demand)
 
-    def ticket(self, demand: Demand | None, klass: int, tenant: str,
-               scheduling: SchedulingConfig) -> Ticket:
-        if demand is None:
-            return Ticket(None, klass, tenant, 0)
-        cost = demand.cost(scheduling.default_max_tokens, self.ratio.value) \
+    def ask(self, demand: Demand) -> tuple[str | None, int, bool]:
+        cost = demand.cost(self.scheduling.default_max_tokens, self.ratio.value) \
             if self.budgeted else 0
-        return Ticket(demand.model if self.routed else None, klass, tenant, cost)
+        return (demand.model if self.routed else None), cost, demand.stream
 
     def learn(self, exchange: Exchange) -> None:
         """A request is over: its prompt's characters against the tokens its replica reported

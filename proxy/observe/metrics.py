@@ -305,6 +305,8 @@ class Metrics:
         self._inter_chunk = _Children(self.inter_chunk)
         self._duration = _Children(self.duration)
         self._queue_wait = _Children(self.queue_wait)
+        #: The ``observe`` of each class's child: one dict lookup per request.
+        self._wait_observers: dict[str, Callable[[float], None]] = {}
         # Every known label set exists from the start, at 0 (see REJECTION_REASONS).
         for reason in REJECTION_REASONS:
             self._rejected(reason)
@@ -316,7 +318,7 @@ class Metrics:
         depth and wait series exist from now, at 0)."""
         self.registry.register(SchedulerCollector(scheduler, classes))
         for name in classes:
-            self._queue_wait(name)
+            self._wait_observers[name] = self._queue_wait(name).observe
         for replica in scheduler.replicas:
             self.add_replica(replica.name)
 
@@ -418,7 +420,11 @@ class Metrics:
         if exchange.enqueued_at is not None:
             granted = exchange.dispatched_at
             waited_until = granted if granted is not None else time.monotonic()
-            self._queue_wait(exchange.klass).observe(waited_until - exchange.enqueued_at)
+            observe = self._wait_observers.get(exchange.klass)
+            if observe is None:
+                observe = self._wait_observers[exchange.klass] = self._queue_wait(
+                    exchange.klass).observe
+            observe(waited_until - exchange.enqueued_at)
         if exchange.first_byte_at is not None and exchange.dispatched_at is not None:
             self._ttfb(exchange.route, "true" if exchange.stream else "false").observe(
                 exchange.first_byte_at - exchange.dispatched_at

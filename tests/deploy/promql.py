@@ -61,7 +61,8 @@ CATALOGUE: dict[str, Labels] = {
     "batchgate_rejected_requests_total": {
         "reason": frozenset({"queue_full", "queue_timeout", "deadline_unreachable",
                              "no_healthy_replica", "draining",
-                             "overloaded", "body_too_large", "bad_request", "unauthorized"}),
+                             "overloaded", "model_not_found", "request_too_large",
+                             "body_too_large", "bad_request", "unauthorized"}),
     },
     "batchgate_upstream_errors_total": {
         "replica": ANY,

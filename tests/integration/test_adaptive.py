@@ -13,7 +13,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.config import AdaptiveConfig, Config, ReplicaConfig, ServerConfig, SimulatedConfig
+from proxy.config import (
+    AdaptiveConfig,
+    Config,
+    DiscoveryConfig,
+    ReplicaConfig,
+    ServerConfig,
+    SimulatedConfig,
+)
 from proxy.control.adaptive import ADAPTIVE
 from proxy.edge.keys import METRICS as METRICS_KEY
 from proxy.edge.keys import RELOADER
@@ -45,8 +52,10 @@ async def test_the_cap_settles_at_the_engines_batch_limit(proxy: Factory) -> Non
     config = Config(
         replicas=(ReplicaConfig(
             name="sim", max_concurrency=1,
-            simulated=SimulatedConfig(max_batch=16, time_scale=0.02),
-            adaptive=AdaptiveConfig(min=1, max=128, interval_s=INTERVAL_S)),),
+            # Steps of about 9 ms and readings 0.2 s apart (samples 50 ms apart): both well
+            # above what a busy event loop adds to a request's way to the engine.
+            simulated=SimulatedConfig(max_batch=16, time_scale=0.2),
+            adaptive=AdaptiveConfig(min=1, max=128, interval_s=0.2)),),
         server=ServerConfig(host="127.0.0.1", port=0),
     )
     async with embedded_replicas(config) as resolved:
@@ -68,7 +77,7 @@ async def test_the_cap_settles_at_the_engines_batch_limit(proxy: Factory) -> Non
             return len(tail) == 8 and len(set(tail)) == 1 and readings > 20
 
         stop = asyncio.Event()
-        load = asyncio.create_task(callers(p.url, 40, stop, {"prompt": "hi", "max_tokens": 100}))
+        load = asyncio.create_task(callers(p.url, 40, stop, {"prompt": "hi", "max_tokens": 50}))
         try:
             await until(settled, "the cap stays put for 8 readings", bound=60)
         finally:
@@ -214,5 +223,30 @@ async def test_reload_starts_changes_and_stops_the_loops(proxy: Factory) -> None
         assert adaptive.state("b") is None
         assert p.app[METRICS_KEY].registry.get_sample_value(
             "batchgate_adaptive_scrape_errors_total", {"replica": "b"}) is None
+    finally:
+        await runner.cleanup()
+
+
+async def test_replicas_found_by_discovery_follow_their_entrys_adaptive(proxy: Factory) -> None:
+    engine = Engine()
+    engine.text = "vllm:num_requests_waiting 3\nvllm:num_requests_running 4\n"
+    runner, url = await start_app(engine.app())
+    port = int(url.rsplit(":", 1)[1])
+
+    async def lookup(entry: DiscoveryConfig) -> frozenset[str]:
+        return frozenset({"127.0.0.1"})
+
+    try:
+        config = dataclasses.replace(make_config(), replicas=(), discovery=(DiscoveryConfig(
+            dns="engines.test", port=port, max_concurrency=8, name_prefix="v",
+            adaptive=AdaptiveConfig(min=2, max=8, interval_s=INTERVAL_S)),))
+        p: Proxy = await proxy(config, lookup=lookup)
+        await until(lambda: p.scheduler.replica("v-127.0.0.1") is not None, "found in DNS")
+        found = p.scheduler.replica("v-127.0.0.1")
+        assert found is not None
+        # Its engine queues: the cap comes down, to the entry's min at the lowest.
+        await until(lambda: found.max_concurrency == 2, "the cap at the entry's min")
+        assert p.app[ADAPTIVE].state("v-127.0.0.1") is not None
+        assert p.metric("batchgate_replica_engine_waiting", replica="v-127.0.0.1") == 3
     finally:
         await runner.cleanup()

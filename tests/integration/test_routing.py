@@ -141,12 +141,14 @@ async def test_models_auto_is_read_at_startup_and_with_every_probe(
     assert replica.models == frozenset({"llama", "qwen"})
     async with client.post(p.url + CHAT, json={"model": "qwen"}) as r:
         assert r.status == 200
+    async with client.get(p.url + "/admin/replicas") as r:  # what an operator sees
+        [shown] = await r.json()
+    assert (shown["models"], shown["models_pending"], shown["max_tokens_in_flight"],
+            shown["tokens_in_flight"]) == (["llama", "qwen"], False, None, 0)
     # A failed read keeps the last list.
     a.models_status = 500
-    hits = a.models_hits
     time.advance(INTERVAL * 1.1)
-    await until(lambda: a.models_hits == hits + 1, "the next read asked")
-    await until(lambda: p.health.probes(replica) == 3, "its probe applied")
+    await until(lambda: p.health.model_read_failures == 1, "the next read failed")
     assert replica.models == frozenset({"llama", "qwen"})
     async with client.get(p.url + "/v1/models") as r:  # the replica's own answer is a 500
         assert r.status == 503

@@ -161,3 +161,33 @@ async def test_on_queued_is_called_once_when_the_request_waits(
     lease = await task
     assert len(queued) == 1 and lease.replica.name == "a"
     lease.release()
+
+
+def test_waiters_admitted_before_any_replica_wait_for_theirs(
+    leak_checked: list[Scheduler],
+) -> None:
+    """Scaling up from zero: a request waits for whatever model; the first replica found,
+    serving another model, does not refuse it (the one serving it may be the next)."""
+    s = Scheduler([], 10)
+    leak_checked.append(s)
+    assert s.serves("m2")
+    w = wait(s, model="m2")
+    assert s.add_replica("a", "http://a", 1, models=M1) == ()
+    assert w.queued and not s.serves("m3")
+    (grant,) = s.add_replica("b", "http://b", 1, models=M2)
+    assert grant.waiter is w
+    grant.lease.release()
+
+
+async def test_a_failing_on_queued_hook_leaves_no_waiter(leak_checked: list[Scheduler]) -> None:
+    s = two_models()
+    leak_checked.append(s)
+    held = await s.acquire(s.now() + 60, model="m1")
+
+    def broken(waiter: Waiter) -> None:
+        raise RuntimeError("heartbeat failed")
+
+    with pytest.raises(RuntimeError, match="heartbeat"):
+        await s.acquire(s.now() + 60, model="m1", on_queued=broken)
+    assert s.queue_depth == 0
+    held.release()
