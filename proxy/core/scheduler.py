@@ -586,11 +586,20 @@ class Scheduler:
         Cancel-safe: a caller cancelled while queued leaves the queue; one cancelled just as
         its slot was granted gives that slot to the next waiter before the error propagates.
         """
-        if not len(self._queue) and self._set.plain:
-            # The common case under capacity: a free slot now, no Future or closure needed.
-            replica = self._pick(avoid, cost)
-            if replica is not None:
-                return Lease(self, replica, self._clock(), cost)
+        if self._set.plain:
+            if not len(self._queue):
+                # The common case under capacity: a free slot now, no Future or closure.
+                replica = self._pick(avoid, cost)
+                if replica is not None:
+                    return Lease(self, replica, self._clock(), cost)
+        else:
+            # The same with models or budgets: refused, or a slot now, without a Future.
+            refusal = placement.refusal(self._set, model, cost)
+            if refusal is not None:
+                raise refusal
+            lease = self._lease_now(model, cost, klass, front, avoid)
+            if lease is not None:
+                return lease
         return await self._wait(deadline, size, front, avoid, model, klass, tenant, cost,
                                 on_queued)
 
