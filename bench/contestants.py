@@ -57,11 +57,12 @@ def start_upstream(procs: Procs, *, cpu: int = SUT_CPU, name: str = "upstream") 
     return Target("upstream", port, proc)
 
 
-def start_sim(procs: Procs, max_batch: int = 32) -> Target:
+def start_sim(procs: Procs, max_batch: int = 32, time_scale: float = 1.0) -> Target:
     port = free_port()
     proc = procs.start(
         "sim",
-        [str(BIN / "batchgate"), "sim", "--max-batch", str(max_batch), "--port", str(port)],
+        [str(BIN / "batchgate"), "sim", "--max-batch", str(max_batch), "--port", str(port),
+         "--time-scale", f"{time_scale:g}"],
     )
     wait_http(f"http://127.0.0.1:{port}/health", proc)
     return Target("sim", port, proc)

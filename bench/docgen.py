@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import report
+import scheduling
 from soak import keep_soak
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,6 +81,56 @@ def _profile(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _scheduling(results: dict[str, Any], results_dir: Path) -> str:
+    """The scheduling phases (bench/scheduling.py): this run's, else the newest (not quick)
+    run that has them (``--only tenants,budget``), named with its date."""
+    if results.get("tenants") or results.get("budget"):
+        data, source = results, "this run"
+    else:
+        # Named <date>-only-<phases>.json by bench/run.py: sorted by name is sorted by date.
+        runs = sorted(p for p in results_dir.glob("*-only-*.json")
+                      if {"tenants", "budget"} & set(p.stem.split("-only-", 1)[1].split("-")))
+        if not runs:
+            return "No run of the `tenants` or `budget` phase is on record yet."
+        data = json.loads(runs[-1].read_text())
+        phases = runs[-1].stem.split("-only-", 1)[1].replace("-", ",")
+        source = (f"`{runs[-1].relative_to(ROOT)}` ({data['date']}, commit "
+                  f"`{data['machine']['commit']}`, `bench/run.py --only {phases}`)")
+    return "\n\n".join([f"From {source}.", _scheduling_method(data),
+                        scheduling.markdown(data)])
+
+
+def _scheduling_method(results: dict[str, Any]) -> str:
+    tenants = results.get("tenants") or {}
+    budget = results.get("budget") or {}
+    out = []
+    if tenants:
+        sim = tenants["sim"]
+        out.append(
+            f"- **Two tenants** (`tenants`): `batchgate sim --max-batch {sim['max_batch']} "
+            f"--time-scale {sim['time_scale']:g}` behind batchgate (`max_concurrency: "
+            f"{tenants['max_concurrency']}`); a batch tenant sends {tenants['flood']} "
+            f"{tenants['max_tokens']}-token requests at once; once they are queued, an "
+            f"interactive tenant sends one every {tenants['trickle_s'] * 1000:.0f} ms until the "
+            "flood has drained. The interactive requests' `X-Batchgate-Queue-Ms`: `fifo` has no "
+            "`scheduling` (one tenant, one class); `fair` sets `scheduling.tenant_header` (fair "
+            "share between the two tenants, one class); `classes` adds `scheduling.classes: "
+            "[interactive, batch]` with the trickle sending `X-Batchgate-Class: interactive`.")
+    if budget:
+        sim = budget["sim"]
+        (_, lp, lm), (_, sp, sm) = budget["long"], budget["short"]
+        out.append(
+            f"- **Token budget** (`budget`): `batchgate sim --kv-tokens {budget['kv_tokens']} "
+            f"--max-batch {sim['max_batch']} --time-scale {sim['time_scale']:g}`; "
+            f"{budget['requests']} requests at once, {budget['long'][0] * 100:.0f} % long "
+            f"({lp} prompt token ids, `max_tokens: {lm}`), the rest short ({sp}, {sm}), through "
+            f"batchgate with `max_concurrency: {budget['cap']}` alone (`count_only`) and with "
+            f"`max_tokens_in_flight: {budget['kv_tokens']}` as well (`token_budget`); the "
+            "engine's `vllm:num_preemptions_total` over the run, the peak of "
+            "`vllm:kv_cache_usage_perc` (sampled every 50 ms), completion tokens/s.")
+    return "\n".join(out) or "Not run."
+
+
 def _instructions(results_dir: Path) -> str:
     """The newest ``make bench-instructions`` figures (bench/instructions.py), if any."""
     runs = sorted(results_dir.glob("*-instructions.json"))
@@ -96,6 +147,54 @@ def _instructions(results_dir: Path) -> str:
         f"| request | baseline `{data['baseline']}` | this tree | ratio |",
         "|---|---|---|---|",
         *rows,
+    ])
+
+
+def _adaptive(results: dict[str, Any], results_dir: Path) -> str:
+    """The adaptive cap's convergence (bench/convergence.py): this run's, else the newest run
+    of that phase alone (``--only adaptive``), named with its date."""
+    data, source = results.get("adaptive"), "this run"
+    if not data:
+        runs = sorted(p for p in results_dir.glob("*-only-*.json")
+                      if "adaptive" in p.stem.split("-only-", 1)[1].split("-")
+                      and "quick" not in p.name)
+        if not runs:
+            return "No run of the `adaptive` phase is on record yet."
+        other = json.loads(runs[-1].read_text())
+        data = other.get("adaptive")
+        if not data:
+            return f"The newest run of the `adaptive` phase (`{runs[-1].name}`) failed."
+        source = (f"`{runs[-1].relative_to(ROOT)}` ({other['date']}, commit "
+                  f"`{other['machine']['commit']}`, `bench/run.py --only adaptive`)")
+    a = data["adaptive"]
+    rows = [f"| fixed `max_concurrency: {cap}` | {f['tokens_per_s']:.0f} | "
+            f"{f['tokens_per_s'] / data['best_fixed_tokens_per_s']:.3f}x | {cap} | "
+            f"{f['engine_waiting_mean']:.1f} (max {f['engine_waiting_max']:.0f}) |"
+            for cap, f in data["fixed"].items()]
+    rows.append(
+        f"| **adaptive** `{{min: {data['adaptive_config']['min']}, max: "
+        f"{data['adaptive_config']['max']}}}`, from {data['start_cap']} | "
+        f"**{a['tokens_per_s']:.0f}** | **{data['ratio']:.3f}x** | {a['cap_mean']:.1f} "
+        f"({a['cap_min']:.0f}..{a['cap_max']:.0f}, last {a['cap_last']:.0f}) | "
+        f"{a['engine_waiting_mean']:.2f} (max {a['engine_waiting_max']:.0f}) |")
+    met = "met" if data["met"] else "**missed**"
+    settled = a.get("settled_after_s")
+    return "\n".join([
+        f"From {source}. `batchgate sim --max-batch {data['max_batch']} --time-scale "
+        f"{data.get('time_scale', 1):g}`; {data['callers']} "
+        f"callers (`batchgate bench`'s generator, closed loop) send {data['max_tokens']}-token "
+        "completions through one batchgate at a time; tokens/s is the engine's own "
+        "`vllm:generation_tokens` over a steady window, the engine's queue and the cap are "
+        "sampled every 0.25 s in it. The adaptive batchgate's window starts once its cap "
+        f"stayed put for five readings ({settled:.0f} s after the load began)." if settled
+        is not None else "",
+        "",
+        "| batchgate | tokens/s | vs best fixed | cap (mean) | engine queue (mean) |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        f"Target (issue 10): the cap settles at about {data['max_batch']}, the engine's queue "
+        f"near 0, tokens/s >= 0.97x the best fixed cap ({data['best_fixed_cap']}): {met}.",
     ])
 
 
@@ -178,9 +277,19 @@ the machine's noise moves far less than a rate.
   {_f((results.get('p4') or {}).get('max_tokens'))}-token completions, 32 callers straight
   at the engine vs 200 callers through batchgate (`max_concurrency: 32`), the same number of
   requests; tokens/s through batchgate over direct.
+- **Adaptive**: `batchgate sim --max-batch 16 --time-scale 0.5`, behind batchgate with fixed
+  caps and with `adaptive: {{min: 1, max: 128}}` (`bench/convergence.py`; see its section).
 - **Seed table**: the same engine; for N = 1..32 a batchgate with `max_concurrency: N` and N
   callers sending one 100-token request each; total time from the first send to the last
   answer, against the seed's 1776, 1981, 2067, 3767, 4431, 4942 ms.
+
+## Adaptive concurrency: convergence
+
+{_adaptive(results, ROOT / "bench" / "results")}
+
+## Scheduling (issue 10)
+
+{_scheduling(results, ROOT / "bench" / "results")}
 
 ## P3 steps
 

@@ -114,12 +114,24 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         out["p4"] = {k: p4[k] for k in ("direct_tokens_per_s", "batchgate_tokens_per_s", "ratio")}
         _target(out, "P4: tokens/s through batchgate >= 0.99 x direct", p4["ratio"],
                 bool(p4["met"]), "x direct")
+    adaptive = results.get("adaptive")
+    if adaptive:
+        _target(out, "Adaptive cap on sim --max-batch 16: cap ~16, engine queue ~0, tokens/s "
+                ">= 0.97 x the best fixed cap", adaptive["ratio"], bool(adaptive["met"]),
+                "x best fixed")
     seed = results.get("seed")
     if seed:
         out["seed"] = [{k: row[k] for k in row if k != "runs"} for row in seed["rows"]]
         worst = max((abs(row["vs_seed"]) for row in seed["rows"]), default=None)
         _target(out, "Seed table: every total within 5 % of the seed's", worst,
                 bool(seed["met"]), "worst deviation")
+    budget = (results.get("budget") or {}).get("variants") or {}
+    if "preemptions" in budget.get("token_budget", {}):
+        count_only = budget.get("count_only", {}).get("preemptions")
+        _target(out, "Token budget: no engine preemption with max_tokens_in_flight = the KV "
+                f"budget (count-only cap: {_fmt(count_only)})",
+                budget["token_budget"]["preemptions"],
+                budget["token_budget"]["preemptions"] == 0, "preemptions")
     return out
 
 

@@ -9,11 +9,18 @@ On a 2-core machine the upstream and the proxy under test share core 0 and the l
 * P5 RSS per queued request (10,000 queued) and per open stream (1,000 open);
 * P4 ``batchgate sim`` tokens/s through batchgate (32 slots, 200 callers) over direct;
 * the seed table through batchgate (max_concurrency = callers = 1..32);
-* with py-spy installed, where batchgate's and the floor's CPU goes per request.
+* the adaptive cap's convergence on ``batchgate sim --max-batch 16`` against fixed caps;
+* with py-spy installed, where batchgate's and the floor's CPU goes per request;
+* scheduling (bench/scheduling.py): an interactive tenant's queue wait while a batch tenant
+  floods, first come first served vs fair share vs classes (``tenants``); engine preemptions
+  behind a count-only cap vs a token budget (``budget``).
 
 It prints one table, writes bench/results/<date>.json and (full runs) docs/benchmarks.md.
 Every process it starts is stopped at the end, on errors and Ctrl-C too.
-Usage: .venv/bin/python bench/run.py [--quick] [--only raw,streams,queued,p4,seed]
+Usage: .venv/bin/python bench/run.py [--quick] [--only raw,streams,queued,p4,seed,adaptive,...]
+(a run of only some phases writes bench/results/<date>-only-<phases>.json, and no docs
+unless ``--docs``; docgen takes the adaptive figures from the newest such file when its run
+has none).
 """
 
 from __future__ import annotations
@@ -33,15 +40,18 @@ from types import FrameType
 from typing import Any
 
 import contestants as cs
+import convergence
 import docgen
 import phases
 import report
+import scheduling
 import spy
 import wrk
 from procs import LOAD_CPU, Procs, ensure_tools, machine_info, pin_self, raise_nofile
 from soak import keep_soak
 
-PHASES = ("raw", "profile", "streams", "queued", "p4", "seed")
+PHASES = ("raw", "profile", "streams", "queued", "p4", "seed", "adaptive", "tenants",
+          "budget")
 RESULTS = cs.HERE / "results"
 DOCS = cs.ROOT / "docs" / "benchmarks.md"
 
@@ -110,12 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     summary = report.summarise(results)
     results["summary"] = summary
     RESULTS.mkdir(exist_ok=True)
+    partial = set(args.only) != set(PHASES)
     stem = results["date"][:10] + ("-quick" if args.quick else "")
+    if partial:  # never overwrites the day's full run
+        stem += "-only-" + "-".join(args.only)
     out = RESULTS / f"{stem}.json"
     out.write_text(json.dumps(_clean(results), indent=1) + "\n")
     print(report.table(summary), end="")
+    print(scheduling.text(results), end="")
     print(f"wall time {results['wall_time_s']:.0f} s; raw numbers in {out.relative_to(cs.ROOT)}")
-    if args.docs if args.docs is not None else not args.quick:
+    if args.docs if args.docs is not None else not (args.quick or partial):
         # The soak section (make soak) is not this run's: carried over as it is.
         DOCS.write_text(keep_soak(docgen.markdown(results, out.relative_to(cs.ROOT)), DOCS))
         print(f"updated {DOCS.relative_to(cs.ROOT)}")
@@ -156,6 +170,16 @@ def _run_phases(run: phases.Run, only: list[str], results: dict[str, Any]) -> bo
             attempt("p4", lambda: phases.phase_p4(run, sim))
         if "seed" in only:
             attempt("seed", lambda: phases.phase_seed(run, sim))
+        if sim.proc is not None:
+            procs.stop(sim.proc)
+    # Each starts its own engine (a smaller batch, a KV budget) and its own batchgates.
+    if "tenants" in only:
+        attempt("tenants", lambda: scheduling.phase_tenants(run))
+    if "budget" in only:
+        attempt("budget", lambda: scheduling.phase_budget(run))
+    if "adaptive" in only:
+        attempt("adaptive", lambda: convergence.phase_adaptive(procs, run.tmp, run.quick,
+                                                                run.say))
     return bool(results["errors"])
 
 

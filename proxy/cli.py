@@ -167,6 +167,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         time_scale=args.time_scale,
         prompt_ms_per_token=args.prompt_ms_per_token,
         default_max_tokens=args.default_max_tokens,
+        kv_tokens=args.kv_tokens,
     )
     listener = setup_logging(LoggingConfig(format="text", level="info"))
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -190,6 +191,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
     return value
 
 
@@ -237,6 +245,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                      help="multiply every delay (default: %(default)s)")
     sim.add_argument("--default-max-tokens", type=_positive_int, default=100,
                      help="tokens generated when a request names no max_tokens")
+    sim.add_argument("--kv-tokens", type=_non_negative_int, default=0,
+                     help="KV-cache budget in tokens (prompt + generated, over the batch); "
+                     "past it the newest request is preempted (default: 0, unlimited)")
     sim.add_argument("--model", default="batchgate-sim", help="model name it reports")
     sim.set_defaults(func=cmd_sim)
 

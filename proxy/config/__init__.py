@@ -21,11 +21,14 @@ from typing import Any
 
 import yaml
 
+from proxy.config.adaptive import AdaptiveConfig, _adaptive, check_start
 from proxy.config.auth import (
     _SECRET,
     REDACTED,
     AuthConfig,
     _optional_secret,
+    _read_keys,
+    check_keys,
 )
 from proxy.config.auth import (
     NO_TENANT as NO_TENANT,
@@ -52,11 +55,15 @@ from proxy.config.rules import (
     _section,
     _text,
     _url,
+    yaml_key,
 )
+from proxy.config.scheduling import AUTO as AUTO
+from proxy.config.scheduling import MODELS, TOKEN_BUDGET, SchedulingConfig, scheduling
 
 __all__ = [
     "NO_TENANT",
     "REDACTED",
+    "AdaptiveConfig",
     "AdminConfig",
     "ApiKey",
     "AuthConfig",
@@ -68,6 +75,7 @@ __all__ = [
     "LoggingConfig",
     "QueueConfig",
     "ReplicaConfig",
+    "SchedulingConfig",
     "ServerConfig",
     "SimulatedConfig",
     "TlsConfig",
@@ -121,6 +129,8 @@ class SimulatedConfig:
     time_scale: float = _field(1.0, _POSITIVE)
     prompt_ms_per_token: float = _field(0.0, _NON_NEGATIVE)
     default_max_tokens: int = _field(100, _integer(1))  # for requests without max_tokens
+    # KV-cache budget in tokens (prompt + generated, summed over the batch); 0: unlimited.
+    kv_tokens: int = _field(0, _integer(0))
 
 
 _NAME_RULE = "must be 1 to 64 characters from A-Z a-z 0-9 _ . : -"
@@ -143,6 +153,13 @@ class ReplicaConfig:
     # auth.upstream_api_key (proxy.edge.auth); never in a repr, a log or check-config.
     api_key: str | None = field(default=None, repr=False,
                                 metadata={_CHECK: _optional_secret, _SECRET: True})
+    # The models it serves (a list, or `auto`: its GET /v1/models); None: model-blind.
+    models: tuple[str, ...] | str | None = _field(None, MODELS)
+    # Estimated tokens (prompt + max_tokens) it may hold at once; None: no token budget.
+    max_tokens_in_flight: int | None = _field(None, TOKEN_BUDGET)
+    # The cap follows the engine's load within [min, max] (proxy.control.adaptive); off if
+    # absent. max_concurrency is then the starting cap.
+    adaptive: AdaptiveConfig | None = field(default=None, metadata={_CHECK: _adaptive})
 
 
 _REPLICA = _section(ReplicaConfig)
@@ -156,6 +173,7 @@ def _replicas(value: object, path: str) -> tuple[ReplicaConfig, ...]:
     replicas: list[ReplicaConfig] = []
     for i, item in enumerate(value):
         replica = _REPLICA(item, f"{path}[{i}]")
+        check_start(replica.max_concurrency, replica.adaptive, f"{path}[{i}]")
         if (replica.url is None) == (replica.simulated is None):
             which = "neither" if replica.url is None else "both"
             raise _Problem(f"{path}[{i}]", f"must set exactly one of url or simulated, got {which}")
@@ -224,6 +242,11 @@ class DiscoveryConfig:
     interval_s: float = _field(5.0, _POSITIVE)
     # Empty: the system resolver (/etc/resolv.conf, with its search list).
     nameservers: tuple[str, ...] = _field((), _nameservers)
+    # Inherited by every replica found (as replicas[].models, .max_tokens_in_flight).
+    models: tuple[str, ...] | str | None = _field(None, MODELS)
+    max_tokens_in_flight: int | None = _field(None, TOKEN_BUDGET)
+    # As replicas[].adaptive, for every replica the entry finds.
+    adaptive: AdaptiveConfig | None = field(default=None, metadata={_CHECK: _adaptive})
 
 
 _DISCOVERY_ENTRY = _section(DiscoveryConfig)
@@ -235,6 +258,7 @@ def _discovery(value: object, path: str) -> tuple[DiscoveryConfig, ...]:
     entries: list[DiscoveryConfig] = []
     for i, item in enumerate(value):
         entry = _DISCOVERY_ENTRY(item, f"{path}[{i}]")
+        check_start(entry.max_concurrency, entry.adaptive, f"{path}[{i}]")
         # The prefix is what keeps two entries' replicas apart (same address, other port).
         if any(other.name_prefix == entry.name_prefix for other in entries):
             raise _bad(f"{path}[{i}].name_prefix", "duplicate name_prefix", entry.name_prefix)
@@ -248,6 +272,9 @@ class QueueConfig:
     timeout_s: float = _field(30.0, _POSITIVE)
     # The sum of the bodies of queued requests: memory stays bounded whatever callers send.
     max_bytes: int = _field(268435456, _integer(0))
+    # A streaming request that has to wait gets its 200 at once and an SSE comment
+    # `: queued position=N` this often (proxy.edge.heartbeat); 0: off.
+    sse_heartbeat_s: float = _field(0.0, _NON_NEGATIVE)
 
 
 def _probe_method(value: object, path: str) -> str:
@@ -363,6 +390,8 @@ class Config:
     admin: AdminConfig | None = field(default=None, metadata={_CHECK: _section(AdminConfig)})
     # Replicas found in DNS, beside or instead of `replicas`; they are not in `replicas`.
     discovery: tuple[DiscoveryConfig, ...] = _field((), _discovery)
+    # Priority classes, tenants, the token estimate (proxy.config.scheduling).
+    scheduling: SchedulingConfig = field(default=SchedulingConfig(), metadata={_CHECK: scheduling})
 
 
 _CONFIG_SECTION = _section(Config)
@@ -377,6 +406,10 @@ def _config(value: object, path: str) -> Config:
                        "health.ready_without_replicas: true to wait for them)",
                        value["replicas"])
         raise _Problem("replicas", "required key is missing")
+    # A key's class must be a class: inline keys, and those of the keys file (read again).
+    auth = config.auth
+    check_keys(auth, config.scheduling.classes,
+               () if auth.api_keys_file is None else _read_keys(auth.api_keys_file, "auth"))
     return config
 
 
@@ -463,7 +496,7 @@ def _plain(value: object) -> object:
         return [_plain(item) for item in value]
     if is_dataclass(value):
         # check-config's output goes to terminals and CI logs: no credential in it.
-        items = ((f.name, REDACTED if f.metadata.get(_SECRET) and getattr(value, f.name)
+        items = ((yaml_key(f), REDACTED if f.metadata.get(_SECRET) and getattr(value, f.name)
                   is not None else getattr(value, f.name)) for f in fields(value))
         # Only a replica's url/simulated pair (exactly one is set) and its optional api_key
         # are left out when unset; every other unset key is shown as null, so the output

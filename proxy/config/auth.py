@@ -10,9 +10,13 @@ from dataclasses import dataclass, field
 
 from proxy.config.rules import (
     _CHECK,
+    _KEY,
     ConfigError,
     _bad,
     _field,
+    _integer,
+    _number,
+    _optional,
     _Problem,
     _section,
 )
@@ -57,12 +61,57 @@ def _tenant(value: object, path: str) -> str:
     return value
 
 
+#: A scheduling class's name (``scheduling.classes``, ``auth.api_keys[].class``).
+CLASS_TEXT = _TENANT_TEXT
+CLASS_RULE = _TENANT_RULE
+
+
+def _class_name(value: object, path: str) -> str:
+    if not isinstance(value, str) or not CLASS_TEXT.fullmatch(value):
+        raise _bad(path, CLASS_RULE, value)
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class ApiKey:
-    """A caller key; ``name`` is the caller's tenant (a metric label and log field)."""
+    """A caller key; ``name`` is the caller's tenant (a metric label and log field).
+
+    ``klass`` (YAML ``class``): the scheduling class of its requests when they send no
+    ``X-Batchgate-Class`` (None: ``scheduling.default_class``); checked against
+    ``scheduling.classes`` over the whole config (:func:`check_keys`). ``weight``: the
+    tenant's share of dispatches within a class (deficit round-robin); ``max_queued``: how
+    many of the tenant's requests may wait at once (None: ``scheduling.max_queued_per_tenant``;
+    0: no bound). Keys that share a name are one tenant, so they must agree on both.
+    """
 
     name: str = field(metadata={_CHECK: _tenant})
     key: str = field(repr=False, metadata={_CHECK: _secret, _SECRET: True})
+    klass: str | None = field(default=None,
+                              metadata={_CHECK: _optional(_class_name), _KEY: "class"})
+    weight: float = _field(1.0, _number(0, inclusive=False))
+    max_queued: int | None = _field(None, _optional(_integer(0)))
+
+
+def check_keys(auth: AuthConfig, classes: tuple[str, ...],
+               from_file: tuple[ApiKey, ...] = ()) -> None:
+    """What one key cannot say alone: its class is one of ``classes``, and keys of one name
+    (one tenant) agree on its weight and bound. ``from_file``: the keys read from
+    ``auth.api_keys_file`` (named by their tenant: they have no index). Raises _Problem,
+    never showing a key."""
+    first: dict[str, ApiKey] = {}
+    for i, key in enumerate(auth.api_keys + from_file):
+        if i < len(auth.api_keys):
+            at, class_at = f"auth.api_keys[{i}]", f"auth.api_keys[{i}].class"
+        else:
+            at = f"auth.api_keys_file: {auth.api_keys_file} key of {key.name!r}"
+            class_at = f"{at}: class"
+        if key.klass is not None and key.klass not in classes:
+            raise _Problem(class_at, f"must be one of scheduling.classes "
+                           f"({', '.join(classes)}), got {key.klass!r}")
+        seen = first.setdefault(key.name, key)
+        if (seen.weight, seen.max_queued) != (key.weight, key.max_queued):
+            raise _Problem(at, f"keys named {key.name!r} are one tenant: they must have the "
+                           "same weight and max_queued")
 
 
 _API_KEY = _section(ApiKey)
@@ -100,9 +149,15 @@ def _read_keys(path: str, where: str) -> tuple[ApiKey, ...]:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        name, colon, key = (part.strip() for part in line.partition(":"))
+        name, colon, rest = (part.strip() for part in line.partition(":"))
+        # `name:key class=batch weight=2 max_queued=10`: a key has no space, so what follows
+        # the first one is the key's settings.
+        key, *settings = rest.split() or [""]
         # Each message names the file and the line, never what the line holds.
+        attributes: dict[str, object] = {}
         problem = None
+        if not all("=" in s for s in settings):
+            key = rest  # not settings: the key's own rule says what is wrong
         if not colon:
             problem = "expected name:key"
         elif not _TENANT_TEXT.fullmatch(name):
@@ -117,14 +172,45 @@ def _read_keys(path: str, where: str) -> tuple[ApiKey, ...]:
             for earlier, other in lines:
                 if other.key == key:
                     problem = f"the same key as line {earlier}"
+            for setting in settings:
+                attribute, _, text = setting.partition("=")
+                problem = problem or _file_setting(attribute, text, attributes)
         if problem is not None:
             raise _Problem(where, f"{path} line {number}: {problem}")
-        lines.append((number, ApiKey(name, key)))
+        lines.append((number, ApiKey(name, key, **attributes)))  # type: ignore[arg-type]
     return tuple(key for _, key in lines)
 
 
+#: The settings a keys file line may carry after its key (``class=batch weight=2``).
+_FILE_SETTINGS = {
+    "class": ("klass", _class_name),
+    "weight": ("weight", _number(0, inclusive=False)),
+    "max_queued": ("max_queued", _integer(0)),
+}
+
+
+def _file_setting(attribute: str, text: str, into: dict[str, object]) -> str | None:
+    """Parse one ``attribute=value`` of a keys file line into ``into``; the problem or None."""
+    spec = _FILE_SETTINGS.get(attribute)
+    if spec is None:
+        return f"unknown setting {attribute[:32]!r} (allowed: {', '.join(_FILE_SETTINGS)})"
+    name, check = spec
+    value: object = text
+    if attribute != "class":
+        try:
+            value = int(text) if attribute == "max_queued" else float(text)
+        except ValueError:
+            value = text
+    try:
+        into[name] = check(value, attribute)
+    except _Problem as problem:
+        return str(problem)
+    return None
+
+
 def read_keys_file(path: str) -> tuple[ApiKey, ...]:
-    """The keys in ``auth.api_keys_file`` (``name:key`` lines; ``#`` comments, blank lines).
+    """The keys in ``auth.api_keys_file`` (``name:key`` lines, optionally followed by
+    ``class=<name> weight=<number> max_queued=<n>``; ``#`` comments, blank lines).
 
     Read at load (so check-config finds a bad line) and again by the key ring on each reload.
     Raises ConfigError naming the file and line, never the key.

@@ -41,11 +41,27 @@ def _join(path: str, key: object) -> str:
 # A validator takes (value, dotted path) and returns the clean value or raises _Problem.
 _Check = Callable[[object, str], Any]
 _CHECK = "batchgate.check"  # dataclass field metadata key holding the field's validator
+#: Field metadata: the field's YAML key, when that is no Python name (``class``).
+_KEY = "batchgate.key"
 _T = TypeVar("_T", bound="DataclassInstance")
 
 
 def _field(default: object, check: _Check) -> Any:
     return field(default=default, metadata={_CHECK: check})
+
+
+def yaml_key(f: Any) -> str:
+    """The YAML key of dataclass field ``f``: its name, unless its metadata says otherwise."""
+    return str(f.metadata.get(_KEY, f.name))
+
+
+def _optional(check: _Check) -> _Check:
+    """``check``, or None for an absent (or null) value: a key whose absence means "off"."""
+
+    def optional(value: object, path: str) -> Any:
+        return None if value is None else check(value, path)
+
+    return optional
 
 
 def _integer(low: int, high: float = math.inf) -> _Check:
@@ -157,8 +173,9 @@ def _section(cls: type[_T]) -> Callable[[object, str], _T]:
     """
 
     specs = fields(cls)
-    required = [f.name for f in specs if f.default is MISSING]
-    runs = {f.name: f.metadata.get(_CHECK) or _section(type(f.default)) for f in specs}
+    required = [yaml_key(f) for f in specs if f.default is MISSING]
+    runs = {yaml_key(f): f.metadata.get(_CHECK) or _section(type(f.default)) for f in specs}
+    names = {yaml_key(f): f.name for f in specs}
 
     def check(value: object, path: str) -> _T:
         if value is None:  # `server:` with nothing under it means all defaults
@@ -172,7 +189,8 @@ def _section(cls: type[_T]) -> Callable[[object, str], _T]:
         for name in required:
             if name not in value:
                 raise _Problem(_join(path, name), "required key is missing")
-        return cls(**{key: runs[key](item, _join(path, key)) for key, item in value.items()})
+        return cls(**{names[key]: runs[key](item, _join(path, key))
+                      for key, item in value.items()})
 
     return check
 

@@ -40,7 +40,7 @@ import dns.exception
 import dns.nameserver
 import dns.resolver
 
-from proxy.config import DiscoveryConfig, nameserver_address
+from proxy.config import DiscoveryConfig, ReplicaConfig, nameserver_address
 from proxy.control.health import Timing, probe_delay
 from proxy.observe.metrics import Metrics
 
@@ -64,9 +64,10 @@ Lookup = Callable[[DiscoveryConfig], Awaitable[frozenset[str]]]
 class Members(Protocol):
     """What discovery needs of the replica set (:class:`proxy.control.reload.Reloader`)."""
 
-    def add_replica(self, name: str, url: str, max_concurrency: int, *, healthy: bool
-                    ) -> None: ...
+    def add_replica(self, name: str, url: str, max_concurrency: int, *, healthy: bool,
+                    entry: ReplicaConfig | DiscoveryConfig | None = None) -> None: ...
     def set_limit(self, name: str, max_concurrency: int) -> None: ...
+    def set_routing(self, name: str, entry: ReplicaConfig | DiscoveryConfig) -> None: ...
     def remove_replica(self, name: str, why: str) -> None: ...
     def name_free(self, name: str) -> bool: ...
 
@@ -149,6 +150,7 @@ class _Found:
     prefix: str
     url: str
     max_concurrency: int
+    entry: DiscoveryConfig | None = None  # its models and token budget (issue 10)
 
 
 class Discovery:
@@ -276,6 +278,10 @@ class Discovery:
                 if found.max_concurrency != entry.max_concurrency:
                     members.set_limit(name, entry.max_concurrency)
                     found.max_concurrency = entry.max_concurrency
+                if found.entry is not None and (found.entry.models, found.entry.max_tokens_in_flight
+                                                ) != (entry.models, entry.max_tokens_in_flight):
+                    members.set_routing(name, entry)
+                found.entry = entry
                 continue
             # Gone from DNS (or moved to another port: a new replica of the same name,
             # added once this one has finished).
@@ -291,6 +297,6 @@ class Discovery:
                 log.info("replica %s found in DNS but its name is in use: added once free",
                          name)
                 continue
-            members.add_replica(name, url, entry.max_concurrency, healthy=False)
-            self._found[name] = _Found(prefix, url, entry.max_concurrency)
+            members.add_replica(name, url, entry.max_concurrency, healthy=False, entry=entry)
+            self._found[name] = _Found(prefix, url, entry.max_concurrency, entry)
             log.info("replica %s found in DNS at %s: probing it", name, url)

@@ -31,6 +31,7 @@ from typing import Any
 import aiohttp
 
 from proxy.config import HealthConfig, UpstreamConfig
+from proxy.control.models import Credentials, read_models
 from proxy.control.stall import StallWatch
 from proxy.core.outlier import OutlierDetector
 from proxy.core.replicas import EJECTED, Replica
@@ -112,8 +113,15 @@ class HealthChecker:
         ssl: SSLContext | None = None,
         timing: Timing | None = None,
         metrics: Metrics | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         self._scheduler = scheduler
+        #: Replicas with ``models: auto``: their /v1/models is read after each probe, with
+        #: the credential a request to them carries (proxy.control.models).
+        self.auto_models: set[str] = set()
+        self._credentials = credentials
+        self.model_reads = 0  # lists read and applied, for tests
+        self.model_read_failures = 0  # reads that failed (the last list stayed)
         self._timing = timing if timing is not None else Timing()
         self._metrics = metrics
         upstream = upstream if upstream is not None else UpstreamConfig()
@@ -163,6 +171,14 @@ class HealthChecker:
             task.cancel()
         self.outliers.forget(replica.name)
         self.why.pop(replica.name, None)
+        self.auto_models.discard(replica.name)
+
+    def watch_models(self, name: str, auto: bool) -> None:
+        """Read replica ``name``'s model list with each probe from now (``auto``), or no more."""
+        if auto:
+            self.auto_models.add(name)
+        else:
+            self.auto_models.discard(name)
 
     def reconfigure(self, config: HealthConfig, upstream: UpstreamConfig | None = None) -> None:
         """New health settings (a reload): every replica is probed with them at once (a new
@@ -232,6 +248,25 @@ class HealthChecker:
                         track.replica.name)
         else:
             self.apply(track.replica, verdict)
+        if track.replica.name in self.auto_models:
+            await self.read_models(track.replica)
+
+    async def read_models(self, replica: Replica) -> None:
+        """Read ``replica``'s ``GET /v1/models`` and route its models to it; a failed read
+        keeps the last list (proxy.control.models)."""
+        headers = [] if self._credentials is None else self._credentials(replica.name, [])
+        ids = await read_models(self._session, replica.url, headers, self._probe_timeout)
+        track = self._tracks.get(replica.name)
+        if track is None or track.replica is not replica or replica.name not in self.auto_models:
+            return  # removed, or no longer `auto`, while the read was out
+        if ids is None:
+            self.model_read_failures += 1
+            log.debug("replica %s: GET /v1/models failed; its last list stays", replica.name)
+            return
+        if replica.models_pending or replica.models != ids:
+            log.info("replica %s serves %s", replica.name, ", ".join(sorted(ids)) or "no model")
+            self._scheduler.set_models(replica, ids)  # its grants are told already
+        self.model_reads += 1
 
     def apply(self, replica: Replica, passed: bool) -> None:
         """One probe's verdict on ``replica``: count it, and change its state if due."""

@@ -20,7 +20,8 @@ naming it): ``server.*`` except ``drain_timeout_s``, ``drain_quiet_s`` and ``loa
 aiohttp's per-app ``client_max_size``);
 ``admin`` (the admin listener is bound at startup, and moving ``/metrics`` between ports under
 a running Prometheus is not a reload's job); ``upstream.*`` except ``retries`` (timeouts and
-TLS are built into each replica's pool); and the ``url`` (or ``simulated`` settings) of a
+TLS are built into each replica's pool); ``scheduling.classes`` (waiters hold their class's
+rank, and the queue series are per class); and the ``url`` (or ``simulated`` settings) of a
 replica that stays: the name is the replica's identity in metrics and pools, so a replica that
 moves is removed and added under a new name.
 """
@@ -37,11 +38,13 @@ from typing import NamedTuple, Protocol
 from proxy.config import (
     Config,
     ConfigError,
+    DiscoveryConfig,
     HealthConfig,
     LiveConfig,
     ReplicaConfig,
     UpstreamConfig,
 )
+from proxy.control.models import ReplicaRouting, replica_routing
 from proxy.core.replicas import DRAINING, Replica
 from proxy.core.scheduler import Scheduler
 from proxy.observe.metrics import Metrics
@@ -56,6 +59,10 @@ LIVE_KEYS: dict[str, frozenset[str]] = {
     # retries: read per request. The passive outlier keys (proxy.control.health, where they
     # exist): applied by HealthControl.reconfigure.
     "upstream": frozenset({"retries", "eject_after", "eject_s", "max_ejected_percent"}),
+    # Read per request (proxy.edge.forward, proxy.edge.route). Not `classes`: a waiter holds
+    # its class's rank, and the queue series are per class, so the list needs a restart.
+    "scheduling": frozenset({"default_class", "tenant_header", "default_max_tokens",
+                             "max_queued_per_tenant"}),
 }
 #: Sections that cannot change live at all.
 FIXED_SECTIONS = frozenset({"admin"})
@@ -68,6 +75,8 @@ class Plan:
     added: tuple[ReplicaConfig, ...] = ()
     removed: tuple[str, ...] = ()
     limits: tuple[tuple[str, int, int], ...] = ()  # (name, old cap, new cap)
+    #: Replicas that stay with another ``models`` or ``max_tokens_in_flight`` (the new one).
+    routes: tuple[ReplicaConfig, ...] = ()
     changed: frozenset[str] = frozenset()  # top-level sections whose value changed
     fixed: tuple[str, ...] = ()  # dotted keys that changed but cannot change live
     blocked: tuple[str, ...] = ()  # other reasons the reload cannot be applied now
@@ -87,6 +96,7 @@ class Plan:
     def summary(self) -> str:
         parts = [f"+{r.name}" for r in self.added] + [f"-{name}" for name in self.removed]
         parts += [f"{name} max_concurrency {a}->{b}" for name, a, b in self.limits]
+        parts += [f"{r.name} models/max_tokens_in_flight" for r in self.routes]
         sections = sorted(self.changed - {"replicas"})
         if sections:
             parts.append("changed: " + ", ".join(sections))
@@ -132,6 +142,7 @@ def plan(
     current = {r.name: r for r in old.replicas}
     added: list[ReplicaConfig] = []
     limits: list[tuple[str, int, int]] = []
+    routes: list[ReplicaConfig] = []
     for i, replica in enumerate(new.replicas):
         was = current.get(replica.name)
         if was is None:
@@ -151,12 +162,15 @@ def plan(
                          "it a new name)")
         if was.max_concurrency != replica.max_concurrency:
             limits.append((replica.name, was.max_concurrency, replica.max_concurrency))
+        if (was.models, was.max_tokens_in_flight) != (replica.models,
+                                                      replica.max_tokens_in_flight):
+            routes.append(replica)
     names = {r.name for r in new.replicas}
     removed = tuple(r.name for r in old.replicas if r.name not in names)
     if added or removed or old.replicas != new.replicas:
         changed.add("replicas")
-    return Plan(tuple(added), removed, tuple(limits), frozenset(changed), tuple(fixed),
-                tuple(blocked))
+    return Plan(tuple(added), removed, tuple(limits), tuple(routes), frozenset(changed),
+                tuple(fixed), tuple(blocked))
 
 
 class Pools(Protocol):
@@ -174,6 +188,7 @@ class HealthControl(Protocol):
     def remove(self, replica: Replica) -> None: ...
     def reconfigure(self, config: HealthConfig, upstream: UpstreamConfig | None = None
                     ) -> None: ...
+    def watch_models(self, name: str, auto: bool) -> None: ...
 
 
 class SlotFree(Protocol):
@@ -232,6 +247,7 @@ class Reloader:
         self._lock = asyncio.Lock()
         self._callbacks: list[Callable[[Config], None]] = []
         self._retire_callbacks: list[Callable[[str], None]] = []
+        self._add_callbacks: list[Callable[[Replica], None]] = []
         self._pools: Pools | None = None
         self._health: HealthControl | None = None
         self._slot_free: SlotFree | None = None
@@ -257,6 +273,11 @@ class Reloader:
 
     def on_retire(self, callback: Callable[[str], None]) -> None:
         self._retire_callbacks.append(callback)
+
+    def on_add(self, callback: Callable[[Replica], None]) -> None:
+        """``callback(replica)`` after each replica is added (by a reload or discovery),
+        once its pools and probes exist (the adaptive caps start their loop there)."""
+        self._add_callbacks.append(callback)
 
     async def reload(self, trigger: str) -> ReloadResult:
         """Re-read the config file and apply it (``trigger``: what asked, for the log)."""
@@ -320,7 +341,11 @@ class Reloader:
         by_name = {r.name: r for r in new.replicas}
         for added in changes.added:
             self.add_replica(added.name, by_name[added.name].url or "", added.max_concurrency,
-                             healthy=new.health.assume_healthy_at_start)
+                             healthy=new.health.assume_healthy_at_start, entry=added)
+        # 3b. Models and token budgets of replicas that stay: waiters they now serve (or now
+        #     fit) are granted at once; those nobody can serve any more are told so.
+        for routed in changes.routes:
+            self.set_routing(routed.name, routed)
         # 4. Caps: raised, waiters are granted at once; lowered, nothing new is dispatched to
         #    the replica until its work in flight is under the new cap.
         for name, _, cap in changes.limits:
@@ -336,19 +361,41 @@ class Reloader:
     # -- the replica set's changes, shared with discovery (proxy.control.discovery) ---------
     # Each is synchronous: a caller that makes several changes makes them in one step.
 
-    def add_replica(self, name: str, url: str, max_concurrency: int, *, healthy: bool) -> None:
+    def add_replica(self, name: str, url: str, max_concurrency: int, *, healthy: bool,
+                    entry: ReplicaConfig | DiscoveryConfig | None = None) -> None:
         """A new replica with its counters, slots, pools and probes (``healthy=False``: it
         takes work after its first passing probe). The name must be free (:meth:`name_free`).
+        ``entry``: its config (or its discovery entry's), for its models and token budget.
         """
         scheduler = self._scheduler
         self._metrics.add_replica(name)
-        scheduler.add_replica(name, url, max_concurrency, healthy=healthy)
+        routing = replica_routing(entry) if entry is not None else ReplicaRouting(
+            models=None, models_pending=False, max_tokens=None)
+        scheduler.add_replica(name, url, max_concurrency, healthy=healthy, **routing)
         replica = scheduler.replica(name)
         assert replica is not None
         if self._pools is not None:
             self._pools.add(replica)
         if self._health is not None:
+            # Before its first probe, which reads an `auto` list at once.
+            self._health.watch_models(name, routing["models_pending"])
             self._health.add(replica)
+        for callback in self._add_callbacks:
+            callback(replica)
+
+    def set_routing(self, name: str, entry: ReplicaConfig | DiscoveryConfig) -> None:
+        """New ``models`` or ``max_tokens_in_flight`` for a replica that stays. A list (or
+        none) applies at once; ``auto`` keeps what it serves until its next probe reads it."""
+        replica = self._scheduler.replica(name)
+        if replica is None:
+            return
+        routing = replica_routing(entry)
+        if not routing["models_pending"] and replica.models != routing["models"]:
+            self._scheduler.set_models(replica, routing["models"])
+        if replica.max_tokens != routing["max_tokens"]:
+            self._scheduler.set_token_limit(replica, routing["max_tokens"])
+        if self._health is not None:
+            self._health.watch_models(name, routing["models_pending"])
 
     def set_limit(self, name: str, max_concurrency: int) -> None:
         replica = self._scheduler.replica(name)

@@ -63,7 +63,9 @@ def replica_entry(replica: Replica) -> dict[str, object]:
 
     ``state`` is the health of the replica: ``healthy``, ``unhealthy`` or ``ejected`` (passive
     outlier ejection: ``Replica.health``); ``ejected_until`` the Unix time its ejection ends.
-    ``draining``: removed by a reload or by discovery, finishing its requests.
+    ``draining``: removed by a reload or by discovery, finishing its requests. ``models``,
+    ``models_pending``, ``max_tokens_in_flight``, ``tokens_in_flight``: model routing and the
+    token budget (README "Scheduling").
     """
     return {
         "name": replica.name,
@@ -73,6 +75,12 @@ def replica_entry(replica: Replica) -> dict[str, object]:
         "max_concurrency": replica.max_concurrency,
         "ejected_until": replica.ejected_until,
         "draining": replica.state == DRAINING,
+        # What it serves (null: model-blind; models_pending: `auto`, not read yet) and its
+        # token budget (null: none) with the estimated tokens of its requests in flight.
+        "models": None if replica.models is None else sorted(replica.models),
+        "models_pending": replica.models_pending,
+        "max_tokens_in_flight": replica.max_tokens,
+        "tokens_in_flight": replica.tokens_in_flight,
     }
 
 

@@ -9,11 +9,13 @@ from ssl import SSLContext
 from aiohttp import web
 from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 
-from proxy.config import Config, LiveConfig, TlsConfig, UpstreamConfig
+from proxy.config import AUTO, Config, LiveConfig, TlsConfig, UpstreamConfig
+from proxy.control.adaptive import ADAPTIVE, AdaptiveCaps
 from proxy.control.discovery import Discovery, Lookup
 from proxy.control.drain import Lifecycle
 from proxy.control.health import HealthChecker, Timing
 from proxy.control.loadpoll import LOAD_POLLER, LoadPoller
+from proxy.control.models import replica_routing
 from proxy.control.reload import Reloader
 from proxy.core.load import LoadBoard
 from proxy.core.replicas import Replica
@@ -34,6 +36,7 @@ from proxy.edge.keys import (
     UPSTREAMS,
 )
 from proxy.edge.light import LIGHT, LIGHT_LIMIT_PER_REPLICA, LIGHT_METHODS, Light
+from proxy.edge.route import ROUTING, Routing, tenant_policy
 from proxy.observe.accesslog import AccessLog
 from proxy.observe.metrics import Metrics
 from proxy.upstream.client import Upstreams
@@ -138,7 +141,7 @@ def create_app(
     app = web.Application(client_max_size=config.server.max_body_bytes)
     replicas = [
         Replica(r.name, r.url or "", r.max_concurrency, index=i,
-                healthy=config.health.assume_healthy_at_start)
+                healthy=config.health.assume_healthy_at_start, **replica_routing(r))
         for i, r in enumerate(config.replicas)
     ]
     reloader: Reloader | None = None
@@ -150,24 +153,34 @@ def create_app(
     # A reading older than two probe intervals is unknown (two polls missed, or no answer).
     board = LoadBoard(max_age_s=2 * config.health.interval_s,
                       clock=(timing if timing is not None else Timing()).monotonic)
+    # Always present (off without `auth`), so a reload can turn auth on: KeyRing.replace.
+    keys = app[AUTH] = KeyRing(config.auth, config.replicas)
     scheduler = Scheduler(replicas, config.queue.max_size, max_bytes=config.queue.max_bytes,
                           on_retired=retired, load=board,
-                          clock=clock if clock is not None else time.monotonic)
+                          clock=clock if clock is not None else time.monotonic,
+                          classes=len(config.scheduling.classes),
+                          tenants=tenant_policy(keys, config.scheduling))
+    app[ROUTING] = Routing(config)
     live = app[CONFIG] = LiveConfig(config)
     app[SCHEDULER] = scheduler
     app[METRICS] = metrics if metrics is not None else Metrics()
-    app[METRICS].watch(scheduler)
+    app[METRICS].watch(scheduler, config.scheduling.classes)
     timing = timing if timing is not None else Timing()
     app[LIFECYCLE] = Lifecycle(
         clock=timing.monotonic, sleep=timing.sleep,
         describe=lambda: f"{scheduler.queue_depth} queued, {scheduler.in_flight} in flight",
     )
-    # Always present (off without `auth`), so a reload can turn auth on: KeyRing.replace.
-    app[AUTH] = KeyRing(config.auth, config.replicas)
     reloader = app[RELOADER] = Reloader(live, scheduler, app[METRICS], load=load)
     # Registered first: a keys file that no longer reads refuses the reload before anything
     # of it applies (KeyRing.replace raises ConfigError and keeps the keys in force).
-    reloader.on_reload(lambda new: app[AUTH].replace(new.auth, new.replicas))
+    reloader.on_reload(lambda new: keys.replace(new.auth, new.replicas, new.scheduling.classes))
+
+    def scheduling(new: Config) -> None:
+        # Weights and bounds of the keys just put in force; what needs demand and costs.
+        scheduler.set_tenant_policy(tenant_policy(keys, new.scheduling))
+        app[ROUTING].configure(new)
+
+    reloader.on_reload(scheduling)
     # Always there, with no loop when there is no entry: a reload may add one.
     discovery = app[DISCOVERY] = Discovery(config.discovery, reloader, app[METRICS],
                                            lookup=lookup, timing=discovery_timing)
@@ -187,12 +200,24 @@ def create_app(
             credentials=app[AUTH].upstream_headers,
         )
         app[HEALTH] = HealthChecker(scheduler, config.health, upstream=config.upstream, ssl=tls,
-                                    timing=timing, metrics=app[METRICS])
+                                    timing=timing, metrics=app[METRICS],
+                                    credentials=keys.upstream_headers)
+        for r in config.replicas:
+            app[HEALTH].watch_models(r.name, r.models == AUTO)
         app[HEALTH].start()
         poller = app[LOAD_POLLER] = LoadPoller(scheduler, lambda: live.current.health,
                                                ssl=tls, timing=timing)
         poller.start()
         reloader.attach(app[UPSTREAMS], app[HEALTH], app[LIGHT].slots)
+        # Adaptive caps (replicas[].adaptive, discovery[].adaptive): a loop per such replica,
+        # following reloads and discovery through the Reloader's hooks.
+        adaptive = app[ADAPTIVE] = AdaptiveCaps(
+            scheduler, lambda: live.current, app[METRICS], pools=app[UPSTREAMS], ssl=tls,
+            credentials=app[AUTH].upstream_headers, timing=timing)
+        reloader.on_add(adaptive.add)
+        reloader.on_retire(adaptive.remove)
+        reloader.on_reload(adaptive.reconfigure)
+        adaptive.start()
         # After attach: what it finds gets pools and probes like any replica.
         discovery.start()
         try:
@@ -200,6 +225,7 @@ def create_app(
         finally:
             await app[LIFECYCLE].close()  # a drain still running (in-process use)
             await discovery.close()
+            await adaptive.close()
             await poller.close()
             await app[HEALTH].close()
             await app[UPSTREAMS].close()

@@ -31,7 +31,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.config import AuthConfig, ReplicaConfig, read_keys_file
+from proxy.config import ApiKey, AuthConfig, ReplicaConfig, read_keys_file
+from proxy.config.auth import check_keys
+from proxy.config.rules import ConfigError, _Problem
 from proxy.core.errors import Unauthorized, error_body
 from proxy.edge.keys import METRICS
 
@@ -67,23 +69,29 @@ class KeyRing:
     no ``await`` in between, so the event loop never shows a request half of a rotation.
     """
 
-    __slots__ = ("_default", "_digests", "_per_replica", "_tenants", "enabled")
+    __slots__ = ("_default", "_digests", "_keys", "_per_replica", "_tenants", "enabled")
 
-    def __init__(self, auth: AuthConfig, replicas: Sequence[ReplicaConfig] = ()) -> None:
+    def __init__(self, auth: AuthConfig, replicas: Sequence[ReplicaConfig] = (),
+                 classes: tuple[str, ...] | None = None) -> None:
         self._per_replica: dict[str, Headers] = {}
-        self.replace(auth, replicas)
+        self.replace(auth, replicas, classes)
 
-    def replace(self, auth: AuthConfig, replicas: Sequence[ReplicaConfig] | None = None) -> None:
+    def replace(self, auth: AuthConfig, replicas: Sequence[ReplicaConfig] | None = None,
+                classes: tuple[str, ...] | None = None) -> None:
         """Put ``auth`` in force, re-reading ``auth.api_keys_file``; raises ConfigError (and
-        changes nothing) if the file cannot be read or has a bad line.
+        changes nothing) if the file cannot be read or has a bad line, or (``classes``: the
+        ``scheduling.classes`` in force) names a class that is not one of them.
 
         ``replicas`` rebuilds the per-replica ``api_key`` credentials; None keeps them (a
         reload that only touches ``auth``).
         """
         keys = auth.api_keys
         if auth.api_keys_file is not None:
-            keys = keys + read_keys_file(auth.api_keys_file)
-        digests = tuple((_digest(k.key), k.name) for k in keys)
+            from_file = read_keys_file(auth.api_keys_file)
+            if classes is not None:
+                _check(auth, classes, from_file)
+            keys = keys + from_file
+        digests = tuple((_digest(k.key), k) for k in keys)
         default = _bearer(auth.upstream_api_key)
         if replicas is None:
             per_replica = self._per_replica
@@ -91,7 +99,8 @@ class KeyRing:
             per_replica = {r.name: _bearer(r.api_key) for r in replicas if r.api_key}
         # Everything computed first: a failure above leaves the ring as it was.
         self._digests = digests
-        self._tenants = tuple(sorted({name for _, name in digests}))
+        self._keys = keys
+        self._tenants = tuple(sorted({key.name for key in keys}))
         self.enabled = auth.enabled
         self._per_replica = per_replica
         # None: the caller's headers go through untouched (auth off, no upstream key).
@@ -102,27 +111,44 @@ class KeyRing:
         """Every tenant a key names: the bounded values of the ``tenant`` label."""
         return self._tenants
 
+    @property
+    def keys(self) -> tuple[ApiKey, ...]:
+        """Every key in force (inline, then the keys file's): their tenants' weights and
+        bounds (proxy.edge.app builds the scheduler's TenantPolicy from them)."""
+        return self._keys
+
     def lookup(self, presented: str) -> str | None:
         """The tenant whose key ``presented`` is, or None; in time independent of the key."""
+        key = self.find(presented)
+        return None if key is None else key.name
+
+    def find(self, presented: str) -> ApiKey | None:
+        """The key ``presented`` is, or None; in time independent of the key."""
         digest = _digest(presented)
-        found: str | None = None
+        found: ApiKey | None = None
         # Every key is compared, match or not: the loop's length never depends on the guess.
-        for known, name in self._digests:
+        for known, key in self._digests:
             if hmac.compare_digest(digest, known) and found is None:
-                found = name
+                found = key
         return found
 
     def authorize(self, headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> str | None:
         """The caller's tenant; None when auth is off. Raises :class:`Unauthorized`."""
+        key = self.identify(headers)
+        return None if key is None else key.name
+
+    def identify(self, headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> ApiKey | None:
+        """The caller's key (its tenant, class and weight); None when auth is off. Raises
+        :class:`Unauthorized`."""
         if not self.enabled:
             return None
-        key = presented_key(headers)
-        if key is None:
+        presented = presented_key(headers)
+        if presented is None:
             raise Unauthorized(_MISSING)
-        tenant = self.lookup(key)
-        if tenant is None:
+        key = self.find(presented)
+        if key is None:
             raise Unauthorized(_INVALID)
-        return tenant
+        return key
 
     def upstream_headers(self, replica: str, headers: Headers) -> Headers:
         """``headers`` as replica ``replica`` gets them: the caller's credential replaced by
@@ -138,6 +164,15 @@ class KeyRing:
         if not self.enabled:
             return "<KeyRing off>"
         return f"<KeyRing {len(self._digests)} keys, tenants: {', '.join(self._tenants)}>"
+
+
+def _check(auth: AuthConfig, classes: tuple[str, ...], from_file: tuple[ApiKey, ...]) -> None:
+    # The file read again may name a class the config does not have (it was edited since the
+    # config was loaded): refused like a bad line, the ring in force stays.
+    try:
+        check_keys(auth, classes, from_file)
+    except _Problem as problem:
+        raise ConfigError(str(problem)) from None
 
 
 def _bearer(key: str | None) -> Headers:

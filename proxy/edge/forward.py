@@ -16,10 +16,11 @@ from proxy.core.retry import REJECTED_KIND, Decision, classify, is_idempotent
 from proxy.core.scheduler import Scheduler
 from proxy.edge.frame import REJECTED_HEADER
 from proxy.edge.headers import upstream_request_headers
+from proxy.edge.heartbeat import Heartbeat
 from proxy.edge.keys import CONFIG, HEALTH, LIFECYCLE, METRICS, SCHEDULER, UPSTREAMS
 from proxy.edge.relay import is_event_stream, pipe
+from proxy.edge.route import ROUTING
 from proxy.observe.exchange import Exchange, Outcome
-from proxy.observe.model import request_model
 from proxy.upstream.connection import Response
 
 log = logging.getLogger("batchgate")
@@ -67,6 +68,7 @@ class Forwarder:
 
     def __init__(self, app: web.Application) -> None:
         self.app = app
+        self.routing = app[ROUTING]
 
     @property
     def config(self) -> Config:
@@ -75,12 +77,27 @@ class Forwarder:
     async def proxied(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         config = self.config
         wait_s = deadline_s(request, config.queue.timeout_s)  # a bad header: 400, body unread
+        # Class and tenant from the head (a bad header: 400, body unread); model and token
+        # cost from the body, parsed only when configured (proxy.edge.route).
+        routing = self.routing
+        klass, exchange.klass = routing.klass(request, exchange.key_class)
+        tenant = routing.tenant(request, exchange)
         body = await _read_body(request, config.server.max_body_bytes)
-        exchange.model = request_model(body)
-        return await self.forward(request, body, exchange, wait_s)
+        model, cost, stream = routing.route(body, exchange)
+        heartbeat_s = config.queue.sse_heartbeat_s
+        if heartbeat_s > 0 and stream:
+            lifecycle = self.app[LIFECYCLE]
+            beat = Heartbeat(request, exchange, self.app[SCHEDULER], heartbeat_s,
+                             draining=lambda: lifecycle.draining,
+                             cutting=lambda: lifecycle.cutting)
+            return await beat.guard(self.forward(request, body, exchange, wait_s, model, klass,
+                                                 tenant, cost, beat))
+        return await self.forward(request, body, exchange, wait_s, model, klass, tenant, cost)
 
     async def forward(
-        self, request: web.Request, body: bytes, exchange: Exchange, wait_s: float
+        self, request: web.Request, body: bytes, exchange: Exchange, wait_s: float,
+        model: str | None = None, klass: int = 0, tenant: str = "", cost: int = 0,
+        beat: Heartbeat | None = None,
     ) -> web.StreamResponse:
         scheduler = self.app[SCHEDULER]
         upstreams = self.app[UPSTREAMS]
@@ -99,7 +116,9 @@ class Forwarder:
             asked = joined if exchange.attempts == 0 else scheduler.now()
             try:
                 lease = await scheduler.acquire(
-                    deadline, size=len(body), front=exchange.attempts > 0, avoid=avoid
+                    deadline, size=len(body), front=exchange.attempts > 0, avoid=avoid,
+                    model=model, klass=klass, tenant=tenant, cost=cost,
+                    on_queued=beat.queued if beat is not None else None,
                 )
             except ProxyError as err:
                 exchange.queue_ms = _ms(waited + scheduler.now() - asked)
@@ -109,6 +128,8 @@ class Forwarder:
             waited += scheduler.now() - asked
             exchange.queue_ms = _ms(waited)
             try:
+                if beat is not None:
+                    await beat.granted()  # inside the try: the slot is released on any path
                 replica = lease.replica
                 exchange.dispatched_at = time.monotonic()
                 exchange.replica = replica.name
@@ -155,11 +176,11 @@ class Forwarder:
                     # Out of resends: its answer is relayed as is (status, Retry-After, the
                     # header itself, so a tier in front may resend it too), and says nothing
                     # against the replica (no outlier ejection: it is full, not failing).
-                    response = await self.relay(request, upstream, exchange, replica)
+                    response = await self.relay(request, upstream, exchange, replica, beat)
                     if exchange.outcome is Outcome.OK:
                         exchange.end(Outcome.UPSTREAM_ERROR, REJECTED_KIND)
                     return response
-                return await self.relay(request, upstream, exchange, replica)
+                return await self.relay(request, upstream, exchange, replica, beat)
             finally:
                 lease.release()
 
@@ -169,8 +190,10 @@ class Forwarder:
         upstream: Response,
         exchange: Exchange,
         replica: Replica,
+        beat: Heartbeat | None = None,
     ) -> web.StreamResponse:
-        """Relay the answer; shared with the slot-free path (proxy.edge.light)."""
+        """Relay the answer; shared with the slot-free path (proxy.edge.light). With ``beat``
+        open (its headers sent while the request waited), into that stream."""
         metrics = self.app[METRICS]
         name = replica.name
         if self.config.server.load_headers:
@@ -183,6 +206,15 @@ class Forwarder:
         exchange.stream = is_event_stream(upstream.headers)
         # Counted now, before the body: a caller that hangs up cannot make it go missing.
         metrics.answered(name, exchange.route, upstream.status, exchange.tenant)
+        opened = beat.response if beat is not None else None
+        if opened is not None and beat is not None and not beat.takes(upstream):
+            try:
+                return await beat.refused(upstream)  # the replica's error, as an SSE event
+            finally:
+                if exchange.stage == "done":
+                    upstream.release()
+                else:
+                    upstream.close()
         completed = False
         lifecycle = self.app[LIFECYCLE]
         # Event streams are watched for a wedged engine (proxy.control.stall), which cuts
@@ -196,6 +228,7 @@ class Forwarder:
                 is_draining=lambda: lifecycle.draining,
                 on_gap=metrics.inter_chunk_observer(exchange.route),
                 stall_limit_s=self.config.server.send_timeout_s,
+                opened=opened,
             )
             completed = exchange.stage == "done"
             if exchange.upstream_error is not None:

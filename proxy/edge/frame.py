@@ -26,6 +26,7 @@ from proxy.core.errors import (
 from proxy.edge.auth import AUTH
 from proxy.edge.headers import QUEUE_MS_HEADER, with_origin_form
 from proxy.edge.keys import HEALTH, LIFECYCLE, METRICS
+from proxy.edge.route import ROUTING
 from proxy.observe.accesslog import AccessLog
 from proxy.observe.exchange import Exchange, Outcome
 from proxy.observe.metrics import Metrics, route_label
@@ -82,7 +83,8 @@ def json_error(
     )
 
 
-def _end_with(exchange: Exchange, err: ProxyError) -> None:
+def end_with(exchange: Exchange, err: ProxyError) -> None:
+    """The outcome ``err`` gives an exchange: what metrics and the access log record."""
     if isinstance(err, UpstreamError):
         exchange.end(Outcome.UPSTREAM_ERROR, err.kind)
     else:
@@ -122,7 +124,9 @@ class Frame:
             if self.auth.enabled:
                 # Before anything else: a caller without a key learns nothing, not even
                 # that the proxy is draining, and its body is never read.
-                exchange.tenant = self.auth.authorize(request.headers)
+                key = self.auth.identify(request.headers)
+                if key is not None:
+                    exchange.tenant, exchange.key_class = key.name, key.klass
             if lifecycle.refusing:
                 raise Draining("batchgate is shutting down", retry_after_s=1)
             response = await work(request, exchange)
@@ -136,7 +140,7 @@ class Frame:
             return response
         except ProxyError as err:
             exchange.status = err.status
-            _end_with(exchange, err)
+            end_with(exchange, err)
             # "queued": never sent anywhere, or only to replicas that never got it (a
             # refused connection, a rejection); a request that may have reached one is not.
             answer = json_error(err, request_id, undelivered=exchange.stage == "queued")
@@ -201,6 +205,11 @@ class Frame:
                 if usage is not None:
                     exchange.prompt_tokens = usage.prompt_tokens
                     exchange.completion_tokens = usage.completion_tokens
+        if exchange.prompt_chars is not None:
+            try:  # the chars-per-token ratio of token costs learns from the usage reported
+                self.app[ROUTING].learn(exchange)
+            except Exception:
+                self._observer_failed(metrics, "usage", exchange)
         try:
             metrics.record(exchange)
         except Exception:

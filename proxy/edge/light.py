@@ -35,6 +35,7 @@ from proxy.core.retry import Decision, classify
 from proxy.edge.forward import Forwarder, _read_body
 from proxy.edge.headers import downstream_response_headers, upstream_request_headers
 from proxy.edge.keys import CONFIG, METRICS, SCHEDULER, UPSTREAMS
+from proxy.edge.route import ROUTING
 from proxy.observe.exchange import Exchange
 from proxy.upstream.connection import Response
 
@@ -49,6 +50,11 @@ LIGHT_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 #: A replica's model list larger than this is not read into memory (a list with thousands of
 #: LoRA adapters is well under 1 MiB).
 MODELS_MAX_BYTES = 8 * 1024 * 1024
+
+
+def _listing(model: str) -> dict[str, Any]:
+    """An OpenAI model object for a configured name no replica listed."""
+    return {"id": model, "object": "model", "created": 0, "owned_by": "batchgate"}
 
 
 class _Answer:
@@ -248,15 +254,22 @@ class Light:
         merged: list[dict[str, Any]] = []
         seen: set[str] = set()
         listed: list[str] = []
+        routed = self.app[ROUTING].routed
         for answer in answers:
             models = answer.models()
             if models is None:
                 continue
             listed.append(answer.replica.name)
             for item in models:
-                if item["id"] not in seen:
+                # With model routing, only what batchgate would route to this replica: a
+                # listed model it is not configured for would be a 404 (model_not_found).
+                if item["id"] not in seen and (not routed or answer.replica.serves(item["id"])):
                     seen.add(item["id"])
                     merged.append(item)
+        if routed:
+            # Configured names no replica listed (an alias, or a replica that did not answer)
+            # are served all the same: each once, like what `auto` read.
+            merged += [_listing(name) for name in scheduler.models() if name not in seen]
         exchange.first_byte_at = exchange.last_byte_at = time.monotonic()
         if not listed:
             refused = [a for a in answers if a.status < 500]

@@ -51,8 +51,13 @@ async def pipe(
     is_draining: Callable[[], bool],
     on_gap: Callable[[float], None],
     stall_limit_s: float,
+    opened: web.StreamResponse | None = None,
 ) -> web.StreamResponse:
     """Relay status, headers and body as they arrive; the caller closes ``upstream``.
+
+    ``opened``: a 200 event stream whose headers went out while the request waited
+    (:mod:`proxy.edge.heartbeat`); ``upstream`` (a 200 event stream too) is relayed into it,
+    its status and headers unsent.
 
     An event stream's headers go out at once (its caller knows it was accepted before the
     first token) and it is always re-framed chunked, so a cut stream can end with an error
@@ -76,7 +81,9 @@ async def pipe(
     clock = time.monotonic
     chunk = b""
     response: web.StreamResponse
-    if sse:
+    if opened is not None:
+        response = opened
+    elif sse:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                       headers=headers)
         # Re-framed chunked whatever the replica used: a declared length could not take the
@@ -117,8 +124,9 @@ async def pipe(
     try:
         if is_draining():
             response.force_close()
-        await response.prepare(request)
-        exchange.prepared = True
+        if opened is None:
+            await response.prepare(request)
+            exchange.prepared = True
         if not sse:
             if chunk:
                 exchange.first_byte_at = first_at

@@ -76,6 +76,8 @@ class ExchangeView(Protocol):
     @property
     def model(self) -> str | None: ...
     @property
+    def klass(self) -> str: ...
+    @property
     def bytes_in(self) -> int: ...
     @property
     def bytes_out(self) -> int: ...
@@ -122,7 +124,10 @@ class Exchange:
     usage: UsageTail | None = None  # fed by the relay; read by the frame, not by observers
     client: str | None = None  # the peer address (not X-Forwarded-For: a caller can forge it)
     tenant: str | None = None  # the name of the caller's API key; None: auth off, or no key
-    model: str | None = None  # the body's "model" (proxy.observe.model), for the log only
+    model: str | None = None  # the body's "model" (parsed when routing is on, else scanned)
+    key_class: str | None = None  # the `class` of the caller's API key (None: none, or no key)
+    klass: str = ""  # the request's scheduling class, by name ("" until decided)
+    prompt_chars: int | None = None  # characters of a text prompt (token costs are on)
     bytes_in: int = 0  # request body bytes read from the caller
     bytes_out: int = 0  # response body bytes handed to the caller's connection
     prompt_tokens: int | None = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
@@ -59,8 +59,9 @@ DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0
 
 
 #: The `where` label of `batchgate_internal_errors_total`: the observers, each guarded alone
-#: (``health``: the outcome feed of passive outlier ejection; ``discovery``: a lookup loop).
-INTERNAL_ERROR_SITES = ("usage", "metrics", "access_log", "health", "discovery")
+#: (``health``: the outcome feed of passive outlier ejection; ``discovery``: a lookup loop;
+#: ``adaptive``: an adaptive cap's loop).
+INTERNAL_ERROR_SITES = ("usage", "metrics", "access_log", "health", "discovery", "adaptive")
 #: The `result` label of `batchgate_config_reloads_total`.
 RELOAD_RESULTS = ("success", "failure")
 
@@ -69,18 +70,35 @@ def route_label(path: str) -> str:
     return path if path in KNOWN_ROUTES else "other"
 
 
-class SchedulerCollector(Collector):
-    """Queue and slot gauges, read from the scheduler when Prometheus scrapes."""
+#: At most this many values of the ``model`` label of ``batchgate_queue_depth`` (the models
+#: replicas serve, configured or read by ``models: auto``); waiters for any other: "other".
+MAX_MODEL_LABELS = 64
+#: The ``model`` label of waiters for a model no replica names (yet), or past the cap.
+OTHER_MODEL = "other"
 
-    def __init__(self, scheduler: Scheduler) -> None:
+
+class SchedulerCollector(Collector):
+    """Queue and slot gauges, read from the scheduler when Prometheus scrapes.
+
+    ``classes``: the names of the priority classes, highest first (``scheduling.classes``;
+    fixed for the process): each has a ``batchgate_queue_depth`` series from startup.
+    """
+
+    def __init__(self, scheduler: Scheduler, classes: tuple[str, ...] = ("",)) -> None:
         self._scheduler = scheduler
+        self._classes = classes
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         s = self._scheduler
-        yield GaugeMetricFamily(
-            "batchgate_queue_depth", "Requests waiting for a slot, all replicas together.",
-            value=s.queue_depth,
+        depth = GaugeMetricFamily(
+            "batchgate_queue_depth",
+            "Requests waiting for a slot, by class and model (model \"\" when model-blind); "
+            "sum without (class, model) for the whole queue.",
+            labels=["class", "model"],
         )
+        for (klass, model), count in queue_depths(s.depths(), self._classes, s.models()):
+            depth.add_metric([klass, model], count)
+        yield depth
         yield GaugeMetricFamily(
             "batchgate_queue_capacity", "Most requests that may wait (queue.max_size).",
             value=s.max_queue,
@@ -90,7 +108,7 @@ class SchedulerCollector(Collector):
         )
         capacity = GaugeMetricFamily(
             "batchgate_replica_max_concurrency",
-            "Configured concurrency of the replica (max_concurrency).",
+            "Concurrency cap of the replica: max_concurrency, or where adaptive moved it.",
             labels=["replica"],
         )
         healthy = GaugeMetricFamily(
@@ -112,6 +130,21 @@ class SchedulerCollector(Collector):
         yield capacity
         yield healthy
         yield state
+
+
+def queue_depths(
+    depths: Mapping[tuple[int, str | None], int], classes: tuple[str, ...], served: list[str]
+) -> list[tuple[tuple[str, str], int]]:
+    """The depth series: every class with model "" (0 when none wait), then each (class,
+    model) with waiters, a model outside the first :data:`MAX_MODEL_LABELS` served as
+    :data:`OTHER_MODEL` (a request may name any model while a list is being read)."""
+    named = set(served[:MAX_MODEL_LABELS])
+    out: dict[tuple[str, str], int] = {(name, ""): 0 for name in classes}
+    for (rank, model), count in depths.items():
+        klass = classes[rank] if rank < len(classes) else str(rank)
+        label = "" if model is None else model if model in named else OTHER_MODEL
+        out[klass, label] = out.get((klass, label), 0) + count
+    return list(out.items())
 
 
 class _Children(Generic[_M]):
@@ -182,8 +215,9 @@ class Metrics:
         )
         self.queue_wait = Histogram(
             "batchgate_queue_wait_seconds",
-            "Time from joining the queue to getting a slot (or giving up waiting).",
-            buckets=QUEUE_WAIT_BUCKETS, registry=r,
+            "Time from joining the queue to getting a slot (or giving up waiting), by the "
+            "request's scheduling class.",
+            ["class"], buckets=QUEUE_WAIT_BUCKETS, registry=r,
         )
         self.ttfb = Histogram(
             "batchgate_time_to_first_byte_seconds",
@@ -243,6 +277,20 @@ class Metrics:
             "reload).",
             registry=r,
         )
+        # Adaptive caps (proxy.control.adaptive): only for replicas with `adaptive`, from the
+        # moment their loop starts, at 0.
+        self.engine_waiting = Gauge(
+            "batchgate_replica_engine_waiting",
+            "Requests queued inside the replica's engine, as its /metrics last said (replicas "
+            "with adaptive only; 0 until the first reading, kept while readings fail).",
+            ["replica"], registry=r,
+        )
+        self.adaptive_scrape_errors = Counter(
+            "batchgate_adaptive_scrape_errors",
+            "Failed reads of an adaptive replica's /metrics (refused, timeout, not 200, not "
+            "Prometheus text, no known series); its cap stays where it was.",
+            ["replica"], registry=r,
+        )
         # process_* (CPU, resident memory, open and max file descriptors, start time): not in
         # a custom registry unless registered there.
         ProcessCollector(registry=r)
@@ -256,14 +304,21 @@ class Metrics:
         self._ttfb = _Children(self.ttfb)
         self._inter_chunk = _Children(self.inter_chunk)
         self._duration = _Children(self.duration)
+        self._queue_wait = _Children(self.queue_wait)
+        #: The ``observe`` of each class's child: one dict lookup per request.
+        self._wait_observers: dict[str, Callable[[float], None]] = {}
         # Every known label set exists from the start, at 0 (see REJECTION_REASONS).
         for reason in REJECTION_REASONS:
             self._rejected(reason)
         for stage in DISCONNECT_STAGES:
             self._client_disconnects(stage)
 
-    def watch(self, scheduler: Scheduler) -> None:
-        self.registry.register(SchedulerCollector(scheduler))
+    def watch(self, scheduler: Scheduler, classes: tuple[str, ...] = ("",)) -> None:
+        """Export the scheduler's gauges; ``classes``: ``scheduling.classes`` (their queue
+        depth and wait series exist from now, at 0)."""
+        self.registry.register(SchedulerCollector(scheduler, classes))
+        for name in classes:
+            self._wait_observers[name] = self._queue_wait(name).observe
         for replica in scheduler.replicas:
             self.add_replica(replica.name)
 
@@ -301,6 +356,23 @@ class Metrics:
         """No entry looks ``dns`` up any more (a reload removed it): its series goes."""
         with contextlib.suppress(KeyError):
             self.discovery_errors.remove(dns)
+
+    def adaptive_watch(self, replica: str) -> None:
+        """An adaptive loop starts for ``replica``: its series exist from now, at 0."""
+        self.engine_waiting.labels(replica)
+        self.adaptive_scrape_errors.labels(replica)
+
+    def adaptive_reading(self, replica: str, waiting: float) -> None:
+        self.engine_waiting.labels(replica).set(waiting)
+
+    def adaptive_scrape_error(self, replica: str) -> None:
+        self.adaptive_scrape_errors.labels(replica).inc()
+
+    def adaptive_forget(self, replica: str) -> None:
+        """The loop stopped (the replica went, or its `adaptive` did): its series go."""
+        for metric in (self.engine_waiting, self.adaptive_scrape_errors):
+            with contextlib.suppress(KeyError):
+                metric.remove(replica)
 
     def config_loaded(self, when: float) -> None:
         """The config in force was loaded at ``when`` (Unix time): at startup, or reloaded."""
@@ -348,7 +420,11 @@ class Metrics:
         if exchange.enqueued_at is not None:
             granted = exchange.dispatched_at
             waited_until = granted if granted is not None else time.monotonic()
-            self.queue_wait.observe(waited_until - exchange.enqueued_at)
+            observe = self._wait_observers.get(exchange.klass)
+            if observe is None:
+                observe = self._wait_observers[exchange.klass] = self._queue_wait(
+                    exchange.klass).observe
+            observe(waited_until - exchange.enqueued_at)
         if exchange.first_byte_at is not None and exchange.dispatched_at is not None:
             self._ttfb(exchange.route, "true" if exchange.stream else "false").observe(
                 exchange.first_byte_at - exchange.dispatched_at

@@ -14,6 +14,12 @@ decoding would; its first token comes at the end of that step.
 Guarantees:
 
 * never more than ``max_batch`` requests run; waiters join in arrival order;
+* with a KV-cache budget (``kv_tokens`` > 0), the running requests never hold more than it:
+  each holds its prompt plus the tokens generated so far; a waiter is admitted only when its
+  prompt (and first token) fits beside the batch's next step; a step that would go past the
+  budget first preempts the most recently admitted request (as vLLM does, by recompute: it goes
+  back to the head of the queue and prefills its prompt and its tokens so far again when it is
+  readmitted), counted in ``preemptions``;
 * steps are timed against absolute deadlines, so timer overshoot does not add up over a
   generation; after a stall longer than a step the schedule restarts from now instead of
   bursting to catch up;
@@ -123,12 +129,13 @@ class _State(enum.Enum):
 
 
 class _Request:
-    __slots__ = ("max_tokens", "produced", "prompt_tokens", "state", "waiter")
+    __slots__ = ("admitted", "max_tokens", "produced", "prompt_tokens", "state", "waiter")
 
     def __init__(self, prompt_tokens: int, max_tokens: int) -> None:
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
         self.produced = 0
+        self.admitted = False  # once admitted, a readmission (after preemption) recomputes
         self.state = _State.WAITING
         #: Set while the consumer has read every produced token and waits for the next one.
         self.waiter: asyncio.Future[None] | None = None
@@ -152,6 +159,13 @@ def _validate(config: SimulatedConfig) -> None:
         raise ValueError(
             f"sim.default_max_tokens must be at least 1. Got {config.default_max_tokens}."
         )
+    if config.kv_tokens < 0:
+        raise ValueError(f"sim.kv_tokens must be >= 0. Got {config.kv_tokens}.")
+
+
+class TooLarge(ValueError):
+    """A request that could never fit the KV-cache budget, even alone (vLLM refuses those too:
+    a prompt plus ``max_tokens`` past the context the cache can hold)."""
 
 
 class SimEngine:
@@ -168,7 +182,10 @@ class SimEngine:
 
     Counters (for metrics and tests): ``total_started`` counts requests queued, then each
     ends as ``total_finished`` (all tokens produced) or ``total_aborted`` (its consumer left,
-    or the engine closed under it); ``peak_running`` is the largest batch ever run.
+    or the engine closed under it); ``peak_running`` is the largest batch ever run;
+    ``preemptions`` counts running requests sent back to the queue for lack of KV room, and
+    ``kv_used`` is the tokens the running requests hold now (0 and never checked when
+    ``kv_tokens`` is 0: unlimited).
     """
 
     def __init__(self, config: SimulatedConfig, *, clock: Clock | None = None) -> None:
@@ -191,6 +208,19 @@ class SimEngine:
         self.total_generated_tokens = 0
         self.total_steps = 0
         self.peak_running = 0
+        self.preemptions = 0
+        self.kv_used = 0
+
+    @property
+    def kv_usage(self) -> float:
+        """The fraction of the KV-cache budget in use (0..1); 0 when unlimited."""
+        budget = self.config.kv_tokens
+        return self.kv_used / budget if budget else 0.0
+
+    def fits(self, prompt_tokens: int, max_tokens: int) -> bool:
+        """Whether a request could ever run: alone, its prompt and completion fit the budget."""
+        budget = self.config.kv_tokens
+        return not budget or prompt_tokens + max_tokens <= budget
 
     @property
     def running(self) -> int:
@@ -236,6 +266,12 @@ class SimEngine:
             raise ValueError(f"prompt_tokens must be >= 0. Got {prompt_tokens}.")
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1. Got {max_tokens}.")
+        if not self.fits(prompt_tokens, max_tokens):
+            # Queued, it would wait forever (or be preempted forever): refused, as vLLM does.
+            raise TooLarge(
+                f"prompt_tokens + max_tokens = {prompt_tokens + max_tokens} exceeds the KV-cache"
+                f" budget of {self.config.kv_tokens} tokens"
+            )
         self.start()
         request = self._submit(prompt_tokens, max_tokens)
         try:
@@ -266,6 +302,7 @@ class SimEngine:
     def _release(self, request: _Request) -> None:
         if request.state is _State.RUNNING:
             del self._running[request]
+            self.kv_used -= request.prompt_tokens + request.produced
         elif request.state is _State.WAITING:
             self._waiting -= 1
         else:
@@ -275,21 +312,49 @@ class SimEngine:
         request.waiter = None
 
     def _admit(self) -> int:
-        """Move waiters into free batch slots; return the prompt tokens to prefill."""
+        """Move waiters into free batch slots; return the tokens to prefill.
+
+        With a KV budget, the head of the queue joins only if its prompt (and its tokens so far,
+        after a preemption) fits beside the batch's next tokens and its own first one; if not,
+        nobody behind it jumps ahead (first come, first served, as vLLM's default).
+        """
         prefill = 0
+        budget = self.config.kv_tokens
         while self._waiting and len(self._running) < self.config.max_batch:
             request = self._queue.popleft()
             if request.state is not _State.WAITING:
                 continue  # left while queued
+            held = request.prompt_tokens + request.produced
+            if budget and self.kv_used + len(self._running) + held + 1 > budget:
+                self._queue.appendleft(request)
+                break
             self._waiting -= 1
             request.state = _State.RUNNING
             self._running[request] = None
-            prefill += request.prompt_tokens
+            self.kv_used += held
+            prefill += held
+            if not request.admitted:
+                request.admitted = True
+                self.total_prompt_tokens += request.prompt_tokens
         if not self._waiting:
             self._queue.clear()  # only aborted leftovers remain
         self.peak_running = max(self.peak_running, len(self._running))
-        self.total_prompt_tokens += prefill
         return prefill
+
+    def _preempt(self) -> None:
+        """Before a step: while its tokens would take the batch past the KV budget, send the
+        most recently admitted request back to the head of the queue (a lone request always
+        fits: :meth:`fits`)."""
+        budget = self.config.kv_tokens
+        running = self._running
+        while budget and self.kv_used + len(running) > budget and len(running) > 1:
+            newest = next(reversed(running))
+            del running[newest]
+            self.kv_used -= newest.prompt_tokens + newest.produced
+            newest.state = _State.WAITING
+            self._queue.appendleft(newest)
+            self._waiting += 1
+            self.preemptions += 1
 
     def _produce(self) -> None:
         """End of a step: one token for each running request; retire the finished ones."""
@@ -300,9 +365,11 @@ class SimEngine:
                 finished.append(request)
             request.wake()
         self.total_generated_tokens += len(self._running)
+        self.kv_used += len(self._running)
         self.total_steps += 1
         for request in finished:
             del self._running[request]
+            self.kv_used -= request.prompt_tokens + request.produced
             request.state = _State.FINISHED
         self.total_finished += len(finished)
 
@@ -312,6 +379,7 @@ class SimEngine:
         self._running.clear()
         self._queue.clear()
         self._waiting = 0
+        self.kv_used = 0
         for request in failed:
             request.state = _State.FAILED
             request.wake()
@@ -330,6 +398,10 @@ class SimEngine:
                 prefill_tokens = self._admit()
                 if not self._running:
                     continue
+                if self.config.kv_tokens:
+                    # Never undoes this admission (it left room for the next tokens): only
+                    # growth of the batch already running can need it, and then nobody joined.
+                    self._preempt()
                 duration = step_ms(len(self._running), self._points) + prefill_tokens * prompt_ms
                 deadline = next_deadline(deadline, self._clock.time(), duration * scale_s)
                 await self._clock.sleep_until(deadline)

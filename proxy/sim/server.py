@@ -201,7 +201,18 @@ class _EngineCollector(Collector):
             "vllm:prompt_tokens", "Number of prefill tokens processed.", labels=["model_name"]
         )
         prompt.add_metric(labels, engine.total_prompt_tokens)
-        return [running, waiting, generated, prompt]
+        kv = GaugeMetricFamily(
+            "vllm:kv_cache_usage_perc",
+            "KV-cache usage. 1 means 100 percent usage.",
+            labels=["model_name"],
+        )
+        kv.add_metric(labels, engine.kv_usage)  # 0 with no --kv-tokens budget
+        preemptions = CounterMetricFamily(
+            "vllm:num_preemptions", "Cumulative number of preemption from the engine.",
+            labels=["model_name"],
+        )
+        preemptions.add_metric(labels, engine.preemptions)
+        return [running, waiting, generated, prompt, kv, preemptions]
 
 
 class _SimHandlers:
@@ -228,6 +239,14 @@ class _SimHandlers:
             )
         except InvalidRequest as exc:
             return _error_response(400, exc.message, "invalid_request_error", exc.param)
+        if not self.engine.fits(job.prompt_tokens, job.max_tokens):
+            # vLLM refuses a request longer than the context its cache can hold, with a 400.
+            return _error_response(
+                400,
+                f"prompt ({job.prompt_tokens} tokens) + max_tokens ({job.max_tokens}) exceeds"
+                f" the KV-cache budget of {self.engine.config.kv_tokens} tokens",
+                "invalid_request_error", "max_tokens",
+            )
         prefix = "chatcmpl" if chat else "cmpl"
         head = {
             "id": f"{prefix}-{uuid.uuid4().hex}",

@@ -46,7 +46,9 @@ def _histogram(name: str, labels: Labels) -> dict[str, Labels]:
 #: values where the set is closed. `job`, `instance` (and
 #: `namespace`) are added by Prometheus (TARGET_LABELS).
 CATALOGUE: dict[str, Labels] = {
-    "batchgate_queue_depth": {},
+    # class: scheduling.classes (configurable); model: "" (model-blind), a served model or
+    # "other".
+    "batchgate_queue_depth": {"class": ANY, "model": ANY},
     "batchgate_queue_capacity": {},
     "batchgate_replica_in_flight": _REPLICA,
     "batchgate_replica_max_concurrency": _REPLICA,
@@ -59,7 +61,8 @@ CATALOGUE: dict[str, Labels] = {
     "batchgate_rejected_requests_total": {
         "reason": frozenset({"queue_full", "queue_timeout", "deadline_unreachable",
                              "no_healthy_replica", "draining",
-                             "overloaded", "body_too_large", "bad_request", "unauthorized"}),
+                             "overloaded", "model_not_found", "request_too_large",
+                             "body_too_large", "bad_request", "unauthorized"}),
     },
     "batchgate_upstream_errors_total": {
         "replica": ANY,
@@ -69,20 +72,23 @@ CATALOGUE: dict[str, Labels] = {
     "batchgate_client_disconnects_total": {
         "stage": frozenset({"queued", "waiting_first_byte", "streaming"}),
     },
-    **_histogram("batchgate_queue_wait_seconds", {}),
+    **_histogram("batchgate_queue_wait_seconds", {"class": ANY}),
     **_histogram("batchgate_time_to_first_byte_seconds",
                  {"route": _ROUTES, "stream": frozenset({"true", "false"})}),
     **_histogram("batchgate_inter_chunk_seconds", {"route": _ROUTES}),
     **_histogram("batchgate_request_duration_seconds", {"route": _ROUTES}),
     "batchgate_tokens_total": {"replica": ANY, "kind": frozenset({"prompt", "completion"})},
     "batchgate_internal_errors_total": {
-        "where": frozenset({"usage", "metrics", "access_log", "health", "discovery"}),
+        "where": frozenset({"usage", "metrics", "access_log", "health", "discovery",
+                            "adaptive"}),
     },
     "batchgate_access_log_dropped_total": {},
     "batchgate_build_info": {"version": ANY},
     "batchgate_config_reloads_total": {"result": frozenset({"success", "failure"})},
     "batchgate_config_last_reload_success_timestamp_seconds": {},
     "batchgate_discovery_errors_total": {"dns": ANY},
+    "batchgate_replica_engine_waiting": _REPLICA,
+    "batchgate_adaptive_scrape_errors_total": _REPLICA,
     # prometheus-client's process collector (Linux).
     "process_cpu_seconds_total": {},
     "process_virtual_memory_bytes": {},

@@ -63,7 +63,8 @@ def test_catalogue_is_what_the_exporter_defines() -> None:
     from proxy.observe.metrics import Metrics, SchedulerCollector
 
     metrics = Metrics()
-    scheduler = SimpleNamespace(queue_depth=0, max_queue=1, replicas=[])
+    scheduler = SimpleNamespace(queue_depth=0, max_queue=1, replicas=[], depths=dict,
+                                models=list)
     metrics.registry.register(SchedulerCollector(scheduler))  # type: ignore[arg-type]
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
                 "gauge": ("",)}

@@ -73,6 +73,13 @@ class FakeReplica:
     completed: int = 0
     aborted: int = 0
     seen_headers: list[dict[str, str]] = field(default_factory=list)
+    #: What GET /v1/models lists (default: the replica's name); a status instead, to fail it.
+    model_ids: list[str] | None = None
+    models_status: int = 200
+    models_hits: int = 0
+    models_headers: list[dict[str, str]] = field(default_factory=list)
+    #: When set, GET /v1/models waits for it (a list not read yet).
+    models_gate: asyncio.Event | None = None
     url: str = ""
     runner: web.AppRunner | None = None
 
@@ -89,8 +96,15 @@ class FakeReplica:
             return web.Response(status=await self.health_script.get())
         return web.Response(status=self.health_status)
 
-    async def models(self, _request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": self.name}]})
+    async def models(self, request: web.Request) -> web.Response:
+        self.models_hits += 1
+        self.models_headers.append(dict(request.headers))
+        if self.models_gate is not None:
+            await self.models_gate.wait()
+        if self.models_status != 200:
+            return web.json_response({"error": "failing on purpose"}, status=self.models_status)
+        ids = [self.name] if self.model_ids is None else self.model_ids
+        return web.json_response({"object": "list", "data": [{"id": i} for i in ids]})
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         self.arrivals += 1
@@ -111,6 +125,8 @@ class FakeReplica:
                 return await self._stream(request, spec)
             if spec.get("hold"):
                 await self.gate.wait()
+            if spec.get("step"):  # answered once a token is put in `steps`: one at a time
+                await self.steps.get()
             if spec.get("delay_ms"):  # the engine's own latency, not a test synchronisation
                 await asyncio.sleep(float(spec["delay_ms"]) / 1000)
             self.completed += 1

@@ -93,7 +93,7 @@ BAD_CONFIGS = [
      "invalid YAML at line 3, column 1: expected ',' or '}', but got '<stream end>'..."),
     ("not-a-mapping", "- just\n- a list\n", "top level must be a mapping, got ['just', 'a list']"),
     ("unknown-key", _with("queue:\n  max_sise: 3\n"),
-     "queue.max_sise: unknown key (allowed: max_size, timeout_s, max_bytes)"),
+     "queue.max_sise: unknown key (allowed: max_size, timeout_s, max_bytes, sse_heartbeat_s)"),
     ("missing-replicas", "server:\n  port: 8080\n", "replicas: required key is missing"),
     ("negative-concurrency", GOOD.replace("max_concurrency: 2", "max_concurrency: -3"),
      "replicas[0].max_concurrency: must be an integer >= 1, got -3"),

@@ -63,7 +63,7 @@ async def test_series_match_the_traffic_sent(
     await until(lambda: r.in_flight == 2, "both slots held")
     queued = asyncio.create_task(client.post(p.url + COMPLETIONS, json={}))
     await until(lambda: p.scheduler.queue_depth == 1, "one queued")
-    assert p.metric("batchgate_queue_depth") == 1
+    assert p.metric("batchgate_queue_depth", **{"class": "standard", "model": ""}) == 1
     assert p.metric("batchgate_replica_in_flight", replica="r") == 2
     async with client.post(p.url + COMPLETIONS, json={}) as resp:
         assert resp.status == 429
@@ -112,7 +112,7 @@ async def test_series_match_the_traffic_sent(
     assert m("batchgate_request_duration_seconds_count", route=COMPLETIONS) == 5 + 1
     assert m("batchgate_request_duration_seconds_count", route=CHAT) == 2 + 2 + 1 + 1
     # Every request that asked for a slot waited (maybe 0 s); the 429 did not.
-    assert m("batchgate_queue_wait_seconds_count") == answered
+    assert m("batchgate_queue_wait_seconds_count", **{"class": "standard"}) == answered
     # Gaps between chunks of the four streams: at least one each, at most events - 1 + extras.
     gaps = m("batchgate_inter_chunk_seconds_count", route=CHAT)
     assert 1 <= gaps <= (4 + 1) * 2 + 6 + (3 + 1) + 9
@@ -145,8 +145,8 @@ async def test_queue_timeout_observes_its_wait_but_no_replica_series(
     (await held).release()
     await until(lambda: p.scheduler.idle(), "slot back")
     assert p.metric("batchgate_rejected_requests_total", reason="queue_timeout") == 1
-    assert p.metric("batchgate_queue_wait_seconds_count") == 2
-    assert p.metric("batchgate_queue_wait_seconds_sum") >= 0.2
+    assert p.metric("batchgate_queue_wait_seconds_count", **{"class": "standard"}) == 2
+    assert p.metric("batchgate_queue_wait_seconds_sum", **{"class": "standard"}) >= 0.2
     assert p.metric("batchgate_requests_total", replica="r", route=COMPLETIONS, code="200",
                     tenant="none") == 1
     assert p.metric("batchgate_requests_total", replica="r", route=COMPLETIONS, code="503",

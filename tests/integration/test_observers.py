@@ -64,7 +64,7 @@ def test_internal_errors_exported_at_zero_from_startup() -> None:
                                                   {"where": where})
         assert value == 0, where
     assert set(INTERNAL_ERROR_SITES) == {"usage", "metrics", "access_log", "health",
-                                        "discovery"}
+                                        "discovery", "adaptive"}
 
 
 def _boom(*_args: object) -> None:

@@ -114,7 +114,7 @@ async def test_prometheus_sees_queue_rate_and_ttft(
     waiting = [asyncio.create_task(client.post(p.url + "/v1/completions", json={}))
                for _ in range(3)]
     await until(lambda: p.scheduler.queue_depth == 3, "three queued")
-    assert await prom.value_when("batchgate_queue_depth", lambda v: v == 3) == 3
+    assert await prom.value_when("sum(batchgate_queue_depth)", lambda v: v == 3) == 3
     r.gate.set()
     for task in (held, *waiting):
         (await task).release()
@@ -127,7 +127,7 @@ async def test_prometheus_sees_queue_rate_and_ttft(
     assert await prom.value_when("sum(batchgate_requests_total)", lambda v: v == total) == total
     rate = await prom.value_when("sum(rate(batchgate_requests_total[30s]))", lambda v: v > 0)
     assert rate > 0
-    assert await prom.value_when("batchgate_queue_depth", lambda v: v == 0) == 0
+    assert await prom.value_when("sum(batchgate_queue_depth)", lambda v: v == 0) == 0
     ttft_p50 = await prom.value_when(
         'histogram_quantile(0.5, sum by (le) (rate(batchgate_time_to_first_byte_seconds_bucket'
         '{route="/v1/chat/completions"}[1m])))',

@@ -33,7 +33,7 @@ async def test_exact_peaks_across_two_replicas(
     tasks = [asyncio.create_task(call(i)) for i in range(60)]
     await until(lambda: a.in_flight == 4 and b.in_flight == 2 and p.scheduler.queue_depth == 54,
                 "replicas saturated, the rest queued in the proxy")
-    assert p.metric("batchgate_queue_depth") == 54
+    assert p.metric("batchgate_queue_depth", **{"class": "standard", "model": ""}) == 54
     assert p.metric("batchgate_replica_in_flight", replica="a") == 4
     assert p.metric("batchgate_replica_in_flight", replica="b") == 2
     a.gate.set()

@@ -50,7 +50,8 @@ async def test_ready_with_no_replica_and_requests_wait_until_the_queue_timeout(
         assert body["error"]["code"] == "no_healthy_replica"
         # Never delivered: a gateway in front may send it elsewhere.
         assert resp.headers["X-Batchgate-Rejected"] == "no_healthy_replica"
-    assert p.metric("batchgate_queue_wait_seconds_count") == 1  # it waited, then gave up
+    # It waited, then gave up.
+    assert p.metric("batchgate_queue_wait_seconds_count", **{"class": "standard"}) == 1
 
 
 async def test_a_replica_added_while_requests_wait_serves_them(

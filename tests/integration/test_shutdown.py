@@ -131,7 +131,8 @@ def fresh_connections() -> aiohttp.ClientSession:
 async def queue_depth(probe: aiohttp.ClientSession, url: str) -> float:
     async with probe.get(url + "/metrics") as r:
         text = await r.text()
-    match = re.search(r"^batchgate_queue_depth (\S+)$", text, re.MULTILINE)
+    match = re.search(r'^batchgate_queue_depth\{class="standard",model=""\} (\S+)$', text,
+                      re.MULTILINE)
     assert match is not None, text
     return float(match.group(1))
 

@@ -155,9 +155,15 @@ async def scrape_gauges(proxy: RunningProxy) -> dict[str, float]:
     writer.write(b"GET /metrics HTTP/1.1\r\nHost: chaos\r\nConnection: close\r\n\r\n")
     text = (await asyncio.wait_for(reader.read(), BOUND_S)).decode()
     writer.close()
-    wanted = ("batchgate_queue_depth ", "batchgate_replica_in_flight{")
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines() if line.startswith(wanted)}
+    wanted = ("batchgate_queue_depth{", "batchgate_replica_in_flight{")
+    gauges: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(wanted):
+            name, value = line.rsplit(" ", 1)
+            if name.startswith("batchgate_queue_depth"):  # per class and model: the sum
+                name = "batchgate_queue_depth"
+            gauges[name] = gauges.get(name, 0.0) + float(value)
+    return gauges
 
 
 def expected_outcome(got: Got) -> set[str]:

@@ -432,9 +432,15 @@ async def normal_request(fuzz: Fuzz, tag: str) -> None:
 async def scrape_gauges(fuzz: Fuzz) -> dict[str, float]:
     data = b"GET /metrics HTTP/1.1\r\nHost: fuzz\r\nConnection: close\r\n\r\n"
     [reply], _ = await exchange(fuzz.proxy.url, data, ["GET"])
-    wanted = ("batchgate_queue_depth", 'batchgate_replica_in_flight{replica="fz"}')
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in reply.body.decode().splitlines() if line.startswith(wanted)}
+    wanted = ("batchgate_queue_depth{", 'batchgate_replica_in_flight{replica="fz"}')
+    gauges: dict[str, float] = {}
+    for line in reply.body.decode().splitlines():
+        if line.startswith(wanted):
+            name, value = line.rsplit(" ", 1)
+            if name.startswith("batchgate_queue_depth"):  # per class and model: the sum
+                name = "batchgate_queue_depth"
+            gauges[name] = gauges.get(name, 0.0) + float(value)
+    return gauges
 
 
 @FUZZ

@@ -67,7 +67,8 @@ def test_check_config_output_redacts_every_key() -> None:
     dumped = yaml.safe_dump(config_to_dict(config))
     assert SECRET not in dumped
     data = yaml.safe_load(dumped)
-    assert data["auth"]["api_keys"] == [{"name": "a", "key": "<redacted>"}]
+    assert data["auth"]["api_keys"] == [
+        {"name": "a", "key": "<redacted>", "class": None, "weight": 1.0, "max_queued": None}]
     assert data["auth"]["upstream_api_key"] == "<redacted>"
     assert data["replicas"][0]["api_key"] == "<redacted>"
     # Unset keys stay null, so the output still lists every key there is.
@@ -138,7 +139,7 @@ BAD_AUTH = [
     (f"api_keys: [{{key: {SECRET}}}]", "auth.api_keys[0].name: required key is missing"),
     ("api_keys: [{name: a}]", "auth.api_keys[0].key: required key is missing"),
     (f"api_keys: [{{name: a, key: {SECRET}, tenant: x}}]",
-     "auth.api_keys[0].tenant: unknown key (allowed: name, key)"),
+     "auth.api_keys[0].tenant: unknown key (allowed: name, key, class, weight, max_queued)"),
     (f"api_keys: [{{name: 'a b', key: {SECRET}}}]",
      "auth.api_keys[0].name: must be 1 to 64 characters from A-Z a-z 0-9 _ . -, got 'a b'"),
     (f"api_keys: [{{name: none, key: {SECRET}}}]",

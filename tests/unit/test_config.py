@@ -147,6 +147,7 @@ def test_config_to_dict_omits_unset_url_and_simulated() -> None:
                 "time_scale": 0.01,
                 "prompt_ms_per_token": 0.5,
                 "default_max_tokens": 20,
+                "kv_tokens": 0,
             },
         },
         {
@@ -158,6 +159,7 @@ def test_config_to_dict_omits_unset_url_and_simulated() -> None:
                 "time_scale": 1.0,
                 "prompt_ms_per_token": 0.0,
                 "default_max_tokens": 100,
+                "kv_tokens": 0,
             },
         },
     ]
@@ -271,7 +273,7 @@ BAD_CONFIGS: list[tuple[str, str | bytes | None, str]] = [
         "unknown top-level key",
         REPLICA + "serverr: {}\n",
         "serverr: unknown key (allowed: replicas, server, queue, health, upstream, logging,"
-        " auth, admin, discovery)",
+        " auth, admin, discovery, scheduling)",
     ),
     (
         "unknown section key",
@@ -284,13 +286,13 @@ BAD_CONFIGS: list[tuple[str, str | bytes | None, str]] = [
         "unknown replica key beats missing",
         "replicas: [{name: a, url: 'http://h', max_concurency: 1}]\n",
         "replicas[0].max_concurency: unknown key (allowed: name, max_concurrency, url, simulated,"
-        " api_key)",
+        " api_key, models, max_tokens_in_flight, adaptive)",
     ),
     (
         "unknown simulated key",
         _SIM % "maxbatch: 4",
         "replicas[0].simulated.maxbatch: unknown key (allowed: max_batch, profile, time_scale,"
-        " prompt_ms_per_token, default_max_tokens)",
+        " prompt_ms_per_token, default_max_tokens, kv_tokens)",
     ),
     # Types.
     (
@@ -345,6 +347,11 @@ BAD_CONFIGS: list[tuple[str, str | bytes | None, str]] = [
         "queue.max_size: must be an integer >= 0, got -1",
     ),
     (
+        "negative sse_heartbeat_s",
+        REPLICA + "queue: {sse_heartbeat_s: -1}\n",
+        "queue.sse_heartbeat_s: must be a number >= 0, got -1",
+    ),
+    (
         "fractional max_bytes",
         REPLICA + "queue: {max_bytes: 1.5}\n",
         "queue.max_bytes: must be an integer >= 0, got 1.5",
@@ -368,6 +375,11 @@ BAD_CONFIGS: list[tuple[str, str | bytes | None, str]] = [
         "zero time_scale",
         _SIM % "time_scale: 0",
         "replicas[0].simulated.time_scale: must be a number > 0, got 0",
+    ),
+    (
+        "negative kv_tokens",
+        _SIM % "kv_tokens: -1",
+        "replicas[0].simulated.kv_tokens: must be an integer >= 0, got -1",
     ),
     (
         "unknown profile",

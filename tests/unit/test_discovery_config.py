@@ -90,7 +90,7 @@ BAD = [
      "got '127.0.0.1'"),
     ("unknown key", f"discovery: [{ENTRY % ', scheme: https'}]\n",
      "discovery[0].scheme: unknown key (allowed: dns, port, max_concurrency, name_prefix, "
-     "interval_s, nameservers)"),
+     "interval_s, nameservers, models, max_tokens_in_flight, adaptive)"),
 ]
 
 

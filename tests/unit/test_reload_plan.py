@@ -50,7 +50,7 @@ def test_live_sections_change_without_refusal() -> None:
     new = dataclasses.replace(
         BASE,
         server=dataclasses.replace(BASE.server, drain_timeout_s=5),
-        queue=QueueConfig(max_size=3, timeout_s=1, max_bytes=10),
+        queue=QueueConfig(max_size=3, timeout_s=1, max_bytes=10, sse_heartbeat_s=15),
         health=HealthConfig(path="/ready", interval_s=1, timeout_s=1),
         upstream=dataclasses.replace(BASE.upstream, retries=0),
         logging=LoggingConfig(format="text", level="debug"),

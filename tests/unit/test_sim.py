@@ -22,6 +22,7 @@ from proxy.sim.engine import (
     Clock,
     EngineClosed,
     SimEngine,
+    TooLarge,
     next_deadline,
     step_ms,
 )
@@ -158,6 +159,7 @@ def test_next_deadline_chains_absolute_deadlines() -> None:
         ("time_scale", -1.0, "sim.time_scale must be >= 0. Got -1.0."),
         ("prompt_ms_per_token", float("nan"), "sim.prompt_ms_per_token must be >= 0. Got nan."),
         ("default_max_tokens", 0, "sim.default_max_tokens must be at least 1. Got 0."),
+        ("kv_tokens", -1, "sim.kv_tokens must be >= 0. Got -1."),
     ],
 )
 def test_bad_config_names_field_and_value(field: str, value: object, message: str) -> None:
@@ -349,6 +351,86 @@ async def test_close_before_the_loop_first_runs_still_fails_waiters(
     with pytest.raises(EngineClosed):
         await task
     assert (engine.waiting, engine.total_aborted) == (0, 1)
+
+
+# --- the KV-cache budget (kv_tokens) ------------------------------------------------------------
+
+
+async def test_a_step_past_the_kv_budget_preempts_the_newest_which_recomputes_later(
+    make_engine: MakeEngine,
+) -> None:
+    clock = ManualClock()
+    engine = make_engine(clock, max_batch=4, kv_tokens=10, prompt_ms_per_token=1.0)
+    first_got: list[int] = []
+    first = asyncio.create_task(consume(engine, 5, prompt_tokens=3, into=first_got))
+    second_got: list[int] = []
+    second = asyncio.create_task(consume(engine, 5, prompt_tokens=3, into=second_got))
+    await wait_until(lambda: clock.asleep)
+    assert (engine.running, engine.kv_used) == (2, 6)  # both prompts fit beside their tokens
+    await step(engine, clock)
+    assert (engine.kv_used, engine.kv_usage) == (8, 0.8)  # 3 + 1 each
+    await step(engine, clock)  # 10: full
+    await wait_until(lambda: clock.asleep)
+    # Step 3 would need 12: the newest goes back to the head of the queue, with its 2 tokens.
+    assert (engine.running, engine.waiting, engine.preemptions, engine.kv_used) == (1, 1, 1, 5)
+    await wait_until(lambda: second_got == [0, 1])
+    for _ in range(3):
+        await step(engine, clock)
+    assert await first == [0, 1, 2, 3, 4]
+    # Readmitted once the first left: prefills its prompt and its two tokens again (5 ms).
+    await wait_until(lambda: clock.asleep)
+    assert (engine.running, engine.kv_used) == (1, 5)
+    for _ in range(3):
+        await step(engine, clock)
+    assert await second == [0, 1, 2, 3, 4]
+    assert clock.step_lengths() == pytest.approx(
+        [0.01981 + 0.006] + [0.01981] + [0.01776] * 3 + [0.01776 + 0.005] + [0.01776] * 2
+    )
+    assert engine.total_prompt_tokens == 6  # recomputation is not new prompt
+    assert (engine.preemptions, engine.total_finished, engine.kv_used) == (1, 2, 0)
+
+
+async def test_a_waiter_is_admitted_only_when_its_prompt_fits(make_engine: MakeEngine) -> None:
+    clock = ManualClock()
+    engine = make_engine(clock, max_batch=4, kv_tokens=10)
+    big = asyncio.create_task(consume(engine, 2, prompt_tokens=6))
+    await wait_until(lambda: engine.waiting == 1)
+    behind = asyncio.create_task(consume(engine, 2, prompt_tokens=4))
+    small = asyncio.create_task(consume(engine, 1, prompt_tokens=0))
+    await wait_until(lambda: clock.asleep)
+    # 6 + 1 held by the first; 4 + 1 more would be 12: the batch has room, the cache has not,
+    # and the small one behind does not jump the line.
+    assert (engine.running, engine.waiting, engine.kv_used) == (1, 2, 6)
+    await step(engine, clock)
+    await step(engine, clock)
+    assert await big == [0, 1]
+    await wait_until(lambda: clock.asleep)
+    assert (engine.running, engine.waiting, engine.kv_used) == (2, 0, 4)
+    await step(engine, clock)
+    await step(engine, clock)
+    assert await behind == [0, 1]
+    assert await small == [0]
+    assert engine.preemptions == 0
+
+
+async def test_a_request_that_could_never_fit_is_refused(make_engine: MakeEngine) -> None:
+    engine = make_engine(ManualClock(), kv_tokens=10)
+    assert engine.fits(6, 4) and not engine.fits(6, 5)
+    with pytest.raises(TooLarge, match="prompt_tokens \\+ max_tokens = 11 exceeds the KV-cache"):
+        await consume(engine, 5, prompt_tokens=6)
+    assert engine.total_started == 0
+
+
+async def test_unlimited_kv_never_preempts_and_reports_zero_usage(
+    make_engine: MakeEngine,
+) -> None:
+    clock = ManualClock()
+    engine = make_engine(clock, max_batch=4)
+    tasks = [asyncio.create_task(consume(engine, 3, prompt_tokens=10_000)) for _ in range(4)]
+    for _ in range(3):
+        await step(engine, clock)
+    assert [len(t) for t in await asyncio.gather(*tasks)] == [3] * 4
+    assert (engine.preemptions, engine.kv_usage, engine.peak_running) == (0, 0.0, 4)
 
 
 # --- the real clock -----------------------------------------------------------------------------
