@@ -106,7 +106,10 @@ def scheduling(value: object, path: str) -> SchedulingConfig:
     """The section, with ``default_class`` checked against ``classes``."""
     section = _SECTION(value, path)
     if section.default_class not in section.classes:
+        # Most often the default "standard" next to classes of one's own: say which to set.
+        hint = "" if isinstance(value, dict) and "default_class" in value else \
+            " (the default): set scheduling.default_class to one of them"
         raise _Problem(_join(path, "default_class"),
                        f"must be one of scheduling.classes ({', '.join(section.classes)}), "
-                       f"got {section.default_class!r}")
+                       f"got {section.default_class!r}{hint}")
     return section

@@ -57,7 +57,7 @@ SAMPLES = 4
 #: The longest one scrape may take: the interval, within these bounds (a slow scrape only
 #: delays the next one; the loop never runs two at once).
 SCRAPE_TIMEOUT_S = 5.0
-MIN_TIMEOUT_S = 1.0
+MIN_TIMEOUT_S = 2.0  # an engine's API server under load can be slow to render its /metrics
 
 #: The credential headers a replica gets (proxy.edge.auth.KeyRing.upstream_headers).
 Credentials = Callable[[str, list[tuple[str, str]]], list[tuple[str, str]]]
@@ -212,6 +212,15 @@ class AdaptiveCaps:
         """The rule's state for replica ``name`` (None: not adaptive), for tests and logs."""
         track = self._tracks.get(name)
         return None if track is None else track.state
+
+    def describe(self, name: str) -> dict[str, object] | None:
+        """What ``/admin/replicas`` shows of replica ``name``'s loop (None: not adaptive)."""
+        track = self._tracks.get(name)
+        if track is None:
+            return None
+        settings, state = track.settings, track.state
+        return {"min": settings.min, "max": settings.max, "interval_s": settings.interval_s,
+                "last": state.why, "reading": not track.failing}
 
     def readings(self, name: str) -> int:
         track = self._tracks.get(name)

@@ -28,14 +28,7 @@ def serves(replicas: ReplicaSet, model: str) -> bool:
     model-blind, names it, or has a list still being read; or there is no active replica
     yet (scaling up from zero: it waits). Unhealthy replicas count (their waiters wait); a
     draining one does not."""
-    active = False
-    for r in replicas.all:
-        if r.state != ACTIVE:
-            continue
-        active = True
-        if r.models_pending or r.serves(model):
-            return True
-    return not active
+    return replicas.route(model).known
 
 
 def models(replicas: ReplicaSet) -> list[str]:
@@ -49,17 +42,11 @@ def models(replicas: ReplicaSet) -> list[str]:
 
 def refusal(replicas: ReplicaSet, model: str | None, cost: int) -> ProxyError | None:
     """Why a request can never be served (None: it can): its model, or its cost."""
-    if model is not None and not replicas.plain and not serves(replicas, model):
-        return ModelNotFound(model)
-    if cost <= 0:
-        return None
-    largest = 0
-    for r in replicas.all:
-        if r.state == ACTIVE and (r.models_pending or r.serves(model)):
-            if r.max_tokens is None:
-                return None
-            largest = max(largest, r.max_tokens)
-    if largest and cost > largest:
+    route = replicas.route(model)
+    if not route.known:
+        return ModelNotFound(model or "")
+    largest = route.largest
+    if largest is not None and cost > largest:
         return RequestTooLarge(cost, largest, model)
     return None
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 from proxy.core.load import LoadBoard
 
@@ -123,6 +124,17 @@ class Replica:
         return f"<Replica {self.name} {self.in_flight}/{self.max_concurrency} {state}>"
 
 
+class Route(NamedTuple):
+    """Who may serve requests for one model (cached until the replicas or their models or
+    budgets change): the active replicas serving it, whether it is served at all (or may be:
+    a list still being read, or no replica yet), and the largest token budget among those
+    that could serve it (None: one has no budget, or none is known yet)."""
+
+    replicas: tuple[Replica, ...]
+    known: bool
+    largest: int | None
+
+
 def _check_limit(max_concurrency: int) -> None:
     if max_concurrency < 1:
         raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
@@ -136,7 +148,7 @@ def _check_tokens(max_tokens: int | None) -> None:
 class ReplicaSet:
     """Every replica and its slots; the only code that changes ``in_flight`` or health."""
 
-    __slots__ = ("_next", "_replicas", "_rng", "load", "plain")
+    __slots__ = ("_next", "_replicas", "_rng", "_routes", "load", "plain")
 
     def __init__(
         self,
@@ -149,6 +161,7 @@ class ReplicaSet:
         #: No replica names its models, waits for them or has a token budget: any replica
         #: takes any request, and the scheduler keeps to its fast paths.
         self.plain = True
+        self._routes: dict[str | None, Route] = {}
         self._next = 0  # round-robin start for tie-breaking
         #: The replicas' own load readings (batchgate sidecars); see :mod:`proxy.core.load`.
         self.load = load if load is not None else LoadBoard(max_age_s=0.0)
@@ -226,17 +239,34 @@ class ReplicaSet:
             self._next = (best.index + 1) % len(self._replicas)
         return best
 
+    def route(self, model: str | None) -> Route:
+        """Who may serve ``model`` (see :class:`Route`)."""
+        route = self._routes.get(model)
+        if route is None:
+            active = [r for r in self._replicas if r.state == ACTIVE]
+            serving = tuple(r for r in active if r.serves(model))
+            pending = [r for r in active if r.models_pending and r not in serving]
+            could = [*serving, *pending]
+            largest = None
+            if could and all(r.max_tokens is not None for r in could):
+                largest = max(r.max_tokens for r in could if r.max_tokens is not None)
+            known = model is None or not active or bool(could)
+            route = self._routes[model] = Route(serving, known, largest)
+        return route
+
     def candidates(self, model: str | None, cost: int) -> list[Replica]:
         """Replicas that could take a lease for ``model`` of ``cost`` now, in round-robin
         order from the next one's turn."""
-        replicas = self._replicas
-        count = len(replicas)
+        serving = self.route(model).replicas
         start = self._next
-        found = []
-        for offset in range(count):
-            r = replicas[(start + offset) % count]
-            if _usable(r) and r.serves(model) and r.fits(cost):
-                found.append(r)
+        found: list[Replica] = []
+        later: list[Replica] = []  # before the next one's turn: after the others
+        for r in serving:
+            if (r.healthy and r.state == ACTIVE and r.in_flight < r.max_concurrency
+                    and (r.max_tokens is None or r.tokens_in_flight + cost <= r.max_tokens)):
+                (found if r.index >= start else later).append(r)
+        if later:
+            found.extend(later)
         return found
 
     def choose(self, candidates: list[Replica], avoid: Replica | None = None) -> Replica | None:
@@ -350,6 +380,7 @@ class ReplicaSet:
             self._drop(replica)
             return True
         replica.state = DRAINING
+        self._replan()
         return False
 
     def set_limit(self, replica: Replica, max_concurrency: int) -> bool:
@@ -387,6 +418,7 @@ class ReplicaSet:
         self._replan()
 
     def _replan(self) -> None:
+        self._routes.clear()
         self.plain = all(
             r.models is None and not r.models_pending and r.max_tokens is None
             for r in self._replicas

@@ -45,7 +45,6 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import NamedTuple
 
 from proxy.core import admission, placement
 from proxy.core.errors import (
@@ -56,44 +55,14 @@ from proxy.core.errors import (
     QueueTimeout,
 )
 from proxy.core.estimate import ServiceTimes, retry_after_s, start_in_s
+from proxy.core.lease import NO_GRANTS, Grant, Lease
 from proxy.core.load import LoadBoard, Reading
 from proxy.core.policy import NO_TENANTS, PolicyQueue, TenantPolicy
 from proxy.core.queue import Notify, Waiter, WaitQueue
 from proxy.core.replicas import Replica, ReplicaSet
+from proxy.core.tally import Tally
 
 __all__ = ["Grant", "Lease", "Replica", "Scheduler", "TenantPolicy", "Waiter"]
-
-
-class Lease:
-    """One slot on one replica, held for exactly as long as the request uses it."""
-
-    __slots__ = ("_scheduler", "cost", "released", "replica", "started")
-
-    def __init__(
-        self, scheduler: Scheduler, replica: Replica, started: float, cost: int = 0
-    ) -> None:
-        self._scheduler = scheduler
-        self.replica = replica
-        self.released = False
-        self.started = started  # on the scheduler's clock: service time for Retry-After
-        self.cost = cost  # tokens held on replica.tokens_in_flight, given back with the slot
-
-    def release(self) -> Sequence[Grant]:
-        """Give the slot back (idempotent). Safe to call from ``finally`` on any path."""
-        return self._scheduler.release(self)
-
-    def __repr__(self) -> str:
-        return f"<Lease {self.replica.name}{' released' if self.released else ''}>"
-
-
-class Grant(NamedTuple):
-    """A decision: this waiter got this slot (it has been told)."""
-
-    waiter: Waiter
-    lease: Lease
-
-
-NO_GRANTS: tuple[Grant, ...] = ()
 
 
 class Scheduler:
@@ -134,7 +103,6 @@ class Scheduler:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self.max_bytes = max_bytes
-        self.queued_bytes = 0
         if classes < 1:
             raise ValueError(f"classes must be >= 1, got {classes}")
         self.classes = classes
@@ -147,10 +115,7 @@ class Scheduler:
         self._on_retired = on_retired
         self._pick = self._set.pick  # bound once: the hot path calls it per request
         self._service = ServiceTimes()
-        self._seq = 0  # arrival order of waiters
-        #: Waiters by (class, model) and by tenant (the queue-depth gauge, tenant bounds).
-        self._depths: dict[tuple[int, str | None], int] = {}
-        self._per_tenant: dict[str, int] = {}
+        self._tally = Tally()
 
     # -- observation ---------------------------------------------------------------------
 
@@ -188,9 +153,14 @@ class Scheduler:
     def position(self, waiter: Waiter) -> int | None:
         return self._queue.position(waiter)
 
+    @property
+    def queued_bytes(self) -> int:
+        """The bodies of the waiters, in bytes (bounded by ``max_bytes``)."""
+        return self._tally.bytes
+
     def depths(self) -> Mapping[tuple[int, str | None], int]:
         """Waiters by (class, model), only those with any (the queue-depth gauge)."""
-        return dict(self._depths)
+        return dict(self._tally.depths)
 
     def serves(self, model: str | None) -> bool:
         """Whether :meth:`submit` accepts ``model`` rather than refusing it as not found
@@ -224,7 +194,7 @@ class Scheduler:
         would no longer exist."""
         if count < 1:
             raise ValueError(f"classes must be >= 1, got {count}")
-        if any(klass >= count for klass, _ in self._depths):
+        if any(klass >= count for klass, _ in self._tally.depths):
             raise ValueError(f"cannot lower classes to {count}: requests of a higher one wait")
         self._queue.set_classes(count)
         self.classes = count
@@ -442,7 +412,7 @@ class Scheduler:
         returns the waiters of lower classes it evicts to take their place."""
         victims = admission.victims(
             self._queue, waiter, max_queue=self.max_queue, max_bytes=self.max_bytes,
-            queued_bytes=self.queued_bytes, tenants=self.tenants, per_tenant=self._per_tenant,
+            queued_bytes=self.queued_bytes, tenants=self.tenants, per_tenant=self._tally.per_tenant,
             retry_after=self.retry_after_s, any_healthy=self.any_healthy,
         )
         if waiter.deadline < math.inf:
@@ -473,35 +443,18 @@ class Scheduler:
             )
 
     def _enqueue(self, waiter: Waiter, front: bool) -> None:
-        self._seq += 1
-        waiter.seq = self._seq
-        waiter.front = front
+        self._tally.joined(waiter, front)
         self._queue.push(waiter, front=front)
         waiter.queued = True
-        self.queued_bytes += waiter.size
-        key = (waiter.klass, waiter.model)
-        self._depths[key] = self._depths.get(key, 0) + 1
-        self._per_tenant[waiter.tenant] = self._per_tenant.get(waiter.tenant, 0) + 1
 
     def _unqueue(self, waiter: Waiter) -> None:
         self._queue.remove(waiter)
         self._left(waiter)
 
     def _left(self, waiter: Waiter) -> None:
-        """Bookkeeping for a waiter that is out of the queue (removed or popped)."""
+        """A waiter is out of the queue (removed, or popped to be served)."""
         waiter.queued = False
-        self.queued_bytes -= waiter.size
-        key = (waiter.klass, waiter.model)
-        left = self._depths[key] - 1
-        if left:
-            self._depths[key] = left
-        else:
-            del self._depths[key]
-        left = self._per_tenant[waiter.tenant] - 1
-        if left:
-            self._per_tenant[waiter.tenant] = left
-        else:
-            del self._per_tenant[waiter.tenant]
+        self._tally.left(waiter)
 
     def _expire(self, waiter: Waiter) -> None:
         # Its own place in line (ask the policy), not the queue's length: the head of a long
@@ -586,11 +539,20 @@ class Scheduler:
         Cancel-safe: a caller cancelled while queued leaves the queue; one cancelled just as
         its slot was granted gives that slot to the next waiter before the error propagates.
         """
-        if not len(self._queue) and self._set.plain:
-            # The common case under capacity: a free slot now, no Future or closure needed.
-            replica = self._pick(avoid, cost)
-            if replica is not None:
-                return Lease(self, replica, self._clock(), cost)
+        if self._set.plain:
+            if not len(self._queue):
+                # The common case under capacity: a free slot now, no Future or closure.
+                replica = self._pick(avoid, cost)
+                if replica is not None:
+                    return Lease(self, replica, self._clock(), cost)
+        else:
+            # The same with models or budgets: refused, or a slot now, without a Future.
+            refusal = placement.refusal(self._set, model, cost)
+            if refusal is not None:
+                raise refusal
+            lease = self._lease_now(model, cost, klass, front, avoid)
+            if lease is not None:
+                return lease
         return await self._wait(deadline, size, front, avoid, model, klass, tenant, cost,
                                 on_queued)
 

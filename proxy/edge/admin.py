@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from proxy.control.adaptive import ADAPTIVE
 from proxy.control.reload import FAILED, INVALID, REFUSED, SUCCESS
 from proxy.core.replicas import DRAINING, Replica
 from proxy.edge.auth import denied
@@ -121,7 +122,13 @@ class AdminHandlers:
     async def replicas(self, request: web.Request) -> web.Response:
         if request.method not in ("GET", "HEAD"):
             return _error(405, f"{request.method} is not allowed here", "method_not_allowed")
-        return web.json_response([replica_entry(r) for r in self.app[SCHEDULER].replicas])
+        entries = [replica_entry(r) for r in self.app[SCHEDULER].replicas]
+        adaptive = self.app.get(ADAPTIVE)
+        for entry in entries:
+            name = entry["name"]
+            assert isinstance(name, str)
+            entry["adaptive"] = None if adaptive is None else adaptive.describe(name)
+        return web.json_response(entries)
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         # /metrics stays as open as it always was on the public port; the guard is for

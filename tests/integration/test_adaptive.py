@@ -52,9 +52,9 @@ async def test_the_cap_settles_at_the_engines_batch_limit(proxy: Factory) -> Non
     config = Config(
         replicas=(ReplicaConfig(
             name="sim", max_concurrency=1,
-            # Steps of about 9 ms and readings 0.2 s apart (samples 50 ms apart): both well
+            # Steps of about 22 ms and readings 0.2 s apart (samples 50 ms apart): both well
             # above what a busy event loop adds to a request's way to the engine.
-            simulated=SimulatedConfig(max_batch=16, time_scale=0.2),
+            simulated=SimulatedConfig(max_batch=16, time_scale=0.5),
             adaptive=AdaptiveConfig(min=1, max=128, interval_s=0.2)),),
         server=ServerConfig(host="127.0.0.1", port=0),
     )
@@ -84,13 +84,22 @@ async def test_the_cap_settles_at_the_engines_batch_limit(proxy: Factory) -> Non
             stop.set()
             answered = await load
         cap = replica.max_concurrency
-        assert 14 <= cap <= 17, history
+        # 16, or a little more: a request on its way to or from the engine holds a slot the
+        # engine does not see; on a busy machine (one event loop for callers, proxy and
+        # engine) that can be two or three, and the engine's batch still wants them.
+        assert 14 <= cap <= 19, history
         # The engine's own queue, as batchgate read it last: (near) empty.
         assert p.metric("batchgate_replica_engine_waiting", replica="sim") <= 1
         assert p.metric("batchgate_replica_max_concurrency", replica="sim") == cap
         assert max(history) < 40  # it never let every caller onto the engine
         assert answered > 0
         assert p.metric("batchgate_adaptive_scrape_errors_total", replica="sim") == 0
+
+
+def found_state_why(p: Proxy) -> str:
+    state = p.app[ADAPTIVE].state("v-127.0.0.1")
+    assert state is not None
+    return state.why
 
 
 class Engine:
@@ -138,6 +147,14 @@ async def test_a_metrics_endpoint_that_fails_freezes_the_cap(
         await until(lambda: adaptive.state("e") is not None
                     and adaptive.state("e").why == "hold", "the cap holds")  # type: ignore[union-attr]
         cap = replica.max_concurrency
+        # What the loop logs from here on (a reading that timed out earlier on a busy machine
+        # is its own transition, logged as such).
+        start = len(caplog.records)
+
+        def logged(level: int) -> list[str]:
+            return [r.getMessage() for r in caplog.records[start:]
+                    if r.name == "batchgate.adaptive" and r.levelno == level]
+
         # Then the endpoint fails, while the engine would say "queue" if it could.
         if failure == "404":
             engine.status = 404
@@ -151,18 +168,17 @@ async def test_a_metrics_endpoint_that_fails_freezes_the_cap(
         await until(lambda: p.metric(errors, replica="e") >= 5, "five failed readings")
         assert replica.max_concurrency == cap  # frozen, not dropped to min
         assert p.metric("batchgate_replica_max_concurrency", replica="e") == cap
-        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-        assert len(warnings) == 1, [r.getMessage() for r in warnings]  # once per transition
+        warnings = logged(logging.WARNING)
+        assert len(warnings) == 1, warnings  # once per transition
         assert f"replica e: cannot read its engine's metrics, its cap stays at {cap}" in (
-            warnings[0].getMessage())
+            warnings[0])
         if failure == "refused":
             return
         # It reads again: said once, and the cap moves again.
         engine.status = 200
         engine.text = "vllm:num_requests_waiting 3\nvllm:num_requests_running 1\n"
         await until(lambda: replica.max_concurrency < cap, "the cap moves again")
-        infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
-        assert infos.count("replica e: its engine's metrics read again") == 1
+        assert logged(logging.INFO).count("replica e: its engine's metrics read again") == 1
         assert p.metric("batchgate_replica_engine_waiting", replica="e") == 3
     finally:
         await runner.cleanup()
@@ -248,5 +264,38 @@ async def test_replicas_found_by_discovery_follow_their_entrys_adaptive(proxy: F
         await until(lambda: found.max_concurrency == 2, "the cap at the entry's min")
         assert p.app[ADAPTIVE].state("v-127.0.0.1") is not None
         assert p.metric("batchgate_replica_engine_waiting", replica="v-127.0.0.1") == 3
+        # At min, every reading of the queue says so (nothing moves any more).
+        await until(lambda: found_state_why(p) == "hold: at min", "held at min")
+        async with aiohttp.ClientSession() as session, session.get(
+                p.url + "/admin/replicas") as response:
+            (entry,) = await response.json()
+        assert entry["max_concurrency"] == 2
+        assert entry["adaptive"] == {"min": 2, "max": 8, "interval_s": INTERVAL_S,
+                                     "last": "hold: at min", "reading": True}
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_full_kv_cache_brings_the_cap_down_without_a_queue(proxy: Factory) -> None:
+    engine = Engine()
+    engine.text = ("vllm:num_requests_waiting 0\nvllm:num_requests_running 8\n"
+                   "vllm:kv_cache_usage_perc 0.95\n")
+    runner, url = await start_app(engine.app())
+    try:
+        base = make_config(("e", url, 8))
+        config = dataclasses.replace(base, replicas=(dataclasses.replace(
+            base.replicas[0], adaptive=AdaptiveConfig(min=5, max=64, interval_s=INTERVAL_S)),))
+        p: Proxy = await proxy(config)
+        replica = p.scheduler.replica("e")
+        assert replica is not None
+        adaptive = p.app[ADAPTIVE]
+        await until(lambda: replica.max_concurrency < 8, "the cap comes down")
+        state = adaptive.state("e")
+        assert state is not None and state.why == "decrease: kv cache full"
+        assert replica.max_concurrency == 6  # x0.75
+        await until(lambda: replica.max_concurrency == 5, "down to min")
+        readings = adaptive.readings("e")
+        await until(lambda: adaptive.readings("e") > readings + 2, "more readings")
+        assert replica.max_concurrency == 5  # never below min
     finally:
         await runner.cleanup()

@@ -195,7 +195,7 @@ async def test_admin_listener_serves_metrics_replicas_and_reload_off_the_public_
                 "name": "a", "url": a.url, "state": "healthy", "in_flight": 0,
                 "max_concurrency": 2, "ejected_until": None, "draining": False,
                 "models": None, "models_pending": False, "max_tokens_in_flight": None,
-                "tokens_in_flight": 0,
+                "tokens_in_flight": 0, "adaptive": None,
             }]
 
         write(path, (a, 1), (b, 3), admin={"host": "127.0.0.1", "port": 0})

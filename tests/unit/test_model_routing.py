@@ -191,3 +191,19 @@ async def test_a_failing_on_queued_hook_leaves_no_waiter(leak_checked: list[Sche
         await s.acquire(s.now() + 60, model="m1", on_queued=broken)
     assert s.queue_depth == 0
     held.release()
+
+
+def test_the_pick_among_a_models_replicas_is_least_loaded_round_robin(
+    leak_checked: list[Scheduler],
+) -> None:
+    s = Scheduler([Replica("a", "http://a", 2, models=M1), Replica("x", "http://x", 4, models=M2),
+                   Replica("b", "http://b", 2, models=M1)], 10)
+    leak_checked.append(s)
+    leases = [take(s, model="m1") for _ in range(4)]
+    assert [x.replica.name for x in leases] == ["a", "b", "a", "b"]
+    assert s.replicas[1].in_flight == 0
+    for x in leases:
+        x.release()
+    avoided = take(s, model="m1", avoid=s.replicas[0])
+    assert avoided.replica.name == "b"  # a just refused it: b, though both are idle
+    avoided.release()

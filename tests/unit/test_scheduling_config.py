@@ -123,7 +123,11 @@ BAD = [
     ("class name", REPLICA % "" + "scheduling: {classes: ['a b'], default_class: a}\n",
      "scheduling.classes[0]: must be 1 to 64 characters from A-Z a-z 0-9 _ . -, got 'a b'"),
     ("default class not a class", REPLICA % "" + "scheduling: {classes: [hi, lo]}\n",
-     "scheduling.default_class: must be one of scheduling.classes (hi, lo), got 'standard'"),
+     "scheduling.default_class: must be one of scheduling.classes (hi, lo), got 'standard' "
+     "(the default): set scheduling.default_class to one of them"),
+    ("default class named, not a class",
+     REPLICA % "" + "scheduling: {classes: [hi, lo], default_class: mid}\n",
+     "scheduling.default_class: must be one of scheduling.classes (hi, lo), got 'mid'"),
     ("tenant header", REPLICA % "" + "scheduling: {tenant_header: 'X Team'}\n",
      "scheduling.tenant_header: must be a header name (1 to 64 characters, RFC 9110 token), "
      "got 'X Team'"),

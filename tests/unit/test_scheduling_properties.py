@@ -114,11 +114,23 @@ class Machine:
             model=REQUEST_MODELS[k % 4], klass=c.klass, tenant=TENANTS[(k // 4) % 3],
             cost=(k // 12) % 7 * 45,  # 0 .. 270: some too large for a 250 budget
         )
+        model, cost = kwargs["model"], kwargs["cost"]
+        active = [r for r in self.s.replicas if r.state == "active"]
+        could = [r for r in active if r.models_pending or r.serves(model)]  # type: ignore[arg-type]
         try:
             got = self.s.submit(self.notifier(c), **kwargs)  # type: ignore[arg-type]
-        except (QueueFull, NoHealthyReplica, ModelNotFound, RequestTooLarge,
-                DeadlineUnreachable):
+        except ModelNotFound:
+            assert active and not could, (model, repr(self.s))
+            return
+        except RequestTooLarge:
+            assert could and all(r.max_tokens is not None and r.max_tokens < cost  # type: ignore[operator]
+                                 for r in could), (cost, repr(self.s))
+            return
+        except (QueueFull, NoHealthyReplica, DeadlineUnreachable):
             return  # refused at the door: never queued
+        # Accepted: a replica could serve it, or none is known yet.
+        assert model is None or not active or could, (model, repr(self.s))
+        assert not could or any(r.can_fit(cost) for r in could), (cost, repr(self.s))  # type: ignore[arg-type]
         self.callers.append(c)
         if isinstance(got, Lease):
             # Taken at once: nobody who comes first could use this replica.

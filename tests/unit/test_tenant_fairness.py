@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.core.errors import QueueFull
+from proxy.core.errors import DeadlineUnreachable, QueueFull
 from proxy.core.replicas import Replica
 from proxy.core.scheduler import Lease, Scheduler, TenantPolicy, Waiter
 
@@ -142,3 +142,28 @@ def test_invalid_policies_are_refused() -> None:
         TenantPolicy(weights={"a": 0.0})
     with pytest.raises(ValueError, match="max_queued of tenant 'a'"):
         TenantPolicy(max_queued={"a": -1})
+
+
+def test_early_refusal_uses_the_round_robin_position(leak_checked: list[Scheduler]) -> None:
+    """Behind another tenant's backlog of 10, a tenant's first request is second in line
+    (one of the backlog's quantum, then it): it can start well before a 5 s deadline at 2 s
+    a request, while the backlog's own next cannot."""
+    now = [0.0]
+    s = Scheduler([Replica("r", "http://r", 1)], 100, clock=lambda: now[0], rng=lambda: 0.5)
+    leak_checked.append(s)
+    for _ in range(3):
+        lease = s.submit(lambda _: True)
+        assert isinstance(lease, Lease)
+        now[0] += 2.0
+        lease.release()
+    held = s.submit(lambda _: True)
+    backlog = [s.submit(lambda _: True, tenant="a", deadline=now[0] + 60) for _ in range(10)]
+    with pytest.raises(DeadlineUnreachable):
+        s.submit(lambda _: True, tenant="a", deadline=now[0] + 5)
+    other = s.submit(lambda _: True, tenant="b", deadline=now[0] + 5)
+    assert isinstance(other, Waiter) and s.position(other) == 2
+    for w in [*backlog, other]:
+        assert isinstance(w, Waiter)
+        s.withdraw(w)
+    assert isinstance(held, Lease)
+    held.release()
