@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -15,19 +17,28 @@ HOP_BY_HOP = frozenset(
 )
 
 
+#: A hop-by-hop name (HOP_BY_HOP, any proxy-*) among names joined by newlines: a field name is
+#: a token (both of aiohttp's parsers and llhttp refuse anything else), so it holds no newline.
+_HOP_NAMES = re.compile(
+    r"^(?:connection|keep-alive|te|trailer|transfer-encoding|upgrade|proxy-.*)$",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
 def _strip_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
-    # Fields named in Connection are hop-by-hop too (RFC 9110 7.6.1).
-    named = {
-        token.strip().lower()
-        for value in headers.getall("Connection", ())
-        for token in value.split(",")
-    }
-    out: CIMultiDict[str] = CIMultiDict()
-    for key, value in headers.items():
-        lower = key.lower()
-        if lower in HOP_BY_HOP or lower in named or lower.startswith("proxy-"):
-            continue
-        out.add(key, value)
+    # A copy and one regex search over the names, in C: most requests carry no hop-by-hop
+    # field at all (a Python loop over every field cost 5 % of a small request).
+    out = CIMultiDict(headers)
+    found = _HOP_NAMES.findall("\n".join(headers.keys()))
+    if found:
+        # Fields named in Connection are hop-by-hop too (RFC 9110 7.6.1).
+        named = {
+            token.strip()
+            for value in headers.getall("Connection", ())
+            for token in value.split(",")
+        }
+        for name in {*found, *named}:
+            out.popall(name, None)
     return out
 
 

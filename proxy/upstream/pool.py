@@ -125,7 +125,8 @@ class ConnectionPool:
         if self._closed:
             raise UpstreamError(f"pool for {self.base_url} is closed", kind="connect",
                                 replica=self.name, unsent=True)
-        lines = "".join([f"{name}: {value}\r\n" for name, value in headers])
+        # One C-level join, no Python loop per field (a value's own CR or LF is caught below).
+        lines = "\r\n".join(map(": ".join, headers)) + "\r\n" if headers else ""
         if lines.count("\n") != len(headers) or lines.count("\r") != len(headers) or (
             "\r" in target or "\n" in target or " " in target
         ):
