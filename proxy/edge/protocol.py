@@ -59,6 +59,13 @@ _IDLE = 4  # between requests on a kept-alive connection: aiohttp's keep-alive t
 _CUT = 5  # refused or timed out: whatever still arrives is dropped unread
 
 
+# aiohttp's methods that LimitedHandler's run on every request hand on to (see data_received).
+_base_data_received = RequestHandler.data_received
+_base_handle_request = RequestHandler._handle_request
+_base_finish_response = RequestHandler.finish_response
+_base_log_access = RequestHandler.log_access
+
+
 class LimitedHandler(RequestHandler):
     """aiohttp's protocol for one caller connection, with the deadlines and size limits of
     :class:`EdgeLimits` (:mod:`proxy.edge.limits` says what each one guarantees)."""
@@ -111,21 +118,27 @@ class LimitedHandler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        # aiohttp's own through a module-level name: super() costs an object per call.
         phase = self._phase
         if phase in (_HANDLING, _PARSED) or not data:
             # b"": aiohttp re-parsing what it buffered while reading was paused.
-            super().data_received(data)
+            _base_data_received(self, data)
             return
         if phase == _BODY:
-            super().data_received(data)
+            _base_data_received(self, data)
             payload = self._payload
             if payload is not None and payload.is_eof():
                 self._phase = _HANDLING if self._in_handler else _IDLE
             return
         if phase == _CUT:
             return
-        if phase == _IDLE:
-            self._start_head()
+        if phase == _IDLE:  # the next request's first bytes: _start_head, inline
+            self._phase = _HEAD
+            self._head_bytes = 0
+            self._head_tail = b""
+            deadline = self._deadline = self._loop.time() + self._limits.header_timeout_s
+            if self._timer is None or self._timer_at > deadline:
+                self._arm(deadline)
         size = self._head_bytes + len(data)
         self._head_bytes = size
         limit = self._limits.max_header_bytes
@@ -136,7 +149,7 @@ class LimitedHandler(RequestHandler):
             self._cut(self._limits.headers_too_large_answer)
             return
         queued = len(self._messages)
-        super().data_received(data)
+        _base_data_received(self, data)
         if len(self._messages) != queued:
             self._phase = _PARSED
         else:  # a head in pieces: keep what a terminator split across two reads needs
@@ -168,7 +181,7 @@ class LimitedHandler(RequestHandler):
             refusal = self._refusal(request)
             if refusal is not None:
                 request_handler = refusal
-        return super()._handle_request(request, start_time, request_handler)
+        return _base_handle_request(self, request, start_time, request_handler)
 
     def finish_response(
         self, request: BaseRequest, resp: StreamResponse, start_time: float | None
@@ -176,7 +189,7 @@ class LimitedHandler(RequestHandler):
         """The handler is done (its answer not yet sent): a body cut short makes it the last."""
         if self._in_handler and self.request_ended():
             resp.force_close()
-        return super().finish_response(request, resp, start_time)
+        return _base_finish_response(self, request, resp, start_time)
 
     def log_access(
         self, request: BaseRequest, response: StreamResponse, time: float | None
@@ -184,7 +197,7 @@ class LimitedHandler(RequestHandler):
         """Called by aiohttp once an answer is written (or its write failed)."""
         if self._phase == _CUT:  # this answer refused the request or cut its body
             self._linger(self.transport, b"")
-        super().log_access(request, response, time)
+        _base_log_access(self, request, response, time)
 
     def _refusal(
         self, request: BaseRequest

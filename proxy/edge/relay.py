@@ -132,8 +132,18 @@ async def pipe(
                 exchange.first_byte_at = first_at
                 exchange.last_byte_at = clock()
                 exchange.stage = "streaming"
-            if not await _write(request, response, chunk, exchange, stall_limit_s):
-                return response
+            transport = request.transport
+            if transport is not None and (
+                    transport.get_write_buffer_size() + len(chunk) > _STALL_CHECK_BYTES):
+                if not await _write_bounded(transport, response, chunk, exchange,
+                                            stall_limit_s):
+                    return response
+            elif isinstance(response, web.Response):
+                await response.write_eof()  # headers and the whole body: one write
+                exchange.bytes_out += len(chunk)
+            else:
+                await response.write(chunk)
+                exchange.bytes_out += len(chunk)
             tail.feed(chunk)
             if isinstance(response, web.Response):  # ended by that write: the body was whole
                 exchange.stage = "done"
@@ -149,8 +159,17 @@ async def pipe(
             if not chunk:
                 break
             now = clock()  # when it arrived, not when the caller took it
-            if not await _write(request, response, chunk, exchange, stall_limit_s):
-                return response
+            # Inline, not a coroutine per chunk: only a write that may fill the caller's
+            # socket takes the bounded path.
+            transport = request.transport
+            if transport is not None and (
+                    transport.get_write_buffer_size() + len(chunk) > _STALL_CHECK_BYTES):
+                if not await _write_bounded(transport, response, chunk, exchange,
+                                            stall_limit_s):
+                    return response
+            else:
+                await response.write(chunk)
+                exchange.bytes_out += len(chunk)
             if exchange.last_byte_at is None:
                 exchange.first_byte_at = now
                 exchange.stage = "streaming"
@@ -196,43 +215,34 @@ def _before_body(exchange: Exchange, kind: str, err: BaseException) -> str:
     return f"replica {exchange.replica} failed before its first body byte ({kind}): {err}"
 
 
-async def _write(
-    request: web.BaseRequest,
+async def _write_bounded(
+    transport: asyncio.BaseTransport,
     response: web.StreamResponse,
     chunk: bytes,
     exchange: Exchange,
     stall_limit_s: float,
 ) -> bool:
-    """Write ``chunk`` (a :class:`web.Response` is ended: ``chunk`` is its body); False if
-    the caller stalled.
+    """Write ``chunk`` (a :class:`web.Response` is ended: ``chunk`` is its body) when it may
+    fill the caller's socket; False if the caller stalled.
 
     A caller that stays connected but stops reading would hold its slot (and the engine)
     forever: a write that may fill its socket is bounded by the stall limit
     (``server.send_timeout_s``, like nginx's ``send_timeout``: counted once the kernel's
     socket buffers are full, not from the caller's last read), and then its connection is
     closed, so what it got never looks complete; the caller of :func:`pipe` closes the
-    upstream connection, which makes the engine abort the generation.
+    upstream connection, which makes the engine abort the generation. Smaller writes never
+    wait, and :func:`pipe` makes them itself.
     """
-    whole = isinstance(response, web.Response)
-    transport = request.transport
-    if transport is not None and (
-        transport.get_write_buffer_size() + len(chunk) > _STALL_CHECK_BYTES
-    ):
-        try:
-            async with asyncio.timeout(stall_limit_s):
-                if whole:
-                    await response.write_eof()
-                else:
-                    await response.write(chunk)
-            exchange.bytes_out += len(chunk)
-        except TimeoutError:
-            exchange.client_gone = True
-            transport.close()
-            return False
-    elif whole:
-        await response.write_eof()
-    else:
-        await response.write(chunk)
+    try:
+        async with asyncio.timeout(stall_limit_s):
+            if isinstance(response, web.Response):
+                await response.write_eof()
+            else:
+                await response.write(chunk)
+    except TimeoutError:
+        exchange.client_gone = True
+        transport.close()
+        return False
     exchange.bytes_out += len(chunk)
     return True
 

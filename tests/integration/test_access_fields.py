@@ -93,3 +93,23 @@ async def test_queue_ms_is_filled_for_a_request_rejected_after_waiting(
     # The queue's deadline decided it: at least that long, whatever the machine's speed.
     assert waited["queue_ms"] is not None and waited["queue_ms"] >= 200
     assert waited["attempts"] == 0 and waited["tenant"] is None
+
+
+async def test_bytes_out_counts_large_writes_once(
+    replicas: Factory, proxy: Factory, client: aiohttp.ClientSession
+) -> None:
+    """Writes past the stall check's size (16 KiB) go out bounded by server.send_timeout_s:
+    counted once, like any other (a stream of 40 KB events)."""
+    r: FakeReplica = await replicas("r")
+    out = io.BytesIO()
+    access = AccessLog(out, "json")
+    p: Proxy = await proxy(make_config(("r", r.url, 1)), access)
+    stream_body = json.dumps({"stream": True, "events": 3, "pad": 40_000})
+    async with client.post(p.url + COMPLETIONS, data=stream_body,
+                           headers={"X-Request-Id": "big-sse"}) as answer:
+        sse_answer = await answer.read()
+    assert await p.app[LIFECYCLE].wait_idle(BOUND_S)
+    access.close()
+    lines = log_lines(out)
+    assert len(sse_answer) > 120_000
+    assert lines["big-sse"]["bytes_out"] == len(sse_answer)
