@@ -32,7 +32,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from proxy.core.queue import Waiter, WaitQueue
+from proxy.core.queue import Competes, Waiter, WaitQueue
 
 _MISSING: object = object()
 
@@ -122,15 +122,24 @@ class _Tenant:
                 heads[i] = (following, it, model)
         return None
 
-    def ahead_of(self, waiter: Waiter) -> int:
-        """How many of its waiters arrived before ``waiter``."""
+    def ahead_of(self, waiter: Waiter, competes: Competes | None = None) -> int:
+        """How many of its waiters arrived before ``waiter`` (of the models ``competes``
+        accepts)."""
         ahead = 0
-        for fifo in self.fifos.values():
+        for model, fifo in self.fifos.items():
+            if competes is not None and not competes(model):
+                continue
             for queued in fifo:
                 if queued.seq >= waiter.seq:
                     break
                 ahead += 1
         return ahead
+
+    def counted(self, competes: Competes | None) -> int:
+        """Its waiters of the models ``competes`` accepts (None: all of them)."""
+        if competes is None:
+            return self.count
+        return sum(len(fifo) for model, fifo in self.fifos.items() if competes(model))
 
 
 class _Class:
@@ -269,35 +278,48 @@ class PolicyQueue(WaitQueue):
 
     # -- where a waiter stands -----------------------------------------------------------
 
-    def position(self, waiter: Waiter) -> int | None:
+    def position(self, waiter: Waiter, competes: Competes | None = None) -> int | None:
         """An estimate of its place in line: the resends, the waiters of higher classes,
         and in its own class the dispatches the round-robin would make before its own
         (its tenant's earlier waiters, and what the other tenants get meanwhile at their
-        weights). Exact with one tenant; it ignores models (a waiter of another model may
-        in fact be served on another replica at the same time)."""
+        weights). Exact with one tenant. With ``competes``, only waiters of the models it
+        accepts count (those that want the same replicas; a waiter of a model served
+        elsewhere is no one's predecessor)."""
         if waiter in self._front:
-            for place, queued in enumerate(self._front, start=1):
+            place = 0
+            for queued in self._front:
                 if queued is waiter:
-                    return place
+                    return place + 1
+                if competes is None or competes(queued.model):
+                    place += 1
         if waiter.klass >= len(self._classes):
             return None
         c = self._classes[waiter.klass]
         if waiter not in c.arrivals:
             return None
         tenant = c.tenants[waiter.tenant]
-        return self._place(waiter.klass, tenant, tenant.ahead_of(waiter) + 1)
+        return self._place(waiter.klass, tenant, tenant.ahead_of(waiter, competes) + 1,
+                           competes)
 
-    def would_be(self, waiter: Waiter, *, front: bool = False) -> int:
+    def would_be(self, waiter: Waiter, *, front: bool = False,
+                 competes: Competes | None = None) -> int:
         if front:
             return 1
         c = self._classes[waiter.klass]
         tenant = c.tenants.get(waiter.tenant)
-        return self._place(waiter.klass, tenant, (tenant.count if tenant else 0) + 1)
+        mine = tenant.counted(competes) if tenant is not None else 0
+        return self._place(waiter.klass, tenant, mine + 1, competes)
 
-    def _place(self, klass: int, tenant: _Tenant | None, nth: int) -> int:
+    def _place(self, klass: int, tenant: _Tenant | None, nth: int,
+               competes: Competes | None = None) -> int:
         """The place of ``tenant``'s ``nth`` waiter in class ``klass`` (None: a tenant not
-        in the ring yet, which would join at its end)."""
-        ahead = len(self._front) + sum(len(c.arrivals) for c in self._classes[:klass])
+        in the ring yet, which would join at its end), counting only the waiters of the
+        models ``competes`` accepts (None: all)."""
+        if competes is None:
+            ahead = len(self._front) + sum(len(c.arrivals) for c in self._classes[:klass])
+        else:
+            ahead = sum(1 for w in self._front if competes(w.model)) + sum(
+                t.counted(competes) for c in self._classes[:klass] for t in c.ring)
         c = self._classes[klass]
         ring = c.ring
         name = tenant.name if tenant is not None else ""
@@ -314,7 +336,8 @@ class PolicyQueue(WaitQueue):
             their = turns if i < index else turns - 1
             if their > 0:
                 q = self.quantum(other.name)
-                others += min(other.count, math.floor(_credit(other, q) + (their - 1) * q))
+                others += min(other.counted(competes),
+                              math.floor(_credit(other, q) + (their - 1) * q))
         return ahead + others + nth
 
     # -- bookkeeping ---------------------------------------------------------------------

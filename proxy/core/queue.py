@@ -33,6 +33,11 @@ if TYPE_CHECKING:
 Notify = Callable[["Lease | ProxyError"], bool]
 
 
+#: Whether waiters of a model compete with a given request for the same replicas (some
+#: replica serves both): only those stand ahead of it in line. None: all do (model-blind).
+Competes = Callable[[str | None], bool]
+
+
 class Waiter:
     """A queued request: its deadline (on the scheduler's clock), its body size, how to wake it.
 
@@ -108,9 +113,15 @@ class WaitQueue(ABC):
         return any((w.front or w.klass <= klass) and model_ok(w.model) and accept(w)
                    for w in self)
 
-    def would_be(self, waiter: Waiter, *, front: bool = False) -> int:
-        """The position ``waiter`` would have if pushed now (for early refusal)."""
-        return 1 if front else len(self) + 1
+    def would_be(self, waiter: Waiter, *, front: bool = False,
+                 competes: Competes | None = None) -> int:
+        """The position ``waiter`` would have if pushed now (for early refusal). With
+        ``competes``, only the waiters whose model it accepts count (see :data:`Competes`)."""
+        if front:
+            return 1
+        if competes is None:
+            return len(self) + 1
+        return sum(1 for w in self if competes(w.model)) + 1
 
     def set_classes(self, count: int) -> None:
         """How many priority classes (a reload); a policy blind to classes ignores it."""
@@ -125,8 +136,9 @@ class WaitQueue(ABC):
         """Take a waiter out from wherever it is. False if it was not queued."""
 
     @abstractmethod
-    def position(self, waiter: Waiter) -> int | None:
-        """1-based place in line (1: served next); None if not queued."""
+    def position(self, waiter: Waiter, competes: Competes | None = None) -> int | None:
+        """1-based place in line (1: served next); None if not queued. With ``competes``,
+        only the waiters ahead whose model it accepts count."""
 
     @abstractmethod
     def __len__(self) -> int: ...
@@ -162,11 +174,14 @@ class FifoQueue(WaitQueue):
     def remove(self, waiter: Waiter) -> bool:
         return self._waiters.pop(waiter, False) is None
 
-    def position(self, waiter: Waiter) -> int | None:
+    def position(self, waiter: Waiter, competes: Competes | None = None) -> int | None:
         # O(n), asked only when a caller is told to come back (bounded by queue.max_size).
-        for place, queued in enumerate(self._waiters, start=1):
+        place = 0
+        for queued in self._waiters:
             if queued is waiter:
-                return place
+                return place + 1
+            if competes is None or competes(queued.model):
+                place += 1
         return None
 
     def __len__(self) -> int:

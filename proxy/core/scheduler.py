@@ -58,7 +58,7 @@ from proxy.core.estimate import ServiceTimes, retry_after_s, start_in_s
 from proxy.core.lease import NO_GRANTS, Grant, Lease
 from proxy.core.load import LoadBoard, Reading
 from proxy.core.policy import NO_TENANTS, PolicyQueue, TenantPolicy
-from proxy.core.queue import Notify, Waiter, WaitQueue
+from proxy.core.queue import Competes, Notify, Waiter, WaitQueue
 from proxy.core.replicas import Replica, ReplicaSet
 from proxy.core.tally import Tally
 
@@ -151,7 +151,9 @@ class Scheduler:
         return self._set.any_healthy()
 
     def position(self, waiter: Waiter) -> int | None:
-        return self._queue.position(waiter)
+        """Its estimated place in line among the waiters that want the same replicas (with
+        model routing, a waiter of a model served elsewhere is not ahead of it)."""
+        return self._queue.position(waiter, self._rivals(waiter.model)[0])
 
     @property
     def queued_bytes(self) -> int:
@@ -351,9 +353,10 @@ class Scheduler:
             return self._dispatch()
         return NO_GRANTS
 
-    def expired_error(self, waiter_position: int) -> ProxyError:
-        """What a waiter whose time ran out is told: the likely cause, and when to retry."""
-        retry_after = self.retry_after_s(waiter_position)
+    def expired_error(self, waiter_position: int, slots: int | None = None) -> ProxyError:
+        """What a waiter whose time ran out is told: the likely cause, and when to retry
+        (``slots``: those that could serve it, default every usable one)."""
+        retry_after = self.retry_after_s(waiter_position, slots)
         if not self.any_healthy():
             return NoHealthyReplica(
                 "no healthy replica became available in time",
@@ -363,14 +366,16 @@ class Scheduler:
             "timed out waiting for a free slot", retry_after_s=retry_after, waited=True
         )
 
-    def retry_after_s(self, position: int) -> int:
+    def retry_after_s(self, position: int, slots: int | None = None) -> int:
         """Seconds until a caller at ``position`` in the queue would likely be served.
 
-        The usable slots over the mean service time measured in the last minute give the
-        rate the line moves at (see :mod:`proxy.core.estimate`); 1 s with no history.
-        With no replica usable, the slots they will have when back.
+        The usable slots (or ``slots``: those of the replicas serving its model) over the
+        mean service time measured in the last minute give the rate the line moves at (see
+        :mod:`proxy.core.estimate`); 1 s with no history. With no replica usable, the slots
+        they will have when back.
         """
-        slots = self._set.usable_slots() or sum(r.max_concurrency for r in self._set.all)
+        if not slots:
+            slots = self._set.usable_slots() or sum(r.max_concurrency for r in self._set.all)
         mean = self._service.mean(self._clock())
         return retry_after_s(position, slots, mean, self._rng)
 
@@ -416,7 +421,7 @@ class Scheduler:
             retry_after=self.retry_after_s, any_healthy=self.any_healthy,
         )
         if waiter.deadline < math.inf:
-            self._refuse_if_unreachable(self._queue.would_be(waiter), waiter.deadline)
+            self._refuse_if_unreachable(waiter)
         return victims
 
     def _evict(self, victim: Waiter) -> None:
@@ -424,23 +429,50 @@ class Scheduler:
         error = QueueFull(
             "queue is full, and a request of a higher class took this one's place; "
             "retry later",
-            retry_after_s=self.retry_after_s(self._queue.position(victim) or len(self._queue)),
+            retry_after_s=self.retry_after_s(self.position(victim) or len(self._queue),
+                                             self._rivals(victim.model)[1]),
             waited=True,
         )
         self._unqueue(victim)
         victim.notify(error)
 
-    def _refuse_if_unreachable(self, position: int, deadline: float) -> None:
+    def _refuse_if_unreachable(self, waiter: Waiter) -> None:
         # Only on the way into the queue (the fast path never gets here): a caller told now
         # can go elsewhere, one told at its deadline has lost all that time for nothing.
+        # "Ahead" and the rate are its model's: the waiters that want the same replicas, and
+        # the slots of the replicas that serve it.
+        competes, slots = self._rivals(waiter.model)
+        position = self._queue.would_be(waiter, competes=competes)
+        deadline = waiter.deadline
         now = self._clock()
-        start = start_in_s(position, self._set.usable_slots(), self._service.mean(now))
+        start = start_in_s(position, slots, self._service.mean(now))
         if start is not None and now + start > deadline:
             raise DeadlineUnreachable(
                 f"cannot start before its deadline: {position - 1} requests ahead, about "
                 f"{start:.1f} s at the measured rate, deadline in {deadline - now:.1f} s",
-                retry_after_s=self.retry_after_s(position),
+                retry_after_s=self.retry_after_s(position, slots),
             )
+
+    def _rivals(self, model: str | None) -> tuple[Competes | None, int]:
+        """Who stands in line with a request for ``model``, and the usable slots that serve
+        it. Model-blind (no replica names its models), or no model named: every waiter and
+        every slot. Routed: the waiters of models that some replica serving ``model`` also
+        serves (a waiter of a model served elsewhere is dispatched beside it, not before
+        it), and the slots of the replicas serving ``model``."""
+        replicas = self._set.all
+        if model is None or all(r.models is None for r in replicas):
+            return None, self._set.usable_slots()
+        route = self._set.route
+        mine = set(route(model).replicas)
+        seen: dict[str | None, bool] = {model: True}
+
+        def competes(other: str | None) -> bool:
+            known = seen.get(other)
+            if known is None:
+                known = seen[other] = not mine.isdisjoint(route(other).replicas)
+            return known
+
+        return competes, sum(r.max_concurrency for r in mine if r.takes_work)
 
     def _enqueue(self, waiter: Waiter, front: bool) -> None:
         self._tally.joined(waiter, front)
@@ -459,7 +491,7 @@ class Scheduler:
     def _expire(self, waiter: Waiter) -> None:
         # Its own place in line (ask the policy), not the queue's length: the head of a long
         # queue is told one service time, not the whole queue's.
-        error = self.expired_error(self._queue.position(waiter) or 1)
+        error = self.expired_error(self.position(waiter) or 1, self._rivals(waiter.model)[1])
         self._unqueue(waiter)
         waiter.notify(error)
         if not self._set.plain:

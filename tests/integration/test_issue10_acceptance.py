@@ -323,10 +323,6 @@ async def test_model_routing(tmp_path: Path) -> None:
         await poll(m2_gone, "m2 no longer served once b's /v1/models dropped it")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "early refusal counts the waiters of other models as ahead of a request (and divides by "
-    "the slots of replicas that cannot serve it): an m3 request first in line for m3's "
-    "replica is refused 429 deadline_unreachable ('10 requests ahead') behind m1 waiters"))
 async def test_early_refusal_counts_only_the_waiters_of_its_own_replicas(tmp_path: Path) -> None:
     """"Given its position": a request first in line for the replicas that serve its model
     is the head of its queue, whatever waits for other models (no head-of-line blocking

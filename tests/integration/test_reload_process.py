@@ -148,7 +148,9 @@ async def test_sighup_with_an_invalid_file_logs_the_startup_error_and_keeps_serv
             return sample(text, 'batchgate_config_reloads_total{result="failure"}') == 1.0
 
         await poll(failed, "the failed reload to be counted")
-        assert served.logged(f"config reload (SIGHUP) failed: {startup_error}")
+        # stdout is read as it comes: the log line may trail the counter by a moment.
+        line = f"config reload (SIGHUP) failed: {startup_error}"
+        await poll(lambda: _true(served.logged(line)), "the failed reload's log line")
         async with client.post(served.url + "/v1/completions", json={}) as r:
             assert r.status == 200 and (await r.json())["replica"] == "a"
         assert served.proc.returncode is None

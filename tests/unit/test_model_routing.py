@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.core.errors import ModelNotFound, QueueFull
+from proxy.core.errors import DeadlineUnreachable, ModelNotFound, QueueFull
 from proxy.core.replicas import Replica
 from proxy.core.scheduler import Lease, Scheduler, Waiter
 
@@ -207,3 +207,34 @@ def test_the_pick_among_a_models_replicas_is_least_loaded_round_robin(
     avoided = take(s, model="m1", avoid=s.replicas[0])
     assert avoided.replica.name == "b"  # a just refused it: b, though both are idle
     avoided.release()
+
+
+def test_position_and_early_refusal_count_only_waiters_of_the_same_replicas(
+    leak_checked: list[Scheduler],
+) -> None:
+    """A request first in line for its model's replica is the head of its queue, whatever
+    waits for other models: early refusal, Retry-After and the heartbeat's position say so
+    (found by the acceptance review: '10 requests ahead' for an m2 request behind m1's)."""
+    now = [0.0]
+    s = Scheduler(
+        [Replica("a", "http://a", 1, models=M1), Replica("b", "http://b", 1, models=M2)],
+        20, clock=lambda: now[0],
+    )
+    leak_checked.append(s)
+    for model in ("m1", "m2", "m1", "m2"):  # history: slots held 0.5 s each
+        lease = take(s, model=model)
+        now[0] += 0.5
+        lease.release()
+    held = [take(s, model="m1"), take(s, model="m2")]
+    m1_waiters = [wait(s, model="m1") for _ in range(10)]
+    # 10 m1 waiters at 0.5 s on one slot would be 5 s: an m1 request with 2 s is refused...
+    with pytest.raises(DeadlineUnreachable, match="10 requests ahead"):
+        s.submit(lambda _: True, model="m1", deadline=now[0] + 2)
+    # ... but an m2 request is first in line for b, and waits.
+    m2 = wait(s, model="m2", deadline=now[0] + 2)
+    assert s.position(m2) == 1
+    assert s.position(m1_waiters[-1]) == 10
+    pending = list(held)
+    while pending:  # release each lease, and each the releases granted, until none is left
+        pending.extend(grant.lease for grant in pending.pop().release())
+    assert m2.lease is not None and all(w.lease is not None for w in m1_waiters)
