@@ -392,7 +392,11 @@ async def test_sigterm_quiet_period_serves_keep_alive_callers_and_closes_their_c
             assert (r.status, r.headers["Connection"]) == (200, "close")
         assert replica.arrivals == 3
         assert served.proc.returncode is None  # still in its quiet period
-        assert served.logged("draining (SIGTERM)")
+
+        async def logged() -> bool:  # stdout is read as it comes: the line may trail
+            return served.logged("draining (SIGTERM)")
+
+        await poll(logged, "the drain's log line")
 
 
 async def test_wait_for_drain_drains_then_the_process_exits_0(
