@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import cached_property
 
 import aiohttp
 from aiohttp import web
 
-from proxy.config import Config
+from proxy.config import Config, LiveConfig
+from proxy.control.drain import Lifecycle
+from proxy.control.health import HealthChecker
 from proxy.core.errors import BadRequest, BodyTooLarge, ProxyError, UpstreamError
 from proxy.core.load import IN_FLIGHT_HEADER, parse_headers
 from proxy.core.replicas import Replica
@@ -21,6 +24,8 @@ from proxy.edge.keys import CONFIG, HEALTH, LIFECYCLE, METRICS, SCHEDULER, UPSTR
 from proxy.edge.relay import is_event_stream, pipe
 from proxy.edge.route import ROUTING
 from proxy.observe.exchange import Exchange, Outcome
+from proxy.observe.metrics import Metrics
+from proxy.upstream.client import Upstreams
 from proxy.upstream.connection import Response
 
 log = logging.getLogger("batchgate")
@@ -70,9 +75,36 @@ class Forwarder:
         self.app = app
         self.routing = app[ROUTING]
 
+    # The app's shared objects, looked up once (an Application lookup per use cost 3 k
+    # instructions per request): each is made before the first request and never replaced;
+    # a reload swaps what LiveConfig holds, not the LiveConfig.
+    @cached_property
+    def _scheduler(self) -> Scheduler:
+        return self.app[SCHEDULER]
+
+    @cached_property
+    def _upstreams(self) -> Upstreams:
+        return self.app[UPSTREAMS]
+
+    @cached_property
+    def _metrics(self) -> Metrics:
+        return self.app[METRICS]
+
+    @cached_property
+    def _lifecycle(self) -> Lifecycle:
+        return self.app[LIFECYCLE]
+
+    @cached_property
+    def _health(self) -> HealthChecker:
+        return self.app[HEALTH]
+
+    @cached_property
+    def _live(self) -> LiveConfig:
+        return self.app[CONFIG]
+
     @property
     def config(self) -> Config:
-        return self.app[CONFIG].current  # swapped by a reload: read it per request
+        return self._live.current  # swapped by a reload: read it per request
 
     async def proxied(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         config = self.config
@@ -86,8 +118,8 @@ class Forwarder:
         model, cost, stream = routing.route(body, exchange)
         heartbeat_s = config.queue.sse_heartbeat_s
         if heartbeat_s > 0 and stream:
-            lifecycle = self.app[LIFECYCLE]
-            beat = Heartbeat(request, exchange, self.app[SCHEDULER], heartbeat_s,
+            lifecycle = self._lifecycle
+            beat = Heartbeat(request, exchange, self._scheduler, heartbeat_s,
                              draining=lambda: lifecycle.draining,
                              cutting=lambda: lifecycle.cutting)
             return await beat.guard(self.forward(request, body, exchange, wait_s, model, klass,
@@ -99,9 +131,9 @@ class Forwarder:
         model: str | None = None, klass: int = 0, tenant: str = "", cost: int = 0,
         beat: Heartbeat | None = None,
     ) -> web.StreamResponse:
-        scheduler = self.app[SCHEDULER]
-        upstreams = self.app[UPSTREAMS]
-        metrics = self.app[METRICS]
+        scheduler = self._scheduler
+        upstreams = self._upstreams
+        metrics = self._metrics
         retries = self.config.upstream.retries
         # Counted from joining the queue, on the scheduler's clock (which decides deadlines):
         # the body upload before it is the caller's time, not the queue's. A resend keeps it.
@@ -194,13 +226,13 @@ class Forwarder:
     ) -> web.StreamResponse:
         """Relay the answer; shared with the slot-free path (proxy.edge.light). With ``beat``
         open (its headers sent while the request waited), into that stream."""
-        metrics = self.app[METRICS]
+        metrics = self._metrics
         name = replica.name
         if self.config.server.load_headers:
             # Our own load, as of now, replaces any a batchgate behind us sent (its reading
             # was recorded already; the caller is told about this tier).
             headers = upstream.headers
-            for key, value in self.app[SCHEDULER].reading().headers().items():
+            for key, value in self._scheduler.reading().headers().items():
                 headers[key] = value
         exchange.status = upstream.status
         exchange.stream = is_event_stream(upstream.headers)
@@ -216,10 +248,10 @@ class Forwarder:
                 else:
                     upstream.close()
         completed = False
-        lifecycle = self.app[LIFECYCLE]
+        lifecycle = self._lifecycle
         # Event streams are watched for a wedged engine (proxy.control.stall), which cuts
         # them by cancelling this task; nothing is done per chunk.
-        stalls = self.app[HEALTH].stalls if exchange.stream else None
+        stalls = self._health.stalls if exchange.stream else None
         stream = stalls.enter(replica, exchange) if stalls is not None else None
         try:
             response = await pipe(
