@@ -10,10 +10,13 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from functools import cached_property
 
 import aiohttp
 from aiohttp import web
 
+from proxy.control.drain import Lifecycle
+from proxy.control.health import HealthChecker
 from proxy.core.errors import (
     UNDELIVERED_REASONS,
     Draining,
@@ -26,7 +29,7 @@ from proxy.core.errors import (
 from proxy.edge.auth import AUTH
 from proxy.edge.headers import QUEUE_MS_HEADER, with_origin_form
 from proxy.edge.keys import HEALTH, LIFECYCLE, METRICS
-from proxy.edge.route import ROUTING
+from proxy.edge.route import ROUTING, Routing
 from proxy.observe.accesslog import AccessLog
 from proxy.observe.exchange import Exchange, Outcome
 from proxy.observe.metrics import Metrics, route_label
@@ -101,9 +104,27 @@ class Frame:
         if access_log is not None:
             access_log.on_drop(app[METRICS].access_log_dropped.inc)
 
+    # The app's shared objects, looked up once (as the Forwarder does): each ``app[KEY]`` is
+    # a Python call, four per request here. Lazily, as some are set after the Frame is made.
+    @cached_property
+    def lifecycle(self) -> Lifecycle:
+        return self.app[LIFECYCLE]
+
+    @cached_property
+    def metrics(self) -> Metrics:
+        return self.app[METRICS]
+
+    @cached_property
+    def routing(self) -> Routing:
+        return self.app[ROUTING]
+
+    @cached_property
+    def health(self) -> HealthChecker:
+        return self.app[HEALTH]
+
     async def serve(self, request: web.Request, work: Work) -> web.StreamResponse:
         """The frame around every relayed request: draining, error mapping, bookkeeping."""
-        lifecycle = self.app[LIFECYCLE]
+        lifecycle = self.lifecycle
         request = with_origin_form(request)
         request_id = request.headers.get("X-Request-Id")
         if request_id is None or not _REQUEST_ID.fullmatch(request_id):
@@ -195,7 +216,7 @@ class Frame:
 
     def _observe(self, exchange: Exchange) -> None:
         """Usage, metrics, access log: each guarded on its own, so one bug skips no other."""
-        metrics = self.app[METRICS]
+        metrics = self.metrics
         if exchange.usage is not None:
             try:
                 usage = exchange.usage.usage()
@@ -207,7 +228,7 @@ class Frame:
                     exchange.completion_tokens = usage.completion_tokens
         if exchange.prompt_chars is not None:
             try:  # the chars-per-token ratio of token costs learns from the usage reported
-                self.app[ROUTING].learn(exchange)
+                self.routing.learn(exchange)
             except Exception:
                 self._observer_failed(metrics, "usage", exchange)
         try:
@@ -217,7 +238,7 @@ class Frame:
         if exchange.replica is not None:
             # Passive outlier ejection: each real request's result, as it ends.
             try:
-                self.app[HEALTH].observe(exchange)
+                self.health.observe(exchange)
             except Exception:
                 self._observer_failed(metrics, "health", exchange)
         if self.access_log is not None:
