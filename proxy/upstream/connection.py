@@ -285,7 +285,7 @@ class _Connection(asyncio.Protocol):
         assert parser is not None
         status = parser.get_status_code()
         version = _VERSIONS.get(parser.get_http_version())
-        headers, self._headers = self._headers, CIMultiDict()
+        headers = self._headers  # start() gives each response a fresh one
         reason = b"".join(self._reason).decode("utf-8", "surrogateescape")
         self._reason = []
         if version is None or not 100 <= status <= 999:
@@ -294,6 +294,7 @@ class _Connection(asyncio.Protocol):
         if status < 200:
             if status == 101:  # we never ask for an upgrade
                 raise self.failure("unexpected 101 Switching Protocols", "malformed")
+            self._headers = CIMultiDict()  # the final head's own
             return  # interim response (100 Continue, 103 Early Hints): the final one follows
         codings = headers.getall("Transfer-Encoding", None)
         keep_alive = parser.should_keep_alive()
