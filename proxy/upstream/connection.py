@@ -100,7 +100,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.usable = False
-        self.timer.stop()
+        self.timer.close()
         self._wake_drain()
         state = self._state
         if state == _UNTIL_EOF and exc is None:

@@ -409,7 +409,8 @@ async def test_large_upload_then_next_request_is_judged_by_its_own_silence() -> 
     response = await first
     assert await response.readany() == b"hello"
     response.release()
-    assert (pool.active, pool.idle, loop.armed()) == (0, 1, 0)
+    # Not measuring any more; the one handle stays pending (due t=2), to serve the next request.
+    assert (pool.active, pool.idle, pool.armed_timers(), loop.armed()) == (0, 1, 0, 1)
 
     await loop.advance_to(1.0)
     second = asyncio.ensure_future(pool.request("GET", "/", [], b""))
@@ -421,6 +422,30 @@ async def test_large_upload_then_next_request_is_judged_by_its_own_silence() -> 
     with pytest.raises(UpstreamTimeout):
         await second
     assert (pool.active, pool.idle) == (0, 0)
+
+
+async def test_idle_connection_handle_expires_and_the_next_request_arms_its_own() -> None:
+    """The handle a request leaves pending judges nobody once the connection is idle: it expires
+    without a timeout, and the next request is timed from its own start (issue 7 A1)."""
+    loop = FakeLoop()
+    pool, conn, _transport = fake_pool(loop, read_timeout_s=2.0)
+    first = asyncio.ensure_future(pool.request("GET", "/", [], b""))
+    await loop.advance_to(0.0)
+    conn.data_received(CL)
+    response = await first
+    assert await response.readany() == b"hello"
+    response.release()
+    await loop.advance_to(5.0)  # the pending handle (due t=2) fired on an idle connection
+    assert (pool.idle, loop.armed(), conn.usable) == (1, 0, True)
+
+    second = asyncio.ensure_future(pool.request("GET", "/", [], b""))
+    await loop.advance_to(5.0)
+    assert loop.armed() == 1
+    await loop.advance_to(6.9)
+    assert not second.done(), second
+    await loop.advance_to(7.1)
+    with pytest.raises(UpstreamTimeout):
+        await second
 
 
 
