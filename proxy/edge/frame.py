@@ -131,15 +131,10 @@ class Frame:
             # A caller's id goes into logs, headers and the replica's logs: only a plain
             # token, so it can neither forge log fields nor carry bytes that break a writer.
             request_id = new_request_id()
-        exchange = Exchange(
-            request_id=request_id,
-            method=request.method,
-            path=request.path,
-            route=route_label(request.path),
-            arrival=asyncio.get_running_loop().time(),
-            started=time.monotonic(),
-            client=request.remote,
-        )
+        path = request.path
+        exchange = Exchange.begin(request_id, request.method, path, route_label(path),
+                                  asyncio.get_running_loop().time(), time.monotonic(),
+                                  request.remote)
         task = lifecycle.enter()
         try:
             if self.auth.enabled:
