@@ -19,6 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from functools import cached_property
 from typing import Any
 
 from aiohttp import web
@@ -32,11 +33,14 @@ from proxy.core.errors import (
 )
 from proxy.core.replicas import Replica
 from proxy.core.retry import Decision, classify
+from proxy.core.scheduler import Scheduler
 from proxy.edge.forward import Forwarder, _read_body
 from proxy.edge.headers import downstream_response_headers, upstream_request_headers
-from proxy.edge.keys import CONFIG, METRICS, SCHEDULER, UPSTREAMS
-from proxy.edge.route import ROUTING
+from proxy.edge.keys import METRICS, SCHEDULER, UPSTREAMS
+from proxy.edge.route import ROUTING, Routing
 from proxy.observe.exchange import Exchange
+from proxy.observe.metrics import Metrics
+from proxy.upstream.client import Upstreams
 from proxy.upstream.connection import Response
 
 log = logging.getLogger("batchgate")
@@ -152,12 +156,30 @@ class Light:
         self.forwarder = forwarder  # its relay: answers go out exactly as proxied ones do
         self.slots = LightSlots(limit)
 
+    # The app's shared objects, looked up once (as the Forwarder and the Frame do): each
+    # ``app[KEY]`` is a Python call. Lazily: the app may not hold them all yet.
+    @cached_property
+    def _scheduler(self) -> Scheduler:
+        return self.app[SCHEDULER]
+
+    @cached_property
+    def _metrics(self) -> Metrics:
+        return self.app[METRICS]
+
+    @cached_property
+    def _upstreams(self) -> Upstreams:
+        return self.app[UPSTREAMS]
+
+    @cached_property
+    def _routing(self) -> Routing:
+        return self.app[ROUTING]
+
     async def forwarded(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         """Forward to one healthy replica; resend elsewhere only what never reached one."""
-        config = self.app[CONFIG].current
+        config = self.forwarder.config
         body = await _read_body(request, config.server.max_body_bytes)
-        scheduler = self.app[SCHEDULER]
-        metrics = self.app[METRICS]
+        scheduler = self._scheduler
+        metrics = self._metrics
         headers = upstream_request_headers(request, exchange.request_id)
         tried: set[str] = set()
         while True:
@@ -174,7 +196,7 @@ class Light:
             self.slots.take(replica)
             try:
                 try:
-                    upstream = await self.app[UPSTREAMS].send(
+                    upstream = await self._upstreams.send(
                         replica, request, body, headers, fresh=exchange.attempts > 1, light=True
                     )
                 except UpstreamError as err:
@@ -207,7 +229,7 @@ class Light:
     def _mark_down(self, replica: Replica, err: UpstreamError) -> None:
         if replica.healthy:
             log.warning("replica %s marked unhealthy: %s", replica.name, err)
-        self.app[SCHEDULER].set_healthy(replica, False)
+        self._scheduler.set_healthy(replica, False)
 
     async def models(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
         """``GET /v1/models``: the union of what the healthy replicas serve, each id once.
@@ -219,8 +241,8 @@ class Light:
         e.g. a wrong API key, or a 2xx that is not an OpenAI list), the first such answer is
         relayed as is: it is the caller's to see. A 5xx is a failure. No answer at all: 503.
         """
-        config = self.app[CONFIG].current
-        scheduler = self.app[SCHEDULER]
+        config = self.forwarder.config
+        scheduler = self._scheduler
         headers = upstream_request_headers(request, exchange.request_id)
         asked = []
         for replica in scheduler.replicas:
@@ -254,7 +276,7 @@ class Light:
         merged: list[dict[str, Any]] = []
         seen: set[str] = set()
         listed: list[str] = []
-        routed = self.app[ROUTING].routed
+        routed = self._routing.routed
         for answer in answers:
             models = answer.models()
             if models is None:
@@ -294,13 +316,13 @@ class Light:
         self, replica: Replica, request: web.Request, headers: list[tuple[str, str]],
         exchange: Exchange,
     ) -> _Answer:
-        metrics = self.app[METRICS]
+        metrics = self._metrics
         self.slots.take(replica)
         try:
             fresh = False
             while True:
                 try:
-                    upstream = await self.app[UPSTREAMS].send(
+                    upstream = await self._upstreams.send(
                         replica, request, b"", headers, fresh=fresh, light=True
                     )
                     break
