@@ -128,7 +128,7 @@ async def direct(stack: Stack) -> AsyncIterator[AsyncOpenAI]:
 async def stack_idle(session: aiohttp.ClientSession, stack: Stack) -> bool:
     seen = await observe(session, stack)
     return (
-        seen.batchgate.get("batchgate_queue_depth") == 0
+        seen.batchgate.total("batchgate_queue_depth") == 0
         and seen.batchgate.total("batchgate_replica_in_flight") == 0
         and all(m[METRIC_PROCESSING] == 0 and m[METRIC_DEFERRED] == 0 for m in seen.engines)
     )

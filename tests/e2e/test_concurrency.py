@@ -87,7 +87,7 @@ async def test_callers_beyond_capacity_wait_in_batchgate_not_in_the_engines(
             assert engine[METRIC_PROCESSING] <= SLOTS, seen
             assert engine[METRIC_DEFERRED] == 0, seen
             assert s.batchgate.get("batchgate_replica_in_flight", replica=replica) <= SLOTS
-        assert s.batchgate.get("batchgate_queue_depth") <= CALLERS - len(REPLICAS) * SLOTS
+        assert s.batchgate.total("batchgate_queue_depth") <= CALLERS - len(REPLICAS) * SLOTS
 
     # Saturation, seen from both sides: every slot of every engine busy at some point (the
     # proof that the samples above were taken while it mattered)...
@@ -98,7 +98,7 @@ async def test_callers_beyond_capacity_wait_in_batchgate_not_in_the_engines(
             for s in samples
         ), replica
     # ...while the callers that found no free slot waited in batchgate's queue.
-    assert max(s.batchgate.get("batchgate_queue_depth") for s in samples) > 0
+    assert max(s.batchgate.total("batchgate_queue_depth") for s in samples) > 0
 
     after = await scrape(http, stack.batchgate.url)
     served = {

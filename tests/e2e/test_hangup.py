@@ -162,7 +162,7 @@ async def test_queued_callers_hanging_up_never_take_a_slot(
         ]
 
         async def depth(n: int) -> bool:
-            return (await batchgate_metrics(http, stack)).get("batchgate_queue_depth") == n
+            return (await batchgate_metrics(http, stack)).total("batchgate_queue_depth") == n
 
         await wait_for(lambda: depth(2), "two callers queued in batchgate")
         for task in queued:
