@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 
@@ -22,12 +21,6 @@ def two_models(max_queue: int = 10) -> Scheduler:
     )
 
 
-@pytest.fixture
-def leak_checked() -> Iterator[list[Scheduler]]:
-    made: list[Scheduler] = []
-    yield made
-    for scheduler in made:
-        assert scheduler.idle(), f"leak: {scheduler!r}"
 
 
 def take(s: Scheduler, **kwargs: object) -> Lease:

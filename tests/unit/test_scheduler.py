@@ -6,7 +6,7 @@ import asyncio
 import random
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,13 +34,6 @@ def make(
     return Scheduler(replicas, max_queue, clock=lambda: now[0], rng=rng)
 
 
-@pytest.fixture
-def leak_checked() -> Iterator[list[Scheduler]]:
-    """Every scheduler a test registers must end with no waiter and no slot held."""
-    made: list[Scheduler] = []
-    yield made
-    for scheduler in made:
-        assert scheduler.idle(), f"leak: {scheduler!r}"
 
 
 def test_core_imports_no_aiohttp() -> None:

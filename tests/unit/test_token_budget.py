@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from proxy.core.errors import RequestTooLarge
 from proxy.core.replicas import Replica
 from proxy.core.scheduler import Lease, Scheduler, Waiter
-
-
-@pytest.fixture
-def leak_checked() -> Iterator[list[Scheduler]]:
-    made: list[Scheduler] = []
-    yield made
-    for scheduler in made:
-        assert scheduler.idle(), f"leak: {scheduler!r}"
-        assert all(r.tokens_in_flight == 0 for r in scheduler.replicas), repr(scheduler)
 
 
 def budgeted(*budgets: int | None, slots: int = 4) -> Scheduler:
