@@ -243,10 +243,7 @@ class Scheduler:
                 if replica is not None:
                     return Lease(self, replica, self._clock(), cost)
         else:
-            refusal = placement.refusal(self._set, model, cost)
-            if refusal is not None:
-                raise refusal
-            lease = self._lease_now(model, cost, klass, front, avoid)
+            lease = self._routed_now(model, cost, klass, front, avoid)
             if lease is not None:
                 return lease
         if not 0 <= klass < self.classes:
@@ -392,6 +389,16 @@ class Scheduler:
                 refusal.waited = True
                 self._unqueue(waiter)
                 waiter.notify(refusal)
+
+    def _routed_now(
+        self, model: str | None, cost: int, klass: int, front: bool, avoid: Replica | None
+    ) -> Lease | None:
+        """With models or budgets, before any wait: raise if the request can never be served
+        (:class:`ModelNotFound`, :class:`RequestTooLarge`), else a lease if one is free now."""
+        refusal = placement.refusal(self._set, model, cost)
+        if refusal is not None:
+            raise refusal
+        return self._lease_now(model, cost, klass, front, avoid)
 
     def _lease_now(
         self, model: str | None, cost: int, klass: int, front: bool, avoid: Replica | None
@@ -579,10 +586,7 @@ class Scheduler:
                     return Lease(self, replica, self._clock(), cost)
         else:
             # The same with models or budgets: refused, or a slot now, without a Future.
-            refusal = placement.refusal(self._set, model, cost)
-            if refusal is not None:
-                raise refusal
-            lease = self._lease_now(model, cost, klass, front, avoid)
+            lease = self._routed_now(model, cost, klass, front, avoid)
             if lease is not None:
                 return lease
         return await self._wait(deadline, size, front, avoid, model, klass, tenant, cost,
