@@ -64,13 +64,18 @@ def probe_delay(interval_s: float, rng: Callable[[], float]) -> float:
     return interval_s * (1.0 - JITTER + 2.0 * JITTER * rng())
 
 
+# Read once: ``Outcome.X`` goes through EnumType.__getattr__'s slot (~200 ns each).
+_OK, _UPSTREAM_ERROR, _CLIENT_DISCONNECT = (
+    Outcome.OK, Outcome.UPSTREAM_ERROR, Outcome.CLIENT_DISCONNECT)
+
+
 def request_failed(exchange: ExchangeView) -> bool | None:
     """What one finished request says about its replica: True failed, False fine, None
     nothing (no replica answered it, the caller left before it did, batchgate refused it)."""
     outcome = exchange.outcome
-    if outcome is Outcome.UPSTREAM_ERROR:
+    if outcome is _UPSTREAM_ERROR:
         return True if exchange.detail in FAILURE_KINDS else None
-    if outcome is Outcome.OK or outcome is Outcome.CLIENT_DISCONNECT:
+    if outcome is _OK or outcome is _CLIENT_DISCONNECT:
         status = exchange.status
         return None if status is None else status >= 500
     return None
