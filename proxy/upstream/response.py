@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from multidict import CIMultiDict
+from multidict import CIMultiDict, istr
 
 if TYPE_CHECKING:
     from proxy.upstream.connection import _Connection
+
+_CONTENT_TYPE = istr("Content-Type")  # no case folding per lookup
 
 
 class Response:
@@ -74,7 +76,7 @@ class Response:
             self._ended = True
             # After an event stream the pool holds the connection back for a moment (see
             # ConnectionPool._take_idle): llama.cpp closes right behind the last event.
-            stream = self.headers.get("Content-Type", "").startswith("text/event-stream")
+            stream = self.headers.get(_CONTENT_TYPE, "").startswith("text/event-stream")
             self._conn.checkin(self.complete and self._conn.keep_alive, after_stream=stream)
 
     def close(self) -> None:

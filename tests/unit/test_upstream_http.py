@@ -159,6 +159,62 @@ def test_close_delimited_body_ends_at_eof(cuts: list[int]) -> None:
     assert parsed.response.complete and not parsed.conn.keep_alive
 
 
+async def _serve_in_turn(
+    conn: _Connection, raws: list[bytes], cuts: list[int], head: int | None = None,
+) -> list[tuple[int, bytes]]:
+    """One request after another on the same keep-alive connection, each answer fed in
+    ``cuts`` pieces and read to its end (request ``head`` is a HEAD)."""
+    out = []
+    for i, raw in enumerate(raws):
+        task = conn.start(b"GET / HTTP/1.1\r\n\r\n", b"", i == head)
+        for piece in pieces(raw, cuts):
+            conn.data_received(piece)
+        response = await task
+        body = b""
+        while chunk := await response.readany():
+            body += chunk
+        out.append((response.status, body))
+        assert response.complete and conn.keep_alive
+        response.release()
+        assert conn.pool.idle == 1
+        conn.pool._idle.pop()  # handed out again, as ConnectionPool.request does
+        conn.pool._active += 1
+    return out
+
+
+KEPT = [case for case in VALID if case[3]]
+
+
+@settings(max_examples=100, deadline=None)
+@given(order=st.lists(st.sampled_from(KEPT), min_size=2, max_size=6),
+       cuts=st.lists(st.integers(1, 40), max_size=60))
+def test_responses_in_turn_on_one_connection(
+    order: list[tuple[bytes, int, bytes, bool]], cuts: list[int],
+) -> None:
+    """Each answer on a reused connection is framed as if it were the first (the parser
+    of a chunked answer llhttp ended is kept for the next one)."""
+    async def run() -> list[tuple[int, bytes]]:
+        _, conn, _ = new_conn(asyncio.get_running_loop())
+        return await _serve_in_turn(conn, [raw for raw, *_ in order], cuts)
+
+    assert asyncio.run(run()) == [(status, body) for _, status, body, _ in order]
+
+
+async def test_after_chunked_answers_malformed_and_head_ones_are_still_caught() -> None:
+    for after in (CHUNKED, CL):
+        _, conn, transport = new_conn(asyncio.get_running_loop())
+        # A HEAD answer that announces a chunked body has none: the next answer is read fresh.
+        head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        assert await _serve_in_turn(conn, [CHUNKED, head, CHUNKED, after], [1000], head=1) == [
+            (200, b"hello world0123456789"), (200, b""), (200, b"hello world0123456789"),
+            (200, b"hello world0123456789" if after is CHUNKED else b"hello")]
+        task = conn.start(b"GET / HTTP/1.1\r\n\r\n", b"", False)
+        conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+        with pytest.raises(UpstreamError) as info:
+            await task  # malformed from its first body byte: the request itself fails
+        assert info.value.kind == "malformed" and transport.closed
+
+
 async def test_head_response_has_no_body_despite_content_length() -> None:
     parsed = await feed(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", method="HEAD")
     assert parsed.body == b"" and parsed.response.complete and parsed.conn.keep_alive
