@@ -216,11 +216,11 @@ class ReplicaSet:
             best = self._pick_by_room(avoid)
         else:
             replicas = self._replicas
-            count = len(replicas)
             start = self._next
             best = None
-            for offset in range(count):
-                replica = replicas[(start + offset) % count]
+            # Round-robin order from the next one's turn, without an index sum and modulo per
+            # replica (start is always 0 with one replica).
+            for replica in replicas[start:] + replicas[:start] if start else replicas:
                 if (
                     not replica.healthy
                     or replica.state != ACTIVE
@@ -228,7 +228,9 @@ class ReplicaSet:
                     or replica is avoid
                 ):
                     continue
-                if best is None or replica.less_loaded_than(best):
+                # best is None, or replica.less_loaded_than(best), without the call
+                if best is None or (replica.in_flight * best.max_concurrency
+                                    < best.in_flight * replica.max_concurrency):
                     best = replica
             if best is None and avoid is not None and _usable(avoid):
                 best = avoid

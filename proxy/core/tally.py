@@ -14,9 +14,12 @@ from proxy.core.queue import Waiter
 class Tally:
     """Counts of the queued waiters, kept by the scheduler as they join and leave."""
 
-    __slots__ = ("bytes", "depths", "per_tenant", "seq")
+    __slots__ = ("bytes", "depths", "per_tenant", "seq", "waiting")
 
     def __init__(self) -> None:
+        #: Waiters in the queue: what the scheduler's fast paths test (the queue's own
+        #: ``len()`` is a Python ``__len__`` call).
+        self.waiting = 0
         self.bytes = 0
         #: (class, model) -> waiters; only keys with waiters.
         self.depths: dict[tuple[int, str | None], int] = {}
@@ -25,6 +28,7 @@ class Tally:
         self.seq = 0  # arrivals so far: the next waiter's order
 
     def joined(self, waiter: Waiter, front: bool) -> None:
+        self.waiting += 1
         self.seq += 1
         waiter.seq = self.seq
         waiter.front = front
@@ -34,6 +38,7 @@ class Tally:
         self.per_tenant[waiter.tenant] = self.per_tenant.get(waiter.tenant, 0) + 1
 
     def left(self, waiter: Waiter) -> None:
+        self.waiting -= 1
         self.bytes -= waiter.size
         key = (waiter.klass, waiter.model)
         left = self.depths[key] - 1
@@ -48,4 +53,4 @@ class Tally:
             del self.per_tenant[waiter.tenant]
 
     def __repr__(self) -> str:
-        return f"<Tally {sum(self.depths.values())} waiting, {self.bytes} bytes>"
+        return f"<Tally {self.waiting} waiting, {self.bytes} bytes>"
