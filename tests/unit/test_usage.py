@@ -29,7 +29,7 @@ def test_usage_split_across_chunks_and_long_streams_stay_bounded() -> None:
     tail = UsageTail()
     for _ in range(5000):
         tail.feed(chunk(None, "token "))
-        assert len(tail._tail) <= 2 * TAIL_BYTES + 200
+        assert tail.held <= 2 * TAIL_BYTES + 200
     final = chunk({"prompt_tokens": 11, "completion_tokens": 5000})
     tail.feed(final[:17])
     tail.feed(final[17:])
@@ -51,3 +51,12 @@ def test_usage_nested_too_deep_for_the_decoder_is_no_usage() -> None:
     assert find_usage(deep) is None
     nested = b'{"usage": ' + b'{"a": ' * 1000 + b"1" + b"}" * 1001
     assert find_usage(nested) is None
+
+
+def test_byte_by_byte_feeds_find_the_usage_and_stay_bounded() -> None:
+    tail = UsageTail()
+    body = chunk(None, "token ") * 400 + chunk({"prompt_tokens": 3, "completion_tokens": 400})
+    for i in range(len(body)):
+        tail.feed(body[i : i + 1])
+        assert tail.held <= 2 * TAIL_BYTES
+    assert tail.usage() == Usage(3, 400)
