@@ -82,6 +82,7 @@ class _Connection(asyncio.Protocol):
         self._codings: list[str] = []
         self._length: str | None = None
         self._tail = b""  # the last bytes of a head cut across reads (to find its end)
+        self._whole_head = b""  # the head being parsed, if it came in one read
         self._head_fed = 0
         self._line = 0  # bytes of the chunk-size or trailer line being read, across reads
         self._line_start = b""  # its first bytes (the size)
@@ -148,23 +149,20 @@ class _Connection(asyncio.Protocol):
         elif state == _UNTIL_EOF:
             self._deliver(data)
         elif state == _HEAD:
-            self._feed_head(data)
+            # The head is cut at its end before llhttp sees it, so its size is measured the
+            # same whatever the reads, and a body after it takes the fast path from its first
+            # byte. The head is handed over after the rest of this read was framed: a body
+            # that is malformed from its first bytes on fails the request itself (a clean 502).
+            try:
+                self._frame_head(data)
+            finally:
+                waiter = self._head_waiter
+                if self._resp is not None and waiter is not None and not waiter.done():
+                    waiter.set_result(self._resp)
         else:
             self._stray()
 
     # -- framing ---------------------------------------------------------------------------
-
-    def _feed_head(self, data: bytes) -> None:
-        # The head is cut at its end before llhttp sees it, so its size is measured the same
-        # whatever the reads, and a body after it takes the fast path from its first byte.
-        # The head is handed over after the rest of this read was framed: a body that is
-        # malformed from its first bytes on fails the request itself (a clean 502).
-        try:
-            self._frame_head(data)
-        finally:
-            waiter = self._head_waiter
-            if self._resp is not None and waiter is not None and not waiter.done():
-                waiter.set_result(self._resp)
 
     def _frame_head(self, data: bytes) -> None:
         while self._state == _HEAD:
@@ -176,6 +174,7 @@ class _Connection(asyncio.Protocol):
                     self._fail(self.failure(f"response head over {MAX_HEAD} bytes", "malformed"))
                     return
                 self._tail = buf[-3:]
+                self._whole_head = b""  # read in pieces: llhttp tells the version
                 self._feed(data)
                 return
             cut = end + 4 - len(self._tail)
@@ -185,6 +184,8 @@ class _Connection(asyncio.Protocol):
                 self._fail(self.failure(f"response head over {MAX_HEAD} bytes", "malformed"))
                 return
             head, data = data[:cut], data[cut:]
+            # A head read whole, from its first byte: its status line is in hand.
+            self._whole_head = head if self._head_fed == cut else b""
             if not self._feed(head):
                 return
             self._head_fed = 0  # an interim response (1xx): the final head follows
@@ -281,7 +282,7 @@ class _Connection(asyncio.Protocol):
         # Bytes >= 0x80 are relayed, not dropped: UTF-8 as such, anything else as Latin-1
         # (aiohttp's writer would drop surrogates).
         try:
-            text = value.decode("utf-8")
+            text = value.decode()  # UTF-8, without an encoding name to look up
         except UnicodeDecodeError:
             text = value.decode("latin-1")
         self._headers.add(name.decode("latin-1"), text.strip(" \t"))
@@ -290,7 +291,12 @@ class _Connection(asyncio.Protocol):
         parser = self._parser
         assert parser is not None
         status = parser.get_status_code()
-        version = _VERSIONS.get(parser.get_http_version())
+        # llhttp parsed "HTTP/1.1 " at the start of the message when the head starts so; its
+        # get_http_version() formats a string (~2.5 k instructions).
+        if self._whole_head.startswith(b"HTTP/1.1 "):
+            version: tuple[int, int] | None = (1, 1)
+        else:
+            version = _VERSIONS.get(parser.get_http_version())
         headers = self._headers  # start() gives each response a fresh one
         reason = self._reason.decode("utf-8", "surrogateescape")
         self._reason = b""
@@ -324,7 +330,8 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = keep_alive
         if self._state == _DONE:
             self._finish()
-        self._wake_drain()  # an early answer ends the wait for the upload (A9)
+        if self._drain_waiter is not None:  # tested here: a call fewer per response
+            self._wake_drain()  # an early answer ends the wait for the upload (A9)
 
     def on_body(self, body: bytes) -> None:
         if self._state != _CHUNKED:
@@ -428,7 +435,7 @@ class _Connection(asyncio.Protocol):
             # drops that Content-Length toward the caller, and the connection is not reused.
             parser.set_dangerous_leniencies(lenient_chunked_length=True)
         self._parser_ready = False
-        self._tail, self._head_fed, self._reason = b"", 0, b""
+        self._tail, self._head_fed, self._reason, self._whole_head = b"", 0, b"", b""
         self._headers = CIMultiDict()
         waiter: asyncio.Future[Response] = self.loop.create_future()
         self._head_waiter = waiter

@@ -215,6 +215,15 @@ async def test_after_chunked_answers_malformed_and_head_ones_are_still_caught() 
         assert info.value.kind == "malformed" and transport.closed
 
 
+@pytest.mark.parametrize("cut", [20, 40, 47, 60])
+async def test_version_of_a_final_head_in_pieces_after_a_whole_interim_one(cut: int) -> None:
+    interim = b"HTTP/1.1 100 Continue\r\n\r\n"
+    final = b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nabc"
+    parsed = await feed(interim + final, [len(interim) + cut])
+    assert (parsed.response.version, parsed.body, parsed.conn.keep_alive) == (
+        (1, 0), b"abc", False)
+
+
 async def test_head_response_has_no_body_despite_content_length() -> None:
     parsed = await feed(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", method="HEAD")
     assert parsed.body == b"" and parsed.response.complete and parsed.conn.keep_alive
