@@ -255,6 +255,7 @@ async def test_http10_version() -> None:
         b"HTTP/1.1 200 OK\r\nX-A: 1\r\n folded\r\n\r\n",  # obs-fold
         b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-\xe9: x\r\n\r\n",  # a name is ASCII (it is decoded as such)
         b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n",
         b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
