@@ -75,7 +75,9 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.usable = True  # False after EOF, loss or stray bytes: never hand it out again
         self.fresh = False
-        self._poll: select.poll | None = None  # for peeking before reuse (no socket: never)
+        #: For the readiness peek before each reuse (ConnectionPool._take_idle); None: no
+        #: socket, never peeked.
+        self.poll: select.poll | None = None
         self.keep_alive = False
         self.body: deque[bytes] = deque()
         self.buffered = 0
@@ -119,8 +121,8 @@ class _Connection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             # One poll set per connection, made once: a readiness check before each reuse is
             # then one poll(2) and no socket object (a sixth of a MSG_PEEK recv's cost).
-            self._poll = select.poll()
-            self._poll.register(sock.fileno(), select.POLLIN)
+            self.poll = select.poll()
+            self.poll.register(sock.fileno(), select.POLLIN)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.usable = False
@@ -436,14 +438,6 @@ class _Connection(asyncio.Protocol):
                              replica=self.pool.name)
 
     # -- the request ---------------------------------------------------------------------
-
-    def peek_closed(self) -> bool:
-        """True if the replica closed this idle connection (EOF or RST, or stray bytes are
-        already in the kernel) though the loop has not processed it yet. One non-blocking
-        syscall, before a single byte of the next request is written: an idle connection
-        that is readable at all is not reusable, whatever it would read."""
-        poll = self._poll
-        return poll is not None and bool(poll.poll(0))
 
     def start(self, head: bytes, body: bytes, is_head: bool) -> asyncio.Future[Response]:
         """Write one request; the Future resolves with the final response's head.

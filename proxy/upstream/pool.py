@@ -166,7 +166,12 @@ class ConnectionPool:
                     continue
                 if (conn.usable and conn.transport is not None
                         and not conn.transport.is_closing() and idle_for < IDLE_EXPIRY_S):
-                    poll = conn._poll  # conn.peek_closed(), inline: a call fewer per request
+                    # Did the replica close it (EOF or RST, or stray bytes are already in the
+                    # kernel) though the loop has not processed it yet? One non-blocking
+                    # poll(2) before a single byte of the next request is written: an idle
+                    # connection that is readable at all is not reusable, whatever it would
+                    # read. (Inline, not a method: a call fewer per request.)
+                    poll = conn.poll
                     if poll is None or not poll.poll(0):
                         if conn.after_stream:
                             self.streams_keep_alive = True  # it survived: learnt for good
