@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import signal
 import sys
@@ -209,11 +210,13 @@ async def serve(
                 log.info("batchgate admin listening on http://%s:%d",
                          config.admin.host, _bound_port(admin_runner))
             serving.append(app)
+            _freeze_startup_heap()
             if on_ready is not None:
                 on_ready(host, port)
             await _until_drain(app, stop, why)
         finally:
             serving.clear()
+            gc.unfreeze()
             for task in reloads:
                 task.cancel()
             await asyncio.gather(*reloads, return_exceptions=True)
@@ -223,6 +226,19 @@ async def serve(
                 await admin_runner.cleanup()
             await runner.cleanup()
     log.info("batchgate stopped")
+
+
+def _freeze_startup_heap() -> None:
+    """Take what startup built out of the cyclic collector's walks while the proxy serves.
+
+    A full collection walks every tracked object: after startup some 50,000 (modules, config,
+    the metric registry), a pause of about 9 ms on a 2-core bench machine, which alone breaks
+    a 5 ms inter-event p99 for a thousand streams whenever it falls among them. Frozen, they
+    are skipped (reference counting still frees them). Collected first, so no startup garbage
+    is frozen with them.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 async def _listen(
