@@ -14,6 +14,7 @@ from functools import cached_property
 
 import aiohttp
 from aiohttp import web
+from multidict import istr
 
 from proxy.control.drain import Lifecycle
 from proxy.control.health import HealthChecker
@@ -38,6 +39,7 @@ log = logging.getLogger("batchgate")
 
 #: A caller's X-Request-Id is kept only if it matches this (else a new one is generated).
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_REQUEST_ID_KEY = istr("X-Request-Id")  # folded once: a plain str is folded per lookup
 
 Work = Callable[[web.Request, Exchange], Awaitable[web.StreamResponse]]
 
@@ -135,7 +137,7 @@ class Frame:
         loop = self._loop
         assert loop is not None, "bound when the app starts"
         request = with_origin_form(request)
-        request_id = request.headers.get("X-Request-Id")
+        request_id = request.headers.get(_REQUEST_ID_KEY)
         if request_id is None or not _REQUEST_ID.fullmatch(request_id):
             # A caller's id goes into logs, headers and the replica's logs: only a plain
             # token, so it can neither forge log fields nor carry bytes that break a writer.

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 
 from aiohttp import HttpVersion11, web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from proxy.core.errors import UpstreamError, UpstreamTimeout
 from proxy.edge.headers import downstream_response_headers
@@ -31,6 +31,10 @@ from proxy.upstream.connection import Response
 #: write then waits for the caller) is bounded by the stall limit; smaller ones never wait.
 _STALL_CHECK_BYTES = 16 * 1024
 
+# Folded once (istr): a plain str name is folded again on every lookup.
+_CONTENT_TYPE, _CONTENT_LENGTH, _TRANSFER_ENCODING = (
+    istr("Content-Type"), istr("Content-Length"), istr("Transfer-Encoding"))
+
 
 def sse_error_event(message: str, type_: str, code: str) -> bytes:
     """A last SSE event that OpenAI SDKs raise as an APIError instead of ending silently."""
@@ -39,7 +43,7 @@ def sse_error_event(message: str, type_: str, code: str) -> bytes:
 
 
 def is_event_stream(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> bool:
-    return headers.get("Content-Type", "").startswith("text/event-stream")
+    return headers.get(_CONTENT_TYPE, "").startswith("text/event-stream")
 
 
 async def pipe(
@@ -205,8 +209,8 @@ HOLD_WHOLE_BYTES = 1024 * 1024
 
 
 def _held_whole(upstream: Response) -> bool:
-    length = upstream.headers.get("Content-Length")
-    if length is None or "Transfer-Encoding" in upstream.headers:
+    length = upstream.headers.get(_CONTENT_LENGTH)
+    if length is None or _TRANSFER_ENCODING in upstream.headers:
         return False
     return length.isdigit() and int(length) <= HOLD_WHOLE_BYTES
 
