@@ -261,8 +261,7 @@ class Forwarder:
         try:
             response = await pipe(
                 request, upstream, exchange,
-                is_cut=lambda: lifecycle.cutting,
-                is_draining=lambda: lifecycle.draining,
+                lifecycle=lifecycle,
                 # Gaps are observed between an event stream's chunks only: no label lookup
                 # for any other answer.
                 on_gap=metrics.inter_chunk_observer(exchange.route) if exchange.stream

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
+from proxy.control.drain import Lifecycle
 from proxy.core.errors import UpstreamError, UpstreamTimeout
 from proxy.edge.headers import downstream_response_headers
 from proxy.observe.exchange import Exchange
@@ -51,8 +52,7 @@ async def pipe(
     upstream: Response,
     exchange: Exchange,
     *,
-    is_cut: Callable[[], bool],
-    is_draining: Callable[[], bool],
+    lifecycle: Lifecycle,
     on_gap: Callable[[float], None],
     stall_limit_s: float,
     opened: web.StreamResponse | None = None,
@@ -69,7 +69,7 @@ async def pipe(
     body bytes (or its end): a replica failing before then raises :class:`UpstreamError`
     (502, or :class:`UpstreamTimeout` 504), which the frame answers like any other error.
 
-    While draining (``is_draining``), a head that goes out says ``Connection: close``, and
+    While draining (``lifecycle.draining``), a head that goes out says ``Connection: close``, and
     the caller's connection is closed after this answer.
 
     Each chunk is written to the caller first; only then is it looked at (the usage tail,
@@ -126,7 +126,7 @@ async def pipe(
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                           headers=headers)
     try:
-        if is_draining():
+        if lifecycle.draining:
             response.force_close()
         if opened is None:
             await response.prepare(request)
@@ -192,7 +192,7 @@ async def pipe(
                 response, sse_error_event(exchange.cut_reason, "upstream_error",
                                           "upstream_timeout"),
             )
-        elif is_cut() and sse and exchange.prepared:
+        elif lifecycle.cutting and sse and exchange.prepared:
             # Shutdown's deadline passed mid-stream: say so in the stream's own protocol.
             await _end_stream_with_error(
                 response,
