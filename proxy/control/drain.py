@@ -79,13 +79,15 @@ class Lifecycle:
     def active(self) -> int:
         return len(self._active)
 
-    def enter(self) -> asyncio.Task[object]:
-        """Start tracking the current task; pair with :meth:`leave` in a ``finally``.
+    def enter(self, loop: asyncio.AbstractEventLoop) -> asyncio.Task[object]:
+        """Start tracking the current task of ``loop`` (the running one); pair with
+        :meth:`leave` in a ``finally``.
 
         Not a context manager: this sits on every request, and a generator-based one costs
-        a few microseconds per use.
+        a few microseconds per use. The loop is the caller's: without it, current_task()
+        looks up the running loop, a getpid(2) system call on Python 3.11.
         """
-        task = asyncio.current_task()
+        task = asyncio.current_task(loop)
         assert task is not None
         self._active.add(task)
         return task

@@ -49,6 +49,10 @@ __all__ = [
 ]
 
 
+#: The POST targets nearly every request has (OpenAI's API): routed without the catch-all.
+PLAIN_POSTS = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
+
+
 class Handlers:
     """Request handlers over the app's typed state (no module-level singletons)."""
 
@@ -248,8 +252,13 @@ def create_app(
     app.router.add_get("/v1/models", handlers.models, allow_head=False)  # HEAD: one replica
     # POST (nearly all work) goes straight to the frame: a partial is called in C, so the
     # request runs no coroutine of Handlers.proxy's around Frame.serve.
-    app.router.add_route("POST", "/{tail:.*}",
-                         partial(handlers.frame.serve, work=handlers.forwarder.proxied))
+    post = partial(handlers.frame.serve, work=handlers.forwarder.proxied)
+    # The API's own paths as plain routes too, to the same partial: the router finds them in
+    # one dict lookup, not by walking up to "/" and matching the catch-all's regex. Their
+    # other methods still reach the catch-all (a plain route answers only its own method).
+    for path in PLAIN_POSTS:
+        app.router.add_route("POST", path, post)
+    app.router.add_route("POST", "/{tail:.*}", post)
     catch_all = app.router.add_route("*", "/{tail:.*}", handlers.proxy)
     _route_every_target(app.router, catch_all)
     return app

@@ -8,6 +8,7 @@ from functools import cached_property
 
 import aiohttp
 from aiohttp import web
+from multidict import istr
 
 from proxy.config import Config, LiveConfig
 from proxy.control.drain import Lifecycle
@@ -37,12 +38,15 @@ REJECTION_BODY_LIMIT = 64 * 1024
 #: The caller's own deadline for a slot, in whole milliseconds: shortens ``queue.timeout_s``
 #: (never lengthens it), and early refusal judges against it.
 DEADLINE_HEADER = "X-Batchgate-Deadline-Ms"
+# Folded once (istr): a plain str name is folded again on every lookup.
+_DEADLINE_KEY, _IN_FLIGHT_KEY, _REJECTED_KEY = (
+    istr(DEADLINE_HEADER), istr(IN_FLIGHT_HEADER), istr(REJECTED_HEADER))
 
 
 def deadline_s(request: web.BaseRequest, timeout_s: float) -> float:
     """The request's longest wait for a slot: ``queue.timeout_s``, or the caller's shorter
     ``X-Batchgate-Deadline-Ms``. A value that is not a positive integer is a 400."""
-    raw = request.headers.get(DEADLINE_HEADER)
+    raw = request.headers.get(_DEADLINE_KEY)
     if raw is None:
         return timeout_s
     # At most 10 digits (about 115 days): int() of a huge string is slow, and no deadline
@@ -107,7 +111,7 @@ class Forwarder:
         return self._live.current  # swapped by a reload: read it per request
 
     async def proxied(self, request: web.Request, exchange: Exchange) -> web.StreamResponse:
-        config = self.config
+        config = self._live.current  # self.config, without a property call per read
         wait_s = deadline_s(request, config.queue.timeout_s)  # a bad header: 400, body unread
         # Class and tenant from the head (a bad header: 400, body unread); model and token
         # cost from the body, parsed only when configured (proxy.edge.route).
@@ -134,7 +138,7 @@ class Forwarder:
         scheduler = self._scheduler
         upstreams = self._upstreams
         metrics = self._metrics
-        retries = self.config.upstream.retries
+        retries = self._live.current.upstream.retries
         # Counted from joining the queue, on the scheduler's clock (which decides deadlines):
         # the body upload before it is the caller's time, not the queue's. A resend keeps it.
         joined = scheduler.now()
@@ -188,12 +192,12 @@ class Forwarder:
                     exchange.stage = "queued"
                     continue
                 answer = upstream.headers
-                if IN_FLIGHT_HEADER in answer:
+                if _IN_FLIGHT_KEY in answer:
                     # The replica is a batchgate reporting its load: the freshest reading.
                     reading = parse_headers(answer)
                     if reading is not None:
                         scheduler.load.record(replica, reading)
-                if REJECTED_HEADER in answer:
+                if _REJECTED_KEY in answer:
                     # The replica is a batchgate that refused it before its engine saw it:
                     # never delivered, so it goes back to the head of the queue, for another
                     # replica if one has room (proxy.core.retry: "rejected").
@@ -228,7 +232,8 @@ class Forwarder:
         open (its headers sent while the request waited), into that stream."""
         metrics = self._metrics
         name = replica.name
-        if self.config.server.load_headers:
+        config = self._live.current
+        if config.server.load_headers:
             # Our own load, as of now, replaces any a batchgate behind us sent (its reading
             # was recorded already; the caller is told about this tier).
             headers = upstream.headers
@@ -256,10 +261,12 @@ class Forwarder:
         try:
             response = await pipe(
                 request, upstream, exchange,
-                is_cut=lambda: lifecycle.cutting,
-                is_draining=lambda: lifecycle.draining,
-                on_gap=metrics.inter_chunk_observer(exchange.route),
-                stall_limit_s=self.config.server.send_timeout_s,
+                lifecycle=lifecycle,
+                # Gaps are observed between an event stream's chunks only: no label lookup
+                # for any other answer.
+                on_gap=metrics.inter_chunk_observer(exchange.route) if exchange.stream
+                else _no_gap,
+                stall_limit_s=config.server.send_timeout_s,
                 opened=opened,
             )
             completed = exchange.stage == "done"
@@ -288,6 +295,10 @@ class Forwarder:
         if replica.healthy:
             log.warning("replica %s marked unhealthy: %s", replica.name, why)
         scheduler.set_healthy(replica, False)
+
+
+def _no_gap(_seconds: float) -> None:
+    pass
 
 
 def _ms(seconds: float) -> int:

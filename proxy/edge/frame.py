@@ -14,6 +14,7 @@ from functools import cached_property
 
 import aiohttp
 from aiohttp import web
+from multidict import istr
 
 from proxy.control.drain import Lifecycle
 from proxy.control.health import HealthChecker
@@ -38,6 +39,7 @@ log = logging.getLogger("batchgate")
 
 #: A caller's X-Request-Id is kept only if it matches this (else a new one is generated).
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_REQUEST_ID_KEY = istr("X-Request-Id")  # folded once: a plain str is folded per lookup
 
 Work = Callable[[web.Request, Exchange], Awaitable[web.StreamResponse]]
 
@@ -103,6 +105,13 @@ class Frame:
         self.auth = app[AUTH]
         if access_log is not None:
             access_log.on_drop(app[METRICS].access_log_dropped.inc)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        app.on_startup.append(self._bind_loop)
+
+    async def _bind_loop(self, _app: web.Application) -> None:
+        # The loop serving the app, once: on Python 3.11 every asyncio.get_running_loop()
+        # (and current_task() without a loop) makes a getpid(2) system call.
+        self._loop = asyncio.get_running_loop()
 
     # The app's shared objects, looked up once (as the Forwarder does): each ``app[KEY]`` is
     # a Python call, four per request here. Lazily, as some are set after the Frame is made.
@@ -125,17 +134,18 @@ class Frame:
     async def serve(self, request: web.Request, work: Work) -> web.StreamResponse:
         """The frame around every relayed request: draining, error mapping, bookkeeping."""
         lifecycle = self.lifecycle
+        loop = self._loop
+        assert loop is not None, "bound when the app starts"
         request = with_origin_form(request)
-        request_id = request.headers.get("X-Request-Id")
+        request_id = request.headers.get(_REQUEST_ID_KEY)
         if request_id is None or not _REQUEST_ID.fullmatch(request_id):
             # A caller's id goes into logs, headers and the replica's logs: only a plain
             # token, so it can neither forge log fields nor carry bytes that break a writer.
             request_id = new_request_id()
         path = request.path
         exchange = Exchange.begin(request_id, request.method, path, route_label(path),
-                                  asyncio.get_running_loop().time(), time.monotonic(),
-                                  request.remote)
-        task = lifecycle.enter()
+                                  loop.time(), time.monotonic(), request.remote)
+        task = lifecycle.enter(loop)
         try:
             if self.auth.enabled:
                 # Before anything else: a caller without a key learns nothing, not even

@@ -36,6 +36,7 @@ import re
 from http import HTTPStatus
 
 from aiohttp.web_request import BaseRequest
+from multidict import istr
 
 from proxy.config import ServerConfig
 from proxy.core.errors import (
@@ -59,6 +60,7 @@ ALLOWED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 _HOST = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=%]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{0,5})?")
 #: Distinct valid Host values remembered (see EdgeLimits.refusal); past it, forgotten at once.
 _GOOD_HOSTS_MAX = 256
+_HOST_KEY = istr("Host")  # folded once: a plain str is folded on every lookup
 
 
 def host_problem(request: BaseRequest) -> str | None:
@@ -156,12 +158,12 @@ class EdgeLimits:
         # Callers send the same few Host values over and over: once one has passed the whole
         # check, a set lookup does (a repeated Host never gets this far: aiohttp's parsers
         # refuse it, and host_problem checks it again for every value not seen yet).
-        if request.headers.get("Host") in self._good_hosts:
+        if request.headers.get(_HOST_KEY) in self._good_hosts:
             return None
         problem = host_problem(request)
         if problem is not None:
             return BadHost(f"invalid Host header: {problem}")
-        host = request.headers.get("Host")
+        host = request.headers.get(_HOST_KEY)
         if host:  # an absent or empty one is fine on HTTP/1.0 only: not remembered
             if len(self._good_hosts) >= _GOOD_HOSTS_MAX:
                 self._good_hosts.clear()  # bounded, whatever values callers make up

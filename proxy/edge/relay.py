@@ -19,8 +19,9 @@ import time
 from collections.abc import Callable
 
 from aiohttp import HttpVersion11, web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
+from proxy.control.drain import Lifecycle
 from proxy.core.errors import UpstreamError, UpstreamTimeout
 from proxy.edge.headers import downstream_response_headers
 from proxy.observe.exchange import Exchange
@@ -31,6 +32,10 @@ from proxy.upstream.connection import Response
 #: write then waits for the caller) is bounded by the stall limit; smaller ones never wait.
 _STALL_CHECK_BYTES = 16 * 1024
 
+# Folded once (istr): a plain str name is folded again on every lookup.
+_CONTENT_TYPE, _CONTENT_LENGTH, _TRANSFER_ENCODING = (
+    istr("Content-Type"), istr("Content-Length"), istr("Transfer-Encoding"))
+
 
 def sse_error_event(message: str, type_: str, code: str) -> bytes:
     """A last SSE event that OpenAI SDKs raise as an APIError instead of ending silently."""
@@ -39,7 +44,7 @@ def sse_error_event(message: str, type_: str, code: str) -> bytes:
 
 
 def is_event_stream(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> bool:
-    return headers.get("Content-Type", "").startswith("text/event-stream")
+    return headers.get(_CONTENT_TYPE, "").startswith("text/event-stream")
 
 
 async def pipe(
@@ -47,8 +52,7 @@ async def pipe(
     upstream: Response,
     exchange: Exchange,
     *,
-    is_cut: Callable[[], bool],
-    is_draining: Callable[[], bool],
+    lifecycle: Lifecycle,
     on_gap: Callable[[float], None],
     stall_limit_s: float,
     opened: web.StreamResponse | None = None,
@@ -65,7 +69,7 @@ async def pipe(
     body bytes (or its end): a replica failing before then raises :class:`UpstreamError`
     (502, or :class:`UpstreamTimeout` 504), which the frame answers like any other error.
 
-    While draining (``is_draining``), a head that goes out says ``Connection: close``, and
+    While draining (``lifecycle.draining``), a head that goes out says ``Connection: close``, and
     the caller's connection is closed after this answer.
 
     Each chunk is written to the caller first; only then is it looked at (the usage tail,
@@ -122,7 +126,7 @@ async def pipe(
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                                           headers=headers)
     try:
-        if is_draining():
+        if lifecycle.draining:
             response.force_close()
         if opened is None:
             await response.prepare(request)
@@ -188,7 +192,7 @@ async def pipe(
                 response, sse_error_event(exchange.cut_reason, "upstream_error",
                                           "upstream_timeout"),
             )
-        elif is_cut() and sse and exchange.prepared:
+        elif lifecycle.cutting and sse and exchange.prepared:
             # Shutdown's deadline passed mid-stream: say so in the stream's own protocol.
             await _end_stream_with_error(
                 response,
@@ -205,8 +209,8 @@ HOLD_WHOLE_BYTES = 1024 * 1024
 
 
 def _held_whole(upstream: Response) -> bool:
-    length = upstream.headers.get("Content-Length")
-    if length is None or "Transfer-Encoding" in upstream.headers:
+    length = upstream.headers.get(_CONTENT_LENGTH)
+    if length is None or _TRANSFER_ENCODING in upstream.headers:
         return False
     return length.isdigit() and int(length) <= HOLD_WHOLE_BYTES
 

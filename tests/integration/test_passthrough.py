@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from proxy.edge.app import PLAIN_POSTS
 from tests.integration.conftest import Proxy, make_config, until
 from tests.integration.raw import Caller, Request, raw_replica, response
 
@@ -84,6 +85,24 @@ async def test_replicas_always_get_origin_form(
     assert not any("secret" in value for _, value in seen.headers)
     assert p.metric("batchgate_requests_total", replica="r", route=route, code="200",
                     tenant="none") == 1
+
+
+async def test_every_method_on_the_api_paths_is_proxied(proxy: Factory) -> None:
+    # POST to these paths has plain routes of its own (proxy.edge.app); every other method
+    # still reaches the catch-all: proxied, never a 404 or 405 of aiohttp's.
+    async with raw_replica(_echo) as r:
+        p: Proxy = await proxy(make_config(("r", r.url, 1)))
+        caller = await Caller.open(p.url)
+        asked = []
+        try:
+            for path in PLAIN_POSTS:
+                for method in ("GET", "PUT", "PATCH", "DELETE", "OPTIONS", "POST"):
+                    answer = await caller.request(method, path, b"{}")
+                    assert answer.status == 200, (method, path, answer)
+                    asked.append((method, path))
+        finally:
+            caller.close()
+    assert [(seen.method, seen.target) for seen in r.requests] == asked
 
 
 async def test_models_behind_dot_segments_is_routed_as_models_without_a_slot(
