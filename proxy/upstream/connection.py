@@ -357,7 +357,8 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self._state != _CHUNKED:
             raise _Stray  # a HEAD response has no body, whatever it says
-        # _deliver, inline: a call fewer per chunk (an event each, in a stream).
+        # _deliver, inline (keep the two in step): a call fewer per chunk, an event each in a
+        # stream (sse16: 705k -> 694k instructions per request, callgrind).
         self.body.append(body)
         self.buffered += len(body)
         if self.buffered > _HIGH_WATER and not self.paused and self.transport is not None:
