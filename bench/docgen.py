@@ -305,7 +305,8 @@ Rates and CPU seconds move by 30 % on a shared machine; instruction counts do no
 `make bench-instructions [BASELINE=<commit>]` (bench/instructions.py, about 2 minutes) runs
 this tree's batchgate and the baseline commit's under valgrind's callgrind, in front of the
 same upstream, and counts the user-space instructions of exactly N requests of each kind
-after a warm-up (`json`: P2's small POST; `sse16`: P2's 16-event stream). The kernel's share
+after a warm-up, 32 at a time as P2's wrk sends them (`json`: P2's small POST; `sse16`:
+P2's 16-event stream). The kernel's share
 (system calls, the loopback TCP stack) is not in these figures. The default baseline,
 `f571e5b`, is the code behind the 2026-11-27 table.
 
