@@ -136,9 +136,8 @@ async def pipe(
                 exchange.first_byte_at = first_at
                 exchange.last_byte_at = clock()
                 exchange.stage = "streaming"
-            transport = request.transport
-            if transport is not None and (
-                    transport.get_write_buffer_size() + len(chunk) > _STALL_CHECK_BYTES):
+            transport = _filling(request, chunk)
+            if transport is not None:
                 if not await _write_bounded(transport, response, chunk, exchange,
                                             stall_limit_s):
                     return response
@@ -163,11 +162,10 @@ async def pipe(
             if not chunk:
                 break
             now = clock()  # when it arrived, not when the caller took it
-            # Inline, not a coroutine per chunk: only a write that may fill the caller's
+            # No coroutine per chunk: only a write that may fill the caller's
             # socket takes the bounded path.
-            transport = request.transport
-            if transport is not None and (
-                    transport.get_write_buffer_size() + len(chunk) > _STALL_CHECK_BYTES):
+            transport = _filling(request, chunk)
+            if transport is not None:
                 if not await _write_bounded(transport, response, chunk, exchange,
                                             stall_limit_s):
                     return response
@@ -217,6 +215,16 @@ def _held_whole(upstream: Response) -> bool:
 
 def _before_body(exchange: Exchange, kind: str, err: BaseException) -> str:
     return f"replica {exchange.replica} failed before its first body byte ({kind}): {err}"
+
+
+def _filling(request: web.BaseRequest, chunk: bytes) -> asyncio.Transport | None:
+    """The caller's transport if writing ``chunk`` may fill its socket buffer (the write then
+    takes the bounded path), else None: a plain call, no coroutine per chunk."""
+    transport = request.transport
+    if transport is not None and (
+            transport.get_write_buffer_size() + len(chunk) > _STALL_CHECK_BYTES):
+        return transport
+    return None
 
 
 async def _write_bounded(
