@@ -47,6 +47,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from proxy.core import admission, placement
+from proxy.core.deadlines import Deadlines
 from proxy.core.errors import (
     DeadlineUnreachable,
     NoHealthyReplica,
@@ -116,6 +117,11 @@ class Scheduler:
         self._pick = self._set.pick  # bound once: the hot path calls it per request
         self._service = ServiceTimes()
         self._tally = Tally()
+        self._deadlines = Deadlines()
+        # One loop timer for every queued deadline (armed by acquire(), at the earliest).
+        self._alarm: asyncio.TimerHandle | None = None
+        self._alarm_at = math.inf
+        self._alarm_loop: asyncio.AbstractEventLoop | None = None
 
     # -- observation ---------------------------------------------------------------------
 
@@ -292,10 +298,12 @@ class Scheduler:
     def expire(self, now: float | None = None) -> list[Waiter]:
         """Tell every waiter whose deadline has passed (default: :meth:`now`) that it expired."""
         now = self._clock() if now is None else now
-        due = [w for w in self._queue if w.deadline <= now]
-        for waiter in due:
-            self._expire(waiter)
-        return due
+        expired: list[Waiter] = []
+        for waiter in self._deadlines.due(now):
+            if waiter.queued:  # a slot an earlier one's expiry freed may have served it
+                self._expire(waiter)
+                expired.append(waiter)
+        return expired
 
     def add_replica(
         self, name: str, url: str, max_concurrency: int, *, healthy: bool = True,
@@ -486,6 +494,8 @@ class Scheduler:
         self._tally.joined(waiter, front)
         self._queue.push(waiter, front=front)
         waiter.queued = True
+        if waiter.deadline < math.inf:
+            self._deadlines.add(waiter, self._tally.waiting)
 
     def _unqueue(self, waiter: Waiter) -> None:
         self._queue.remove(waiter)
@@ -495,6 +505,8 @@ class Scheduler:
         """A waiter is out of the queue (removed, or popped to be served)."""
         waiter.queued = False
         self._tally.left(waiter)
+        if self._deadlines.prune() and self._alarm is not None:
+            self._silence()  # nothing timed waits: no wake-up left pending on the loop
 
     def _expire(self, waiter: Waiter) -> None:
         # Its own place in line (ask the policy), not the queue's length: the head of a long
@@ -598,8 +610,7 @@ class Scheduler:
         model: str | None, klass: int, tenant: str, cost: int,
         on_queued: Callable[[Waiter], None] | None,
     ) -> Lease:
-        # Apart from acquire(), so that its fast path creates none of the cells the
-        # closures below need.
+        # Apart from acquire(), so that its fast path creates no cell for the closure.
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Lease] = loop.create_future()
 
@@ -617,21 +628,8 @@ class Scheduler:
         if isinstance(got, Lease):
             return got
         waiter = got
-        clock = self._clock
-
-        def on_timer() -> None:
-            # The loop's timer is only a wake-up; the scheduler's clock decides.
-            if not waiter.queued:
-                return
-            remaining = waiter.deadline - clock()
-            if remaining > 0:
-                timer[0] = loop.call_later(remaining, on_timer)
-            else:
-                self._expire(waiter)
-
-        timer: list[asyncio.TimerHandle] = []
-        if deadline < math.inf:
-            timer.append(loop.call_later(max(0.0, deadline - clock()), on_timer))
+        if deadline < self._alarm_at or (deadline < math.inf and self._alarm_loop is not loop):
+            self._arm(loop, deadline)
         try:
             if on_queued is not None:
                 on_queued(waiter)
@@ -641,6 +639,26 @@ class Scheduler:
             # on_queued failed; told an error, it is out already and this does nothing.
             self.withdraw(waiter)
             raise
-        finally:
-            for handle in timer:
-                handle.cancel()
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._alarm is not None:
+            self._alarm.cancel()
+        self._alarm_at = when
+        self._alarm_loop = loop
+        self._alarm = loop.call_later(max(0.0, when - self._clock()), self._ring)
+
+    def _silence(self) -> None:
+        if self._alarm is not None:
+            self._alarm.cancel()
+        self._alarm = None
+        self._alarm_at = math.inf
+
+    def _ring(self) -> None:
+        # The loop's timer is only a wake-up; the scheduler's clock decides who is due.
+        self._alarm = None
+        self._alarm_at = math.inf
+        loop = self._alarm_loop
+        self.expire()
+        when = self._deadlines.earliest()
+        if when is not None and loop is not None and not loop.is_closed():
+            self._arm(loop, when)

@@ -330,6 +330,54 @@ async def test_timeout_with_no_healthy_replica_says_so(leak_checked: list[Schedu
         await s.acquire(s.now())
 
 
+async def test_a_later_waiter_with_an_earlier_deadline_is_not_held_by_the_first_timer(
+    leak_checked: list[Scheduler],
+) -> None:
+    """One wake-up serves the queue, armed at the earliest deadline: a newcomer whose
+    deadline comes first moves it forward, and the one behind it keeps waiting."""
+    s = Scheduler([Replica("r0", "http://127.0.0.1:9000", 1)], 100)  # the real clock
+    leak_checked.append(s)
+    held = await s.acquire(s.now() + 60)
+    patient = asyncio.create_task(s.acquire(s.now() + 60))
+    await asyncio.sleep(0)
+    with pytest.raises(QueueTimeout):
+        await asyncio.wait_for(s.acquire(s.now() + 0.01), timeout=10)
+    assert s.queue_depth == 1 and not patient.done()
+    held.release()
+    (await patient).release()
+
+
+async def test_one_loop_timer_serves_every_queued_deadline(
+    leak_checked: list[Scheduler], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A timer per waiter cost a loop handle and a closure each (P5's memory per queued
+    request); the queue needs one, and none is left pending once nobody timed waits."""
+    loop = asyncio.get_running_loop()
+    handles: list[asyncio.TimerHandle] = []
+    call_at = loop.call_at  # asyncio's call_later() comes here too
+
+    def counted(when: float, callback: Callable[..., object], *args: object,
+                **kwargs: object) -> asyncio.TimerHandle:
+        handle = call_at(when, callback, *args, **kwargs)  # type: ignore[arg-type]
+        handles.append(handle)
+        return handle
+
+    s = make(1, max_queue=1000)
+    leak_checked.append(s)
+    held = await s.acquire(s.now() + 60)
+    monkeypatch.setattr(loop, "call_at", counted)
+    tasks = [asyncio.create_task(s.acquire(s.now() + 60)) for _ in range(200)]
+    await asyncio.sleep(0)
+    assert s.queue_depth == 200
+    assert len(handles) == 1, f"{len(handles)} loop timers for 200 waiters"
+    tasks[-1].cancel()  # the latest deadline leaves: the wake-up stays where it is
+    await asyncio.gather(tasks[-1], return_exceptions=True)
+    held.release()
+    for task in tasks[:-1]:
+        (await task).release()
+    assert len(handles) == 1 and handles[0].cancelled()  # nobody waits: nothing pending
+
+
 # -- property: caps, conservation, FIFO, under random sequences ---------------------------
 
 
