@@ -64,12 +64,13 @@ test: lint test-fast
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
 
-# batchgate side by side with direct, HAProxy 2.6 and an aiohttp passthrough (bench/run.py):
-# about 9 minutes on 2 cores; installs wrk and haproxy (Debian) when missing; writes
-# bench/results/<date>.json and docs/benchmarks.md. BENCH_ARGS=--quick: a one-minute smoke run.
+# batchgate side by side with direct, HAProxy 2.6, an aiohttp passthrough and the batchgate
+# of commit BASELINE (below; empty: not run) (bench/run.py): about 12 minutes on 2 cores;
+# installs wrk and haproxy (Debian) when missing; writes bench/results/<date>.json and
+# docs/benchmarks.md. BENCH_ARGS=--quick: a one-minute smoke run.
 .PHONY: bench bench-instructions
 bench: $(STAMP)
-	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/run.py $(if $(BASELINE),--baseline $(BASELINE)) $(BENCH_ARGS)
 
 # Not in `make test`: SOAK_S seconds (default 10 minutes) of mixed load with hang-ups and an
 # engine killed and restarted, batchgate's RSS and open descriptors sampled every 10 s
@@ -80,8 +81,9 @@ SOAK_S ?= 600
 soak: $(STAMP)
 	$(BIN)/python bench/soak.py --seconds $(SOAK_S)
 
-# Instructions per request under valgrind's callgrind, this tree against BASELINE (a commit):
-# exact whatever else the machine runs, where rates move by 30 %. About 2 minutes.
+# Instructions per request under valgrind's callgrind, this tree against BASELINE (a commit;
+# the one that made the 2026-11-27 figures): exact whatever else the machine runs, where rates
+# move by 30 %. About 2 minutes.
 BASELINE ?= f571e5b
 bench-instructions: $(STAMP)
 	@command -v valgrind >/dev/null || { $(SUDO) apt-get update -qq && \

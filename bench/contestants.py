@@ -3,13 +3,19 @@ batchgate, HAProxy 2.6 and the aiohttp passthrough floor, each started pinned to
 system-under-test core, with its config written to the run's temporary directory.
 
 ``direct`` is a contestant without a process: the load goes straight to the upstream.
+``baseline`` (``make bench BASELINE=<commit>``) is batchgate again, the commit's ``proxy/``
+run with this tree's virtualenv: "no worse than before" measured side by side, not against a
+table from another day's machine.
 """
 
 from __future__ import annotations
 
 import string
+import subprocess
 import sys
+import tarfile
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import yaml
@@ -19,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BIN = Path(sys.executable).parent
 #: In run order within a round; run.py rotates it from round to round.
-NAMES = ("direct", "batchgate", "haproxy", "passthrough")
+NAMES = ("direct", "batchgate", "baseline", "haproxy", "passthrough")
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,9 @@ class Target:
         return f"http://127.0.0.1:{self.port}"
 
 
-def start_upstream(procs: Procs, *, cpu: int = SUT_CPU, name: str = "upstream") -> Target:
+def start_upstream(
+    procs: Procs, *, cpu: int | None = SUT_CPU, name: str = "upstream"
+) -> Target:
     port = free_port()
     proc = procs.start(name, [sys.executable, str(HERE / "upstream.py"), "--port", str(port)],
                        cpu=cpu)
@@ -89,16 +97,40 @@ def batchgate_config(upstream_port: int, port: int, settings: ProxySettings) -> 
 
 
 def start_batchgate(
-    procs: Procs, tmp: Path, upstream_port: int, settings: ProxySettings, name: str = "batchgate"
+    procs: Procs, tmp: Path, upstream_port: int, settings: ProxySettings, name: str = "batchgate",
+    tree: Path | None = None,
 ) -> Target:
+    """batchgate, this tree's, or the ``proxy/`` of an older commit extracted at ``tree``."""
     port = free_port()
     config = tmp / f"{name}.yaml"
-    config.write_text(
-        yaml.safe_dump(batchgate_config(upstream_port, port, settings), sort_keys=False)
-    )
-    proc = procs.start(name, [str(BIN / "batchgate"), "serve", "--config", str(config)])
+    settings_of = batchgate_config(upstream_port, port, settings)
+    command = [str(BIN / "batchgate"), "serve", "--config", str(config)]
+    if tree is not None:
+        settings_of["server"] = older_server(settings_of["server"])
+        # cwd and PYTHONPATH are the tree: `python -m` puts the cwd first on sys.path.
+        command = ["env", "-C", str(tree), f"PYTHONPATH={tree}", sys.executable, "-m", "proxy",
+                   "serve", "--config", str(config)]
+    config.write_text(yaml.safe_dump(settings_of, sort_keys=False))
+    proc = procs.start(name, command)
     wait_http(f"http://127.0.0.1:{port}/readyz", proc)
-    return Target("batchgate", port, proc)
+    return Target(name, port, proc)
+
+
+def older_server(server: object) -> dict[str, object]:
+    """The ``server`` keys every batchgate since the first bench knows (an older commit
+    refuses the ones added since, such as ``max_connections``; it had no such bound)."""
+    assert isinstance(server, dict)
+    return {k: server[k] for k in ("host", "port", "drain_timeout_s")}
+
+
+def baseline_tree(rev: str, into: Path) -> Path:
+    """The ``proxy/`` package of commit ``rev``, extracted under ``into``."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "proxy"],
+                             capture_output=True, check=True).stdout
+    into.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    return into
 
 
 def haproxy_config(upstream_port: int, port: int, settings: ProxySettings) -> str:
@@ -140,15 +172,21 @@ def start_passthrough(procs: Procs, upstream_port: int) -> Target:
 
 
 def start_all(
-    procs: Procs, tmp: Path, upstream: Target, settings: ProxySettings
+    procs: Procs, tmp: Path, upstream: Target, settings: ProxySettings,
+    baseline: Path | None = None,
 ) -> dict[str, Target]:
-    """The four contestants in front of ``upstream`` (``direct`` is ``upstream`` itself)."""
-    return {
+    """The four contestants in front of ``upstream`` (``direct`` is ``upstream`` itself), and
+    the baseline commit's batchgate when ``baseline`` is its extracted tree."""
+    targets = {
         "direct": Target("direct", upstream.port, None),
         "batchgate": start_batchgate(procs, tmp, upstream.port, settings),
-        "haproxy": start_haproxy(procs, tmp, upstream.port, settings),
-        "passthrough": start_passthrough(procs, upstream.port),
     }
+    if baseline is not None:  # next to batchgate in each round's order: the pair is close
+        targets["baseline"] = start_batchgate(procs, tmp, upstream.port, settings,
+                                              name="baseline", tree=baseline)
+    targets["haproxy"] = start_haproxy(procs, tmp, upstream.port, settings)
+    targets["passthrough"] = start_passthrough(procs, upstream.port)
+    return targets
 
 
 def stop_all(procs: Procs, targets: dict[str, Target]) -> None:

@@ -22,10 +22,33 @@ def _f(value: Any, spec: str = ".0f") -> str:
 
 
 def _table(summary: dict[str, Any]) -> str:
-    grid = report.rows(summary)
+    return _md(report.rows(summary))
+
+
+def _md(grid: list[list[str]]) -> str:
     lines = ["| " + " | ".join(grid[0]) + " |", "|" + "---|" * len(grid[0])]
     lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in grid[1:]]
     return "\n".join(lines)
+
+
+def _baseline(summary: dict[str, Any]) -> str:
+    grid = report.baseline_rows(summary)
+    if not grid:
+        return ""
+    versus = summary["baseline"]
+    return f"""
+### Against the baseline code
+
+The batchgate of commit `{versus['sha']}` (`make bench BASELINE={versus['commit']}`: that
+commit's `proxy/` run with this tree's virtualenv), a fifth contestant in the same rounds of
+P1-P3 and P5, with the same config. "No worse" is the target for the CPU and memory figures;
+rates and latencies are shown (on the proxy's saturated core a rate is the reciprocal of the
+CPU per request, and the machine's noise moves it far more). For P1 and P2 the ratio is the
+median over rounds of the two measured next to each other, so the machine's drift during
+the run cancels out; the columns beside it are each one's median.
+
+{_md(grid)}
+"""
 
 
 def _targets(summary: dict[str, Any]) -> str:
@@ -217,6 +240,7 @@ measured in one run, interleaved. This page is written by the run; reproduce it 
 ```sh
 make bench        # about {minutes:.0f} minutes; bench/results/<date>.json keeps every number
 make bench BENCH_ARGS=--quick   # a one-minute smoke run of the harness (writes no docs)
+make bench BASELINE=            # without the baseline commit's batchgate (it runs by default)
 ```
 
 Run of {results['date']} ({kind}, {results['wall_time_s']:.0f} s),
@@ -229,7 +253,7 @@ adds noise; the contestants are interleaved so it falls on all of them alike).
 ## Results
 
 {_table(summary)}
-
+{_baseline(summary)}
 Targets:
 
 {_targets(summary)}

@@ -21,10 +21,8 @@ import json
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 from datetime import UTC, datetime
-from io import BytesIO
 from pathlib import Path
 
 import aiohttp
@@ -75,21 +73,13 @@ def _total(dump: str) -> int:
     raise RuntimeError(f"no totals in {dump}")
 
 
-def _baseline_tree(rev: str, into: Path) -> Path:
-    archive = subprocess.run(["git", "-C", str(cs.ROOT), "archive", rev, "proxy"],
-                             capture_output=True, check=True).stdout
-    with tarfile.open(fileobj=BytesIO(archive)) as tar:
-        tar.extractall(into, filter="data")
-    return into
-
-
 def measure(procs: Procs, tmp: Path, tree: Path, name: str, upstream: cs.Target, n: int
             ) -> dict[str, float]:
     port = free_port()
     config = cs.batchgate_config(upstream.port, port, cs.RAW)
     config["health"] = {"path": "/health", "interval_s": 3600, "timeout_s": 2}  # no probes
     if tree != cs.ROOT:  # an older commit may not know the keys added since (32 callers here)
-        config["server"] = {k: config["server"][k] for k in ("host", "port", "drain_timeout_s")}
+        config["server"] = cs.older_server(config["server"])
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     out = tmp / f"callgrind-{name}.out"
@@ -138,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         procs = Procs(tmp)
         try:
             upstream = cs.start_upstream(procs, cpu=None)
-            trees = {"baseline": _baseline_tree(args.baseline, tmp / "baseline"),
+            trees = {"baseline": cs.baseline_tree(args.baseline, tmp / "baseline"),
                      "this tree": cs.ROOT}
             for name, tree in trees.items():
                 results[name] = measure(procs, tmp, tree, name.replace(" ", "-"), upstream,

@@ -41,6 +41,8 @@ class Run:
     wrk_s: float
     scripts: dict[str, Path]
     say: Callable[[str], None]
+    #: The baseline commit's extracted tree: a fifth contestant (None: not run).
+    baseline: Path | None = None
 
 
 def aio(coro: Coroutine[Any, Any, T]) -> T:
@@ -255,6 +257,10 @@ def phase_queued(run: Run, upstream: cs.Target, n: int) -> dict[str, Any]:
         "passthrough": (lambda: cs.start_passthrough(run.procs, upstream.port),
                         min(n // 2, (limit - 300) // 2)),
     }
+    if run.baseline is not None:
+        tree = run.baseline
+        plan["baseline"] = (lambda: cs.start_batchgate(run.procs, run.tmp, upstream.port,
+                                                       cs.QUEUED, name="baseline", tree=tree), n)
     for name, (start, count) in plan.items():
         target = start()
         try:

@@ -15,6 +15,8 @@ from typing import Any
 
 PROXIES = ("batchgate", "haproxy", "passthrough")
 NAMES = ("direct", *PROXIES)
+#: With ``make bench BASELINE=<commit>``: that commit's batchgate, in its own table.
+ALL = (*NAMES, "baseline")
 FLOOR_MARGIN = 0.8  # batchgate may fall below the floor by at most 20 %
 #: Measured on this kind of machine with a 27-line aiohttp passthrough (the issue's figures).
 REFERENCE = {
@@ -50,7 +52,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"p1": {}, "p2": {}, "p3": {}, "p5": {}, "targets": []}
     for test in ("p1_c1", "p1_rate1000"):
         direct = _get(raw, test, "direct", "median")
-        for name in NAMES:
+        for name in ALL:
             m = _get(raw, test, name, "median")
             if m and direct:
                 out["p1"].setdefault(test, {})[name] = {
@@ -59,7 +61,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                     "added_p99_us": m["p99_us"] - direct["p99_us"],
                 }
     for kind, tests in (("json", ("p2_json_c32", "p2_json_c64")), ("sse", ("p2_sse16_c32",))):
-        best = {name: _best_rate(raw, tests, name) for name in NAMES}
+        best = {name: _best_rate(raw, tests, name) for name in ALL}
         rps = {name: b["rps"] if b else None for name, b in best.items()}
         if rps["direct"] is None:
             continue
@@ -85,7 +87,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                 "inside": ratio is not None and lo <= ratio <= hi,
             }
     streams = results.get("streams") or {}
-    for name in NAMES:
+    for name in ALL:
         s = streams.get(name)
         if s:
             at_1000 = next((x for x in reversed(s["steps"]) if x["streams"] == 1000), None)
@@ -101,7 +103,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         _target(out, "P3: >= 1,000 streams at 20 events/s, added inter-event p99 <= 5 ms",
                 bg3["sustained"], bg3["sustained"] >= 1000, "streams")
     queued = results.get("queued") or {}
-    for name in PROXIES:
+    for name in (*PROXIES, "baseline"):
         if name in queued:
             out["p5"][name] = {
                 "kib_per_queued": queued[name]["kib_per_request"],
@@ -109,6 +111,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                 "loaded_rss_mib": queued[name]["loaded_rss_kib"] / 1024,
                 "kib_per_stream": _get(out, "p3", name, "kib_per_stream"),
             }
+    _versus(out, results)
     p4 = results.get("p4")
     if p4:
         out["p4"] = {k: p4[k] for k in ("direct_tokens_per_s", "batchgate_tokens_per_s", "ratio")}
@@ -133,6 +136,89 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                 budget["token_budget"]["preemptions"],
                 budget["token_budget"]["preemptions"] == 0, "preemptions")
     return out
+
+
+#: (label, where in the summary, whether lower is better, whether "no worse" is a target,
+#: the raw tests whose rounds pair the two, and the figure in each run). Rates and latencies
+#: are shown, not targets: on a saturated proxy core a rate is the reciprocal of the CPU per
+#: request, which the machine's noise moves far less.
+VERSUS: tuple[tuple[str, tuple[str, ...], bool, bool, tuple[str, ...], str], ...] = (
+    ("P1 latency c=1 p50 (us)", ("p1", "p1_c1", "{}", "p50_us"), True, False,
+     ("p1_c1",), "p50_us"),
+    ("P1 latency c=1 p99 (us)", ("p1", "p1_c1", "{}", "p99_us"), True, False,
+     ("p1_c1",), "p99_us"),
+    ("P2 max req/s, small JSON", ("p2", "json", "rps", "{}"), False, False,
+     ("p2_json_c32", "p2_json_c64"), "rps"),
+    ("P2 proxy CPU per request, small JSON (us)", ("p2", "json", "proxy_us_per_req", "{}"),
+     True, True, ("p2_json_c32", "p2_json_c64"), "proxy_us_per_req"),
+    ("P2 max streams/s, SSE-16", ("p2", "sse", "rps", "{}"), False, False,
+     ("p2_sse16_c32",), "rps"),
+    ("P2 proxy CPU per stream, SSE-16 (us)", ("p2", "sse", "proxy_us_per_req", "{}"),
+     True, True, ("p2_sse16_c32",), "proxy_us_per_req"),
+    ("P3 streams sustained (20 ev/s, +p99 <= 5 ms)", ("p3", "{}", "sustained"), False, True,
+     (), ""),
+    ("P3 proxy CPU per 100 streams (% core)", ("p3", "{}", "cpu_pct_per_100"), True, True,
+     (), ""),
+    ("P5 RSS per queued request (KiB)", ("p5", "{}", "kib_per_queued"), True, True, (), ""),
+)
+
+
+def _paired(raw: dict[str, Any], tests: tuple[str, ...], key: str) -> float | None:
+    """The median over rounds of batchgate's figure over the baseline's in the same round:
+    the two run next to each other, so the machine's drift over the run cancels out (the
+    ratio of two medians would keep it)."""
+    ratios: list[float] = []
+    for test in tests:
+        now = _get(raw, test, "batchgate", "runs") or []
+        then = _get(raw, test, "baseline", "runs") or []
+        for a, b in zip(now, then, strict=False):
+            if a.get(key) and b.get(key):
+                ratios.append(float(a[key]) / float(b[key]))
+    if not ratios:
+        return None
+    ratios.sort()
+    mid = len(ratios) // 2
+    return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+
+
+def _versus(out: dict[str, Any], results: dict[str, Any]) -> None:
+    """batchgate against the baseline commit's, figure by figure, measured in this run."""
+    baseline = results.get("baseline")
+    if not baseline:
+        return
+    rev = baseline["commit"]
+    raw = results.get("raw") or {}
+    figures = []
+    for label, path, lower, targeted, tests, key in VERSUS:
+        now = _get(out, *(k.format("batchgate") for k in path))
+        then = _get(out, *(k.format("baseline") for k in path))
+        if now is None or then is None:
+            continue
+        paired = _paired(raw, tests, key) if tests else None
+        ratio = paired if paired is not None else _ratio(now, then)
+        no_worse = ratio is not None and (ratio <= 1.0 if lower else ratio >= 1.0)
+        figures.append({"figure": label, "batchgate": now, "baseline": then, "ratio": ratio,
+                        "paired": paired is not None, "lower_is_better": lower,
+                        "no_worse": no_worse})
+        if targeted:
+            _target(out, f"No worse than the baseline code ({rev}): {label}", ratio,
+                    no_worse, "x baseline")
+    out["baseline"] = {"commit": rev, "sha": baseline.get("sha", rev), "figures": figures}
+
+
+def baseline_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """Figure, the baseline commit's batchgate, this tree's, the ratio, and whether it is no
+    worse (empty without a baseline in the run)."""
+    versus = summary.get("baseline")
+    if not versus or not versus["figures"]:
+        return []
+    table = [["figure", f"baseline {versus['commit']}", "batchgate", "batchgate/baseline",
+              "no worse"]]
+    for f in versus["figures"]:
+        spec = ".1f" if isinstance(f["batchgate"], float) and f["batchgate"] < 100 else ".0f"
+        table.append([f["figure"], _fmt(f["baseline"], spec), _fmt(f["batchgate"], spec),
+                      _fmt(f["ratio"], ".3f", "x"), "yes" if f["no_worse"] else "**no**"])
+    return table
 
 
 def _target(out: dict[str, Any], what: str, value: Any, met: bool, unit: str) -> None:
@@ -227,13 +313,20 @@ def _diff(a: float | None, b: float | None) -> float | None:
     return a - b if a is not None and b is not None else None
 
 
-def table(summary: dict[str, Any]) -> str:
-    grid = rows(summary)
+def _grid(grid: list[list[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in grid) for i in range(len(grid[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                        for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
              for row in grid]
     lines.insert(1, "-" * len(lines[0]))
+    return lines
+
+
+def table(summary: dict[str, Any]) -> str:
+    lines = _grid(rows(summary))
+    versus = baseline_rows(summary)
+    if versus:
+        lines += ["", *_grid(versus)]
     for t in summary.get("targets", []):
         value = t["value"]
         shown = f"{value:.3f}" if isinstance(value, float) else str(value)

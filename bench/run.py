@@ -30,6 +30,7 @@ import json
 import math
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -64,6 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"comma-separated phases to run (default: all of {','.join(PHASES)})")
     parser.add_argument("--docs", action=argparse.BooleanOptionalAction, default=None,
                         help="write docs/benchmarks.md (default: on for full runs only)")
+    parser.add_argument("--baseline", default="", metavar="REV",
+                        help="also run this commit's batchgate side by side in P1-P3 and P5 "
+                             "(make bench's BASELINE; empty: not run)")
     args = parser.parse_args(argv)
     args.only = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = set(args.only) - set(PHASES)
@@ -109,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         results["settings"].update(rounds=run.rounds, wrk_s=run.wrk_s)
         try:
+            if args.baseline:
+                run.baseline = cs.baseline_tree(args.baseline, tmp / "baseline")
+                results["baseline"] = {"commit": args.baseline, "sha": _sha(args.baseline)}
             failed = _run_phases(run, args.only, results)
         except KeyboardInterrupt:
             say("interrupted: stopping every process started")
@@ -149,7 +156,7 @@ def _run_phases(run: phases.Run, only: list[str], results: dict[str, Any]) -> bo
             run.say(f"{name} FAILED:\n{results['errors'][name]}")
 
     if "raw" in only:
-        targets = cs.start_all(procs, run.tmp, upstream, cs.RAW)
+        targets = cs.start_all(procs, run.tmp, upstream, cs.RAW, run.baseline)
         attempt("raw", lambda: phases.phase_raw(run, upstream, targets))
         cs.stop_all(procs, targets)
     if "profile" in only:
@@ -157,7 +164,8 @@ def _run_phases(run: phases.Run, only: list[str], results: dict[str, Any]) -> bo
                                                      2.0 if run.quick else 3.0))
     if "streams" in only:
         steps = (100, 250) if run.quick else (250, 500, 750, 1000, 1500, 2000)
-        targets = cs.start_all(procs, run.tmp, upstream, cs.RAW)  # fresh: memory baseline
+        # Fresh processes: the idle memory they start from.
+        targets = cs.start_all(procs, run.tmp, upstream, cs.RAW, run.baseline)
         attempt("streams", lambda: phases.phase_streams(run, upstream, targets, steps))
         cs.stop_all(procs, targets)
     if "queued" in only:
@@ -181,6 +189,11 @@ def _run_phases(run: phases.Run, only: list[str], results: dict[str, Any]) -> bo
         attempt("adaptive", lambda: convergence.phase_adaptive(procs, run.tmp, run.quick,
                                                                 run.say))
     return bool(results["errors"])
+
+
+def _sha(rev: str) -> str:
+    return subprocess.run(["git", "-C", str(cs.ROOT), "rev-parse", "--short", rev],
+                          capture_output=True, text=True, check=True).stdout.strip()
 
 
 def _clean(value: Any) -> Any:
