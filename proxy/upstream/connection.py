@@ -21,6 +21,7 @@ import asyncio
 import select
 import socket
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -58,12 +59,22 @@ class _Callbacks:
                  "on_message_complete", "on_status")
 
     def __init__(self, conn: _Connection) -> None:
-        self.on_body = conn.on_body
-        self.on_header = conn.on_header
-        self.on_headers_complete = conn.on_headers_complete
-        self.on_message_begin = conn.on_message_begin
-        self.on_message_complete = conn.on_message_complete
-        self.on_status = conn.on_status
+        self.on_body: Callable[[bytes], None] = conn.on_body
+        self.on_header: Callable[[bytes, bytes], None] = conn.on_header
+        self.on_headers_complete: Callable[[], None] = conn.on_headers_complete
+        self.on_message_begin: Callable[[], None] = conn.on_message_begin
+        self.on_message_complete: Callable[[], None] = conn.on_message_complete
+        self.on_status: Callable[[bytes], None] = conn.on_status
+
+    def unbind(self) -> None:
+        """The connection is gone: its bound methods would keep it alive in a cycle."""
+        self.on_body = self.on_header = _ignore
+        self.on_headers_complete = self.on_message_begin = _ignore
+        self.on_message_complete = self.on_status = _ignore
+
+
+def _ignore(*_: object) -> None:
+    return None
 
 
 class _Connection(asyncio.Protocol):
@@ -136,6 +147,12 @@ class _Connection(asyncio.Protocol):
             # "never delivered" (proxy.core.retry decides what may go out again).
             self._fail(self.failure(f"connection lost mid-response: {exc}"))
         self.pool.lost(self)
+        # No byte comes after this: freed by reference counting, not by the cycle collector.
+        self._parser = None
+        self._parser_ready = False
+        self._callbacks.unbind()
+        self._resp = None  # the caller holds it (and it holds us) for what is left to read
+        self._head_waiter = None  # done by now; its result is that response
 
     def eof_received(self) -> bool | None:
         self.usable = False

@@ -18,6 +18,14 @@ import asyncio
 from collections.abc import Callable
 
 
+def _never_silent() -> None:
+    return None
+
+
+def _never_paused() -> bool:
+    return False
+
+
 class ReadTimer:
     """Calls ``on_silent`` once the replica was silent for ``period`` seconds.
 
@@ -78,6 +86,9 @@ class ReadTimer:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+        # They are the connection's bound methods: kept, they would keep it in a cycle.
+        self._on_silent = _never_silent
+        self._is_paused = _never_paused
 
     def _arm(self, due: float) -> None:
         self._due = due
