@@ -35,9 +35,15 @@ def _results(with_baseline: bool) -> dict[str, Any]:
     raw = {test: {n: _rate(rps, cpu) for n, (rps, cpu) in names.items()}
            for test in ("p1_c1", "p2_json_c32", "p2_json_c64", "p2_sse16_c32")}
     raw["p2_json_c64"]["baseline" if with_baseline else "batchgate"] = _rate(100, 999)
-    streams = {n: {"sustained": 500, "cpu_pct_per_100": 12.0, "steps": []} for n in names}
-    if with_baseline:
-        streams["baseline"] = {"sustained": 750, "cpu_pct_per_100": 13.0, "steps": []}
+    def steps(*cores: float) -> list[dict[str, Any]]:  # 250, 500, 750 ... streams, all ok
+        return [{"streams": 250 * (i + 1), "ok": True, "proxy_cpu": c}
+                for i, c in enumerate(cores)]
+
+    streams = {n: {"sustained": 500, "cpu_pct_per_100": 12.0, "steps": steps(0.3, 0.6)}
+               for n in names}
+    if with_baseline:  # it also held 750, at less CPU per stream: not the figure compared
+        streams["baseline"] = {"sustained": 750, "cpu_pct_per_100": 9.0,
+                               "steps": steps(0.35, 0.65, 0.675)}
     queued = {n: {"kib_per_request": 15.0, "held": 10000, "loaded_rss_kib": 2e5}
               for n in names if n != "direct"}
     if with_baseline:
@@ -56,7 +62,8 @@ def test_each_figure_is_judged_in_its_own_direction(report: Any) -> None:
     assert json_cpu["ratio"] == pytest.approx(250 / 260) and json_cpu["no_worse"]
     assert figures["P2 max req/s, small JSON"]["no_worse"]  # 3200 >= 3000: higher is better
     assert not figures["P3 streams sustained (20 ev/s, +p99 <= 5 ms)"]["no_worse"]  # 500 < 750
-    assert figures["P3 proxy CPU per 100 streams (% core)"]["no_worse"]  # 12 <= 13
+    p3_cpu = figures["P3 proxy CPU per 100 streams at the most both sustained (% core)"]
+    assert p3_cpu["ratio"] == pytest.approx(0.6 / 0.65) and p3_cpu["no_worse"]  # at 500
     assert figures["P5 RSS per queued request (KiB)"]["ratio"] == pytest.approx(15.0 / 15.27)
     targets = {t["target"]: t["met"] for t in summary["targets"] if "baseline" in t["target"]}
     # CPU and memory are targets; rates and latencies are shown only.
@@ -67,8 +74,8 @@ def test_each_figure_is_judged_in_its_own_direction(report: Any) -> None:
             True,
         "No worse than the baseline code (f571e5b): P3 streams sustained (20 ev/s, +p99 <= 5 ms)":
             False,
-        "No worse than the baseline code (f571e5b): P3 proxy CPU per 100 streams (% core)":
-            True,
+        "No worse than the baseline code (f571e5b): "
+        "P3 proxy CPU per 100 streams at the most both sustained (% core)": True,
         "No worse than the baseline code (f571e5b): P5 RSS per queued request (KiB)": True,
     }
     text = report.table(summary)
