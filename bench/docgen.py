@@ -12,6 +12,7 @@ from typing import Any
 
 import report
 import scheduling
+from phases import PAIR_ROUNDS
 from soak import keep_soak
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +37,7 @@ def _baseline(summary: dict[str, Any]) -> str:
     if not grid:
         return ""
     versus = summary["baseline"]
+    pairs = PAIR_ROUNDS
     return f"""
 ### Against the baseline code
 
@@ -45,7 +47,10 @@ P1-P3 and P5, with the same config. "No worse" is the target for the CPU and mem
 rates and latencies are shown (on the proxy's saturated core a rate is the reciprocal of the
 CPU per request, and the machine's noise moves it far more). For P1 and P2 the ratio is the
 median over rounds of the two measured next to each other, so the machine's drift during
-the run cancels out; the columns beside it are each one's median.
+the run cancels out; P2 adds {pairs} rounds of the two alone, back to back, the order
+alternating (two runs of the same code differ by up to 10 % here, and three pairs could not
+tell a 3 % change from noise). The columns beside the ratio are each one's median over the
+rounds of all five.
 
 {_md(grid)}
 """

@@ -164,16 +164,18 @@ VERSUS: tuple[tuple[str, tuple[str, ...], bool, bool, tuple[str, ...], str], ...
 
 
 def _paired(raw: dict[str, Any], tests: tuple[str, ...], key: str) -> float | None:
-    """The median over rounds of batchgate's figure over the baseline's in the same round:
-    the two run next to each other, so the machine's drift over the run cancels out (the
-    ratio of two medians would keep it)."""
+    """The median over rounds of batchgate's figure over the baseline's in the same round
+    (the rounds of all five and the pairs' own, bench/phases.py's ``_pair_rounds``): the two
+    run next to each other, so the machine's drift over the run cancels out (the ratio of
+    two medians would keep it)."""
     ratios: list[float] = []
     for test in tests:
-        now = _get(raw, test, "batchgate", "runs") or []
-        then = _get(raw, test, "baseline", "runs") or []
-        for a, b in zip(now, then, strict=False):
-            if a.get(key) and b.get(key):
-                ratios.append(float(a[key]) / float(b[key]))
+        for runs in ("runs", "pair_runs"):  # the rounds of all five, then the pairs' own
+            now = _get(raw, test, "batchgate", runs) or []
+            then = _get(raw, test, "baseline", runs) or []
+            for a, b in zip(now, then, strict=False):
+                if a.get(key) and b.get(key):
+                    ratios.append(float(a[key]) / float(b[key]))
     if not ratios:
         return None
     ratios.sort()
