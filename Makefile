@@ -65,7 +65,7 @@ clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
 
 # batchgate side by side with direct, HAProxy 2.6, an aiohttp passthrough and the batchgate
-# of commit BASELINE (below; empty: not run) (bench/run.py): about 12 minutes on 2 cores;
+# of commit BASELINE (below; empty: not run) (bench/run.py): about 13 minutes on 2 cores;
 # installs wrk and haproxy (Debian) when missing; writes bench/results/<date>.json and
 # docs/benchmarks.md. BENCH_ARGS=--quick: a one-minute smoke run.
 .PHONY: bench bench-instructions

@@ -239,8 +239,9 @@ def markdown(results: dict[str, Any], json_path: Path) -> str:
 
 batchgate side by side with the upstream alone (**direct**), **HAProxy** {haproxy_version}
 and a 27-line aiohttp **passthrough** proxy
-(`bench/passthrough.py`, the floor: what any aiohttp proxy costs before features), all
-measured in one run, interleaved. This page is written by the run; reproduce it with
+(`bench/passthrough.py`, the floor: what any aiohttp proxy costs before features), and the
+batchgate of an earlier commit (**baseline**, its own table below), all measured in one run,
+interleaved. This page is written by the run; reproduce it with
 
 ```sh
 make bench        # about {minutes:.0f} minutes; bench/results/<date>.json keeps every number
@@ -271,7 +272,7 @@ the machine's noise moves far less than a rate.
 
 - **Pinning.** The upstream and the proxy under test share core 0; the load generator (wrk,
   and batchgate's own, `proxy/bench/`) has core 1 (`sched_setaffinity`, as `taskset` does).
-  All four contestants stay up during a phase and take turns; the turn order rotates each round.
+  All the contestants stay up during a phase and take turns; the turn order rotates each round.
 - **Upstream** (`bench/upstream.py`): raw asyncio on uvloop, about 10 us of CPU per small
   request, so the proxies' costs dominate. It answers small JSON completions, `/sse` streams
   (N events, M ms apart, each stamped with its write time) and `/health`.
