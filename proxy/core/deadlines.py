@@ -55,13 +55,12 @@ class Deadlines:
         """The earliest deadline of a queued waiter (None: none is timed)."""
         return None if self.prune() else self._heap[0][0]
 
-    def due(self, now: float) -> list[Waiter]:
-        """Remove and return the queued waiters whose deadline is ``now`` or earlier, earliest
-        first."""
+    def pop_due(self, now: float) -> Waiter | None:
+        """Remove and return the queued waiter with the earliest deadline if that is ``now``
+        or earlier (None: none is due)."""
         heap = self._heap
-        due: list[Waiter] = []
         while heap and heap[0][0] <= now:
             waiter = heapq.heappop(heap)[2]
             if waiter.queued:
-                due.append(waiter)
-        return due
+                return waiter
+        return None

@@ -120,7 +120,9 @@ class Scheduler:
         self._deadlines = Deadlines()
         # One loop timer for every queued deadline (armed by acquire(), at the earliest).
         self._alarm: asyncio.TimerHandle | None = None
-        self._alarm_at = math.inf
+        # When it fires, on the loop's clock: the scheduler's clock may be another (a test's,
+        # which jumps), and a deadline's wake-up is worked out when it is armed.
+        self._alarm_due = math.inf
         self._alarm_loop: asyncio.AbstractEventLoop | None = None
 
     # -- observation ---------------------------------------------------------------------
@@ -296,13 +298,14 @@ class Scheduler:
         return self._dispatch()
 
     def expire(self, now: float | None = None) -> list[Waiter]:
-        """Tell every waiter whose deadline has passed (default: :meth:`now`) that it expired."""
+        """Tell every waiter whose deadline has passed (default: :meth:`now`) that it expired,
+        earliest deadline first (a waiter with no deadline never expires)."""
         now = self._clock() if now is None else now
         expired: list[Waiter] = []
-        for waiter in self._deadlines.due(now):
-            if waiter.queued:  # a slot an earlier one's expiry freed may have served it
-                self._expire(waiter)
-                expired.append(waiter)
+        # One at a time: if telling one raises, the others are still due and still timed.
+        while (waiter := self._deadlines.pop_due(now)) is not None:
+            self._expire(waiter)
+            expired.append(waiter)
         return expired
 
     def add_replica(
@@ -628,8 +631,10 @@ class Scheduler:
         if isinstance(got, Lease):
             return got
         waiter = got
-        if deadline < self._alarm_at or (deadline < math.inf and self._alarm_loop is not loop):
-            self._arm(loop, deadline)
+        if deadline < math.inf:
+            due = loop.time() + max(0.0, deadline - self._clock())
+            if due < self._alarm_due or self._alarm_loop is not loop:
+                self._arm(loop, due)
         try:
             if on_queued is not None:
                 on_queued(waiter)
@@ -640,25 +645,28 @@ class Scheduler:
             self.withdraw(waiter)
             raise
 
-    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+    def _arm(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
+        """The wake-up at ``due`` on the loop's clock."""
         if self._alarm is not None:
             self._alarm.cancel()
-        self._alarm_at = when
+        self._alarm_due = due
         self._alarm_loop = loop
-        self._alarm = loop.call_later(max(0.0, when - self._clock()), self._ring)
+        self._alarm = loop.call_at(due, self._ring)
 
     def _silence(self) -> None:
         if self._alarm is not None:
             self._alarm.cancel()
         self._alarm = None
-        self._alarm_at = math.inf
+        self._alarm_due = math.inf
 
     def _ring(self) -> None:
         # The loop's timer is only a wake-up; the scheduler's clock decides who is due.
         self._alarm = None
-        self._alarm_at = math.inf
+        self._alarm_due = math.inf
         loop = self._alarm_loop
-        self.expire()
-        when = self._deadlines.earliest()
-        if when is not None and loop is not None and not loop.is_closed():
-            self._arm(loop, when)
+        try:
+            self.expire()
+        finally:  # whatever telling a waiter raised, the others stay timed
+            when = self._deadlines.earliest()
+            if when is not None and loop is not None and not loop.is_closed():
+                self._arm(loop, loop.time() + max(0.0, when - self._clock()))

@@ -16,6 +16,14 @@ def _waiter(deadline: float, seq: int) -> Waiter:
     return waiter
 
 
+def _due(d: Deadlines, now: float) -> list[Waiter]:
+    out = []
+    while (waiter := d.pop_due(now)) is not None:
+        waiter.queued = False  # as the scheduler's expiry does
+        out.append(waiter)
+    return out
+
+
 def test_due_waiters_come_earliest_first_and_the_ones_that_left_are_skipped() -> None:
     d = Deadlines()
     late, gone, early, tie = (_waiter(t, i) for i, t in enumerate((9.0, 1.0, 2.0, 2.0)))
@@ -23,8 +31,8 @@ def test_due_waiters_come_earliest_first_and_the_ones_that_left_are_skipped() ->
         d.add(waiter, n)
     gone.queued = False  # served or withdrawn: its entry is stale
     assert d.earliest() == 2.0
-    assert d.due(5.0) == [early, tie]  # equal deadlines: arrival order
-    assert d.earliest() == 9.0 and d.due(8.999) == []
+    assert _due(d, 5.0) == [early, tie]  # equal deadlines: arrival order
+    assert d.earliest() == 9.0 and _due(d, 8.999) == []
     late.queued = False
     assert d.prune() and d.earliest() is None and len(d) == 0
 
@@ -40,7 +48,8 @@ def test_waiters_that_leave_from_the_middle_cannot_grow_it_without_bound() -> No
         d.add(waiter, 2)
         waiter.queued = False
         assert len(d) <= 2 * 2 + 64 + 1
-    assert d.earliest() == 0.0 and d.due(1e9) == [first]
+    assert d.earliest() == 0.0 and _due(d, 1e9) == [first]
+    assert d.prune() and len(d) == 0
 
 
 @settings(max_examples=200, deadline=None)
@@ -58,6 +67,6 @@ def test_due_is_exactly_the_queued_waiters_at_or_before_now(
         waiter.queued = not leaves
     expect = sorted((w for w in waiters if w.queued and w.deadline <= now),
                     key=lambda w: (w.deadline, w.seq))
-    assert d.due(now) == expect
+    assert _due(d, now) == expect
     rest = [w.deadline for w in waiters if w.queued and w.deadline > now]
     assert d.earliest() == (min(rest) if rest else None)

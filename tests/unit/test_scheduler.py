@@ -378,6 +378,59 @@ async def test_one_loop_timer_serves_every_queued_deadline(
     assert len(handles) == 1 and handles[0].cancelled()  # nobody waits: nothing pending
 
 
+async def test_a_jump_of_the_injected_clock_does_not_hold_a_newcomer_behind_the_old_wake_up(
+    leak_checked: list[Scheduler],
+) -> None:
+    """The wake-up is on the loop's clock, worked out when armed: after the scheduler's
+    clock jumped 999.9 s, a deadline 0.15 s away is 0.15 s away, not behind one armed for
+    1,000 s."""
+    now = [0.0]
+    s = make(1, clock=now)
+    leak_checked.append(s)
+    held = await s.acquire(s.now() + 1000)
+    first = asyncio.create_task(s.acquire(1000.0))  # its wake-up: 1,000 s from now
+    await asyncio.sleep(0)
+    now[0] = 999.9
+    second = asyncio.create_task(s.acquire(1000.05))
+    await asyncio.sleep(0)
+    now[0] = 1000.1  # both deadlines passed on the scheduler's clock
+    with pytest.raises(QueueTimeout):
+        await asyncio.wait_for(second, timeout=10)
+    assert first.done()  # due too: expired by the same wake-up
+    with pytest.raises(QueueTimeout):
+        await first
+    held.release()
+
+
+async def test_a_waiter_whose_notify_raises_does_not_stop_the_others_expiring(
+    leak_checked: list[Scheduler],
+) -> None:
+    """Told of its expiry, a submit() caller raised: the wake-up still re-arms, and the
+    waiter behind it expires at its own deadline."""
+    s = Scheduler([Replica("r0", "http://127.0.0.1:9000", 1)], 100)  # the real clock
+    leak_checked.append(s)
+    held = await s.acquire(s.now() + 60)
+    told: list[object] = []
+
+    def rude(result: object) -> bool:
+        told.append(result)
+        raise RuntimeError("a notify that raises")
+
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        s.submit(rude, deadline=s.now())  # type: ignore[arg-type]
+        with pytest.raises(QueueTimeout):
+            await asyncio.wait_for(s.acquire(s.now() + 0.05), timeout=10)
+    finally:
+        loop.set_exception_handler(None)
+    assert len(told) == 1 and isinstance(told[0], QueueTimeout)
+    assert [str(e.get("exception")) for e in errors] == ["a notify that raises"]
+    assert s.queue_depth == 0
+    held.release()
+
+
 # -- property: caps, conservation, FIFO, under random sequences ---------------------------
 
 
