@@ -68,7 +68,7 @@ clean:
 # of commit BASELINE (below; empty: not run) (bench/run.py): about 13 minutes on 2 cores;
 # installs wrk and haproxy (Debian) when missing; writes bench/results/<date>.json and
 # docs/benchmarks.md. BENCH_ARGS=--quick: a one-minute smoke run.
-.PHONY: bench bench-instructions
+.PHONY: bench bench-instructions bench-cpu
 bench: $(STAMP)
 	$(BIN)/python bench/run.py $(if $(BASELINE),--baseline $(BASELINE)) $(BENCH_ARGS)
 
@@ -89,3 +89,9 @@ bench-instructions: $(STAMP)
 	@command -v valgrind >/dev/null || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq valgrind >/dev/null; }
 	$(BIN)/python bench/instructions.py --baseline $(BASELINE)
+
+# CPU time per request, this tree against BASELINE, with an A/A control (two processes of each
+# version, one-second slices in mirrored turns): how close to 1.0 this machine can tell two
+# versions apart (bench/cpu.py). About 5 minutes; BLOCKS=N per kind (default 16).
+bench-cpu: $(STAMP)
+	$(BIN)/python bench/cpu.py --baseline $(BASELINE) $(if $(BLOCKS),--blocks $(BLOCKS))

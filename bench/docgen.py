@@ -178,6 +178,32 @@ def _instructions(results_dir: Path) -> str:
     ])
 
 
+def _cpu(results_dir: Path) -> str:
+    """The newest ``make bench-cpu`` figures (bench/cpu.py), if any."""
+    runs = sorted(results_dir.glob("*-cpu.json"))
+    if not runs:
+        return "No `make bench-cpu` run is on record yet."
+    data = json.loads(runs[-1].read_text())
+    rows = []
+    for kind, r in data["kinds"].items():
+        us = r["us_per_request"]
+        cells = [f"{v['mean']:.3f}x [{v['low']:.3f}, {v['high']:.3f}]"
+                 for v in r["ratios"].values()]
+        rows.append(f"| {kind} | {(us['baseline'] + us['baseline#2']) / 2:.0f} | "
+                    f"{(us['batchgate'] + us['batchgate#2']) / 2:.0f} | " + " | ".join(cells)
+                    + " |")
+    return "\n".join([
+        f"From `{runs[-1].relative_to(ROOT)}`: {data['blocks']} blocks per kind, baseline "
+        f"commit `{data['baseline']}`, this tree `{data['head']}`. Ratios are the mean of the "
+        "per-block ratios, with two standard errors either side in brackets.",
+        "",
+        f"| request | baseline `{data['baseline']}` (us) | this tree (us) | this tree / baseline "
+        "| A/A: this tree, process 1 / 2 | A/A: baseline, process 1 / 2 |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ])
+
+
 def _adaptive(results: dict[str, Any], results_dir: Path) -> str:
     """The adaptive cap's convergence (bench/convergence.py): this run's, else the newest run
     of that phase alone (``--only adaptive``), named with its date."""
@@ -341,6 +367,19 @@ P2's 16-event stream). The kernel's share
 `f571e5b`, is the code behind the 2026-11-27 table.
 
 {_instructions(ROOT / "bench" / "results")}
+
+## CPU per request against an earlier commit, with an A/A control
+
+Two processes of the same code, side by side, read a few per cent apart here (each has its
+own memory layout and hash seed; the neighbours' load changes from second to second), so a
+ratio between two versions is read next to that spread. `make bench-cpu [BASELINE=<commit>]`
+(bench/cpu.py, about 5 minutes) runs two processes of this tree's batchgate and two of the
+baseline commit's in front of the same upstream, pinned as above, and gives each one-second
+wrk slices of P2's load (32 connections) in mirrored turns (A B C D D C B A, rotated from block
+to block). CPU is each process's on-CPU time (schedstat, every thread) over the requests it
+served; the A/A columns compare the two processes of one version.
+
+{_cpu(ROOT / "bench" / "results")}
 """
 
 
