@@ -85,6 +85,7 @@ class _Connection(asyncio.Protocol):
         self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.usable = True  # False after EOF, loss or stray bytes: never hand it out again
+        self.lost = False  # connection_lost ran: no byte goes out or comes in any more
         self.fresh = False
         #: For the readiness peek before each reuse (ConnectionPool._take_idle); None: no
         #: socket, never peeked.
@@ -137,6 +138,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.usable = False
+        self.lost = True
         self.timer.close()
         self._wake_drain()
         state = self._state
@@ -464,6 +466,13 @@ class _Connection(asyncio.Protocol):
         """
         transport = self.transport
         assert transport is not None and self._state in (_IDLE, _DONE)
+        if not self.usable:
+            # Closed under us before a byte was written (a replica that accepts and closes at
+            # once: the loss can reach us before the task that connected resumes). The read
+            # timer went with the connection, so a request written now would wait forever.
+            raise UpstreamError(f"replica {self.pool.name}: connection closed before the "
+                                "request was written", kind="reset", replica=self.pool.name,
+                                unsent=True)
         self._state, self._is_head = _HEAD, is_head
         self._resp, self.error, self.keep_alive = None, None, False
         if not self._parser_ready:

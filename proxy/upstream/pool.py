@@ -217,7 +217,8 @@ class ConnectionPool:
                                 kind="connect", replica=self.name, unsent=True) from err
         finally:
             self._active -= 1
-        self._open.add(conn)
+        if not conn.lost:  # lost already: its connection_lost has run, nothing would drop it
+            self._open.add(conn)
         return conn
 
     def checkin(self, conn: _Connection, reuse: bool) -> None:

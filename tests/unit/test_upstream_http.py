@@ -306,6 +306,38 @@ async def test_a_lost_connection_is_freed_by_reference_counting(raw: bytes) -> N
         gc.enable()
 
 
+async def test_a_connection_lost_before_its_request_fails_it_at_once_as_unsent() -> None:
+    """A replica that accepts and closes at once: the loss can reach the connection before
+    the task that connected writes on it. Its timer is gone with it, so a request started
+    there would wait forever with its slot held; nothing was written, so it may go again."""
+    _, conn, transport = new_conn(asyncio.get_running_loop())
+    conn.connection_lost(None)
+    with pytest.raises(UpstreamError) as info:
+        await asyncio.wait_for(conn.start(b"POST / HTTP/1.1\r\n\r\n", b"{}", False), 1)
+    assert (info.value.kind, info.value.unsent) == ("reset", True)
+    assert transport.written == []
+
+
+async def test_a_connection_lost_while_connecting_is_not_kept_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loop = asyncio.get_running_loop()
+
+    async def accept_then_close(factory: Any, *args: Any, **kwargs: Any) -> Any:
+        protocol = factory()
+        transport = FakeTransport()
+        protocol.connection_made(transport)
+        protocol.connection_lost(None)  # delivered before the connecting task resumes
+        return transport, protocol
+
+    monkeypatch.setattr(loop, "create_connection", accept_then_close)
+    pool = ConnectionPool("http://replica:8000", limit=2, connect_timeout_s=1, read_timeout_s=30)
+    with pytest.raises(UpstreamError) as info:
+        await asyncio.wait_for(pool.request("POST", "/v1/completions", [], b"{}"), 1)
+    assert info.value.unsent
+    assert (pool.active, pool.idle, len(pool._open)) == (0, 0, 0)
+
+
 async def test_eof_before_any_byte_may_have_been_delivered() -> None:
     """The request was written: whether the replica read it is unknown (issue 7 A2)."""
     for raw in (b"", b"HTTP/1.1 200"):
