@@ -123,6 +123,15 @@ def older_server(server: object) -> dict[str, object]:
     return {k: server[k] for k in ("host", "port", "drain_timeout_s")}
 
 
+def tree_label() -> str:
+    """This tree's commit, and whether ``proxy/`` differs from it (the code measured)."""
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "proxy"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    return f"{head}{' + uncommitted changes' if dirty else ''}"
+
+
 def baseline_tree(rev: str, into: Path) -> Path:
     """The ``proxy/`` package of commit ``rev``, extracted under ``into``."""
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "proxy"],

@@ -155,11 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ensure_tools()
     pin_self(LOAD_CPU)
     raise_nofile()
-    head = subprocess.run(["git", "-C", str(cs.ROOT), "rev-parse", "--short", "HEAD"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(cs.ROOT), "status", "--porcelain", "proxy"],
-                           capture_output=True, text=True, check=True).stdout.strip()
-    label = f"{head}{' + uncommitted changes' if dirty else ''}"
+    label = cs.tree_label()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="batchgate-cpu-") as tmp_name:
         tmp = Path(tmp_name)

@@ -118,10 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print("valgrind is not installed (Debian: apt-get install valgrind)", file=sys.stderr)
         return 2
     raise_nofile()
-    head = subprocess.run(["git", "-C", str(cs.ROOT), "rev-parse", "--short", "HEAD"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(cs.ROOT), "status", "--porcelain", "proxy"],
-                           capture_output=True, text=True, check=True).stdout.strip()
+    label = cs.tree_label()
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="batchgate-instr-") as tmp_name:
         tmp = Path(tmp_name)
@@ -135,7 +132,6 @@ def main(argv: list[str] | None = None) -> int:
                                         args.n)
         finally:
             procs.close()
-    label = f"{head}{' + uncommitted changes' if dirty else ''}"
     print(f"instructions per request (callgrind, user space), {args.n} requests each")
     print(f"| request | baseline {args.baseline} | this tree {label} | ratio |")
     print("|---|---|---|---|")

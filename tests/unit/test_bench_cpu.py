@@ -3,24 +3,16 @@ their A/A controls. Pure: per-block CPU and request counts in, figures out."""
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
 
 @pytest.fixture(scope="module")
-def cpu() -> Any:
-    sys.path.insert(0, str(BENCH))
-    try:
-        import cpu as module  # bench/ is a folder of scripts, not a package
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+def cpu(bench_script: Callable[[str], Any]) -> Any:
+    return bench_script("cpu")
 
 
 def test_a_block_runs_each_contestant_twice_mirrored_and_rotates(cpu: Any) -> None:

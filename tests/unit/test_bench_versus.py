@@ -3,23 +3,15 @@ which figures count as "no worse", and how the table reads. Pure: results in, su
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
 
 @pytest.fixture(scope="module")
-def report() -> Any:
-    sys.path.insert(0, str(BENCH))
-    try:
-        import report as module  # bench/ is a folder of scripts, not a package
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+def report(bench_script: Callable[[str], Any]) -> Any:
+    return bench_script("report")
 
 
 def _rate(rps: float, cpu_us: float) -> dict[str, Any]:
