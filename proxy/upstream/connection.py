@@ -466,11 +466,13 @@ class _Connection(asyncio.Protocol):
         """
         transport = self.transport
         assert transport is not None and self._state in (_IDLE, _DONE)
-        if not self.usable:
+        if not self.usable or transport.is_closing():
             # Closed under us before a byte was written (a replica that accepts and closes at
             # once: the loss can reach us before the task that connected resumes). The read
-            # timer went with the connection, so a request written now would wait forever.
-            raise UpstreamError(f"replica {self.pool.name}: connection closed before the "
+            # timer went with the connection, so a request written now would wait forever;
+            # a transport already closing (a reset, whose connection_lost comes a loop step
+            # later) would drop the bytes and fail it as possibly delivered.
+            raise UpstreamError(f"replica {self.pool.name}: connection unusable before the "
                                 "request was written", kind="reset", replica=self.pool.name,
                                 unsent=True)
         self._state, self._is_head = _HEAD, is_head

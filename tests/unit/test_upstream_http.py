@@ -318,6 +318,17 @@ async def test_a_connection_lost_before_its_request_fails_it_at_once_as_unsent()
     assert transport.written == []
 
 
+async def test_a_request_is_not_written_into_a_closing_transport() -> None:
+    """A reset marks the transport closing at once but reaches connection_lost a loop step
+    later: a write in between is dropped, and the request would fail as possibly delivered."""
+    _, conn, transport = new_conn(asyncio.get_running_loop())
+    transport.closed = True  # closing; connection_lost not delivered yet
+    with pytest.raises(UpstreamError) as info:
+        conn.start(b"POST / HTTP/1.1\r\n\r\n", b"{}", False)
+    assert (info.value.kind, info.value.unsent) == ("reset", True)
+    assert transport.written == []
+
+
 async def test_a_connection_lost_while_connecting_is_not_kept_open(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -552,15 +563,17 @@ async def test_idle_connection_handle_expires_and_the_next_request_arms_its_own(
     response = await first
     assert await response.readany() == b"hello"
     response.release()
-    await loop.advance_to(5.0)  # the pending handle (due t=2) fired on an idle connection
+    # The pending handle (due t=2) fired on an idle connection, still pooled at t=3 (idle
+    # connections are retired after IDLE_EXPIRY_S, 4 s: the next request reuses this one).
+    await loop.advance_to(3.0)
     assert (pool.idle, loop.armed(), conn.usable) == (1, 0, True)
 
     second = asyncio.ensure_future(pool.request("GET", "/", [], b""))
-    await loop.advance_to(5.0)
-    assert loop.armed() == 1
-    await loop.advance_to(6.9)
+    await loop.advance_to(3.0)
+    assert (pool.idle, loop.armed()) == (0, 1)
+    await loop.advance_to(4.9)
     assert not second.done(), second
-    await loop.advance_to(7.1)
+    await loop.advance_to(5.1)
     with pytest.raises(UpstreamTimeout):
         await second
 
