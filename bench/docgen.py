@@ -377,7 +377,9 @@ ratio between two versions is read next to that spread. `make bench-cpu [BASELIN
 baseline commit's in front of the same upstream, pinned as above, and gives each one-second
 wrk slices of P2's load (32 connections) in mirrored turns (A B C D D C B A, rotated from block
 to block). CPU is each process's on-CPU time (schedstat, every thread) over the requests it
-served; the A/A columns compare the two processes of one version.
+served; the A/A columns compare the two processes of one version. The brackets cover the
+variation from block to block only; an offset that one process carries for its whole life
+is not averaged out by more blocks, which is what the A/A columns measure.
 
 {_cpu(ROOT / "bench" / "results")}
 """
